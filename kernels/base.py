@@ -1,0 +1,47 @@
+"""What every GGUF tensor type shares: its block geometry, and how rows become blocks."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class QuantType:
+    """One GGUF tensor type: a block of `block_size` weights is stored in `type_size` bytes.
+
+    Subclasses define two classmethods on 2-D arrays of whole blocks, which `slim.kernels.quantize`
+    and `dequantize` call after cutting rows into blocks:
+      quantize_blocks(blocks (n, block_size) float32, importance=None) -> (n, type_size) uint8
+      dequantize_blocks(blocks (n, type_size) uint8) -> (n, block_size) float32
+    `importance`, where a type takes it, is llama.cpp's per-weight quant_weights, shaped like blocks.
+    """
+
+    name: str
+    ggml_type: int
+    block_size: int
+    type_size: int
+    #: True when quantize_blocks accepts an `importance` array (llama.cpp's quant_weights).
+    takes_importance: bool = False
+
+    @classmethod
+    def row_bytes(cls, n_per_row: int) -> int:
+        return n_per_row // cls.block_size * cls.type_size
+
+
+def split_fields(blocks: np.ndarray, *sizes: int) -> list[np.ndarray]:
+    """Cut (n, type_size) uint8 blocks into consecutive byte fields of the given sizes."""
+    out, start = [], 0
+    for size in sizes:
+        out.append(blocks[:, start:start + size])
+        start += size
+    assert start == blocks.shape[1], (start, blocks.shape)
+    return out
+
+
+def half_bytes(values: np.ndarray) -> np.ndarray:
+    """float32 (n,) or (n, 1) -> (n, 2) uint8: IEEE half, round-to-nearest-even, little-endian."""
+    return values.astype(np.float16).reshape(-1, 1).view(np.uint8)
+
+
+def half_values(field: np.ndarray) -> np.ndarray:
+    """(n, 2) uint8 little-endian halves -> (n, 1) float32."""
+    return np.ascontiguousarray(field).view(np.float16).astype(np.float32)

@@ -1,0 +1,68 @@
+"""The C fast path: ggml's own quantizer in the libggml-base that llama-cpp-python installs.
+
+It is the same code slim's numpy kernels are tested against, called through ctypes on rows of
+float32. `available()` is False when llama-cpp-python is not importable; callers then fall back
+to numpy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        return None
+    lib_dir = Path(spec.origin).parent / "lib"
+    candidates = sorted(lib_dir.glob("libggml-base.*"))
+    if not candidates:
+        return None
+    lib = ctypes.CDLL(str(candidates[0]))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+    ]
+    lib.ggml_row_size.restype = ctypes.c_size_t
+    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    return lib
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def row_size(ggml_type: int, n_per_row: int) -> int:
+    lib = _library()
+    assert lib is not None, "libggml-base is not available"
+    return int(lib.ggml_row_size(ggml_type, n_per_row))
+
+
+def quantize_rows(rows: np.ndarray, ggml_type: int, importance: np.ndarray | None = None) -> np.ndarray:
+    """(nrows, n_per_row) float32 -> (nrows, row bytes) uint8 via ggml_quantize_chunk.
+
+    `importance` is one float32 weight per column (llama.cpp's imatrix row), or None.
+    ggml_quantize_chunk releases the GIL under ctypes, so callers may run it from threads.
+    """
+    lib = _library()
+    assert lib is not None, "libggml-base is not available"
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    nrows, n_per_row = rows.shape
+    out = np.empty((nrows, lib.ggml_row_size(ggml_type, n_per_row)), dtype=np.uint8)
+    imatrix = None
+    if importance is not None:
+        importance = np.ascontiguousarray(importance, dtype=np.float32)
+        assert importance.shape == (n_per_row,), importance.shape
+        imatrix = importance.ctypes.data
+    written = lib.ggml_quantize_chunk(ggml_type, rows.ctypes.data, out.ctypes.data, 0, nrows, n_per_row, imatrix)
+    assert written == out.nbytes, (written, out.nbytes)
+    return out
