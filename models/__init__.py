@@ -1,0 +1,49 @@
+"""One module per architecture. Each defines ARCHITECTURE, a DecoderArchitecture subclass;
+this registry finds them by scanning the package, so adding one touches one file."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from functools import cache
+from typing import Any
+
+from .base import ArchitectureError, DecoderArchitecture
+
+
+@cache
+def registry() -> tuple[type[DecoderArchitecture], ...]:
+    found = []
+    for info in pkgutil.iter_modules(__path__):
+        if info.name == "base":
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        found.append(module.ARCHITECTURE)
+    return tuple(found)
+
+
+def supported() -> list[str]:
+    return sorted(name for arch in registry() for name in arch.hf_architectures)
+
+
+def for_hf_config(config: dict[str, Any]) -> DecoderArchitecture:
+    """The architecture a transformers config.json names, built from that config."""
+    names = config.get("architectures") or []
+    for arch in registry():
+        if any(name in arch.hf_architectures for name in names):
+            return arch(config)
+    raise ArchitectureError(
+        f"architecture {', '.join(names) or '(none named in config.json)'} is not supported; "
+        f"slim converts: {', '.join(supported())}"
+    )
+
+
+def for_gguf_arch(gguf_arch: str) -> type[DecoderArchitecture]:
+    for arch in registry():
+        if arch.gguf_arch == gguf_arch:
+            return arch
+    known = ", ".join(sorted(a.gguf_arch for a in registry()))
+    raise ArchitectureError(f"GGUF architecture {gguf_arch!r} is not supported; slim handles: {known}")
+
+
+__all__ = ["ArchitectureError", "DecoderArchitecture", "for_gguf_arch", "for_hf_config", "registry", "supported"]

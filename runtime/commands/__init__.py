@@ -1,0 +1,1 @@
+"""One module per `slim` subcommand, each exposing `command` (a click command)."""

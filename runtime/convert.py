@@ -1,0 +1,221 @@
+"""slim convert: a Hugging Face checkpoint to one quantized GGUF, in one linear pass.
+
+    read lazily (mmap) -> map names -> transform (Q/K permutation) -> quantize -> write
+
+Tensor infos are known from the safetensors headers before any weight is read, so the GGUF
+header is written first and each tensor's blocks are appended as soon as they are quantized.
+A few tensors are in flight at once (one per worker thread); memory stays near that, not the
+model. The file is written under a temporary name and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+
+from slim import kernels, models
+from slim.kernels import QTYPES
+from slim.runtime import mixes
+from slim.runtime.checkpoint import Checkpoint, CheckpointError, TensorRef
+
+GGML_QUANT_VERSION = 2
+
+
+class ConvertError(ValueError):
+    """A conversion that cannot go ahead; the message says what to do."""
+
+
+@dataclass
+class ConvertSummary:
+    output: str
+    type: str
+    architecture: str
+    parameters: int
+    size_bytes: int
+    bits_per_weight: float
+    tensor_types: dict[str, int]
+    seconds: float
+
+    def line(self) -> str:
+        counts = ", ".join(f"{n} {t}" for t, n in sorted(self.tensor_types.items(), key=lambda kv: -kv[1]))
+        return (f"wrote {self.output}: {self.size_bytes / 1e6:.1f} MB, {self.bits_per_weight:.2f} bits/weight, "
+                f"{self.parameters / 1e6:.1f}M parameters ({counts}) in {self.seconds:.1f} s")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+@dataclass
+class _Planned:
+    gguf_name: str
+    shape: tuple[int, ...]  # numpy order (rows, cols)
+    qtype: str
+    load: Callable[[], np.ndarray]
+    importance: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        rows = int(np.prod(self.shape[:-1], dtype=np.int64)) if len(self.shape) > 1 else 1
+        return rows * QTYPES[self.qtype].row_bytes(self.shape[-1])
+
+
+def convert(
+    source: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    qtype: str = "Q4_K_M",
+    *,
+    backend: str = "auto",
+    threads: int | None = None,
+    allow_pickle: bool = False,
+    progress: Callable[[int], None] | None = None,
+    on_plan: Callable[[int], None] | None = None,
+) -> ConvertSummary:
+    """Convert a local HF directory or a hub repo id to a GGUF of the given --type.
+
+    progress(n_bytes) is called as each tensor is written; on_plan(total_bytes) once before.
+    """
+    from slim.runtime.tokenizer import TokenizerError, read_hf_tokenizer, write_to_gguf
+
+    started = time.perf_counter()
+    chosen = mixes.mix(qtype)
+    output = Path(output)
+    if output.is_dir():
+        raise ConvertError(f"{output} is a directory; give the output file name, e.g. {output / 'model.gguf'}")
+    if not output.parent.is_dir():
+        raise ConvertError(f"output directory {output.parent} does not exist; create it first")
+
+    directory = resolve_source(source)
+    checkpoint = Checkpoint(directory, allow_pickle=allow_pickle)
+    arch = models.for_hf_config(checkpoint.config)
+    try:
+        tokenizer = read_hf_tokenizer(directory)
+    except TokenizerError as exc:
+        raise ConvertError(str(exc)) from None
+    planned = _plan(checkpoint, arch, chosen.name)
+
+    partial = output.with_name(f".{output.name}.partial")
+    try:
+        writer = gguf.GGUFWriter(partial, arch.gguf_arch)
+        writer.add_name(checkpoint.config.get("_name_or_path") or directory.name)
+        writer.add_type("model")
+        for key, value in arch.metadata().items():
+            _add_value(writer, key, value)
+        writer.add_file_type(chosen.ftype)
+        writer.add_quantization_version(GGML_QUANT_VERSION)
+        write_to_gguf(tokenizer, writer, vocab_size=arch.vocab_size)
+        for item in planned:
+            writer.add_tensor_info(item.gguf_name, item.shape, np.dtype(np.float32), item.nbytes,
+                                   raw_dtype=gguf.GGMLQuantizationType(QTYPES[item.qtype].ggml_type))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        if on_plan:
+            on_plan(sum(item.nbytes for item in planned))
+        for item, data in _quantized_in_order(planned, backend, threads or os.cpu_count() or 1):
+            writer.write_tensor_data(data)
+            if progress:
+                progress(data.nbytes)
+        writer.close()
+        os.replace(partial, output)
+    finally:
+        partial.unlink(missing_ok=True)
+
+    n_params = sum(int(np.prod(item.shape, dtype=np.int64)) for item in planned)
+    counts: dict[str, int] = {}
+    for item in planned:
+        counts[item.qtype] = counts.get(item.qtype, 0) + 1
+    size = output.stat().st_size
+    return ConvertSummary(
+        output=str(output), type=chosen.name, architecture=arch.gguf_arch, parameters=n_params,
+        size_bytes=size, bits_per_weight=8 * sum(i.nbytes for i in planned) / n_params,
+        tensor_types=counts, seconds=time.perf_counter() - started,
+    )
+
+
+def resolve_source(source: str | os.PathLike[str]) -> Path:
+    """A local directory as is; anything else that looks like `owner/name` is fetched from the hub."""
+    path = Path(source)
+    if path.exists():
+        return path
+    text = str(source)
+    if text.count("/") != 1 or text.startswith((".", "/")):
+        raise CheckpointError(f"{text} does not exist; pass a local model folder or a hub repo id like owner/name")
+    from slim.runtime.hub import download_checkpoint
+
+    return download_checkpoint(text)
+
+
+def _plan(checkpoint: Checkpoint, arch: models.DecoderArchitecture, mix_name: str) -> list[_Planned]:
+    found: dict[str, _Planned] = {}
+    for ref in checkpoint:
+        name = arch.gguf_name(ref.name)
+        if name is not None:
+            found[name] = _Planned(name, ref.shape, "", _transformed(arch, name, ref))
+    for name, array in arch.extra_tensors().items():
+        found[name] = _Planned(name, array.shape, "", lambda array=array: array)
+    _check_complete(arch, found)
+    order = mixes.llama_order(list(found))
+    types = mixes.plan([(name, found[name].shape) for name in order], mix_name, arch.n_layer)
+    for name in order:
+        found[name].qtype = types[name]
+    return [found[name] for name in order]
+
+
+def _transformed(arch: models.DecoderArchitecture, name: str, ref: TensorRef) -> Callable[[], np.ndarray]:
+    return lambda: arch.to_gguf(name, ref.load())
+
+
+def _check_complete(arch: models.DecoderArchitecture, found: dict[str, _Planned]) -> None:
+    needed = ["token_embd.weight", "output_norm.weight"] + [
+        f"blk.{i}.{part}" for i in range(arch.n_layer)
+        for part in ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
+                     "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+    ]
+    missing = [name for name in needed if name not in found]
+    if missing:
+        raise CheckpointError(f"the checkpoint lacks {len(missing)} tensors {arch.gguf_arch} needs, e.g. {missing[0]}; "
+                              "is the download complete?")
+    embd = found["token_embd.weight"].shape
+    if embd[0] != arch.vocab_size:
+        raise CheckpointError(f"token embedding has {embd[0]} rows but config.json says vocab_size {arch.vocab_size}")
+
+
+def _quantize(item: _Planned, backend: str) -> np.ndarray:
+    array = np.asarray(item.load(), dtype=np.float32)
+    if item.qtype == "F32" or array.ndim == 1:
+        return np.ascontiguousarray(array, dtype=np.float32).reshape(-1).view(np.uint8)
+    rows = array.reshape(-1, array.shape[-1])
+    return kernels.quantize(rows, item.qtype, importance=item.importance, backend=backend).reshape(-1)
+
+
+def _quantized_in_order(planned: list[_Planned], backend: str, threads: int):
+    """Yield (item, bytes) in order while up to `threads` tensors are quantized ahead."""
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        pending: list[tuple[_Planned, Future[np.ndarray]]] = []
+        queue = iter(planned)
+        for item in queue:
+            pending.append((item, pool.submit(_quantize, item, backend)))
+            if len(pending) > threads:
+                head, future = pending.pop(0)
+                yield head, future.result()
+        for head, future in pending:
+            yield head, future.result()
+
+
+def _add_value(writer: gguf.GGUFWriter, key: str, value: object) -> None:
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    else:
+        writer.add_string(key, str(value))

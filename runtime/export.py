@@ -1,0 +1,89 @@
+"""slim export: a GGUF back to a Hugging Face checkpoint (config.json, model.safetensors, tokenizer).
+
+Weights are dequantized tensor by tensor and streamed into one safetensors file; the Q/K RoPE
+permutation is undone. The folder is assembled under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from slim import models
+from slim.runtime.checkpoint import write_safetensors
+from slim.runtime.gguf_file import fields, open_gguf, tensor_array
+
+DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+class ExportError(ValueError):
+    """An export that cannot go ahead; the message says what to do."""
+
+
+@dataclass
+class ExportSummary:
+    output: str
+    architecture: str
+    parameters: int
+    dtype: str
+    seconds: float
+
+    def line(self) -> str:
+        return (f"wrote {self.output}: {self.architecture}, {self.parameters / 1e6:.1f}M parameters "
+                f"as {self.dtype} in {self.seconds:.1f} s")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def export(source: str | os.PathLike[str], output: str | os.PathLike[str], dtype: str = "F32") -> ExportSummary:
+    from slim.runtime.tokenizer import TokenizerError, write_hf_tokenizer
+
+    started = time.perf_counter()
+    dtype = dtype.upper()
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ExportError(f"{output} already exists and is not an empty folder; choose a new output folder")
+    if not output.parent.is_dir():
+        raise ExportError(f"output's parent folder {output.parent} does not exist; create it first")
+
+    reader = open_gguf(source)
+    meta = fields(reader)
+    arch_cls = models.for_gguf_arch(str(meta.get("general.architecture")))
+    names = [t.name for t in reader.tensors]
+    config = arch_cls.config_from_gguf(meta, has_output="output.weight" in names)
+    config["torch_dtype"] = DTYPES[dtype]
+    arch = arch_cls(config)
+
+    exported = [t for t in reader.tensors if t.name != "rope_freqs.weight"]
+    shapes = {arch.hf_name(t.name): (tuple(int(n) for n in reversed(t.shape.tolist())), dtype) for t in exported}
+    n_params = sum(int(t.n_elements) for t in exported)
+
+    partial = output.with_name(f".{output.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    try:
+        try:
+            write_hf_tokenizer(reader, partial)
+        except TokenizerError as exc:
+            raise ExportError(str(exc)) from None
+        (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        generation = {k: config[k] for k in ("bos_token_id", "eos_token_id") if k in config}
+        (partial / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        write_safetensors(
+            partial / "model.safetensors",
+            ((arch.hf_name(t.name), arch.to_hf(t.name, tensor_array(t))) for t in exported),
+            shapes,
+        )
+        if output.exists():
+            output.rmdir()
+        os.replace(partial, output)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return ExportSummary(str(output), arch.gguf_arch, n_params, dtype, time.perf_counter() - started)

@@ -1,0 +1,126 @@
+"""Which GGUF type each tensor gets, for each `--type`: llama.cpp's rules, restated.
+
+Float types follow convert_hf_to_gguf.py (norms and 1-D tensors stay F32). Quantized types follow
+llama-quantize (src/llama-quant.cpp, llama_tensor_get_type) run on a lossless GGUF: the mix picks a
+base type and bumps a few sensitive tensors (output, attn_v, ffn_down) to more bits, then a tensor
+whose row length does not fit the chosen block size falls back to a 32-weight type.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from slim.kernels import QTYPES
+
+
+@dataclass(frozen=True)
+class Mix:
+    name: str
+    ftype: int  # llama.cpp's LLAMA_FTYPE, written as general.file_type
+    base: str  # the type most weights get
+
+
+MIXES: dict[str, Mix] = {
+    mix.name: mix
+    for mix in (
+        Mix("F32", 0, "F32"),
+        Mix("F16", 1, "F16"),
+        Mix("BF16", 32, "BF16"),
+        Mix("Q8_0", 7, "Q8_0"),
+        Mix("Q4_0", 2, "Q4_0"),
+        Mix("Q4_1", 3, "Q4_1"),
+        Mix("Q5_0", 8, "Q5_0"),
+        Mix("Q5_1", 9, "Q5_1"),
+        Mix("Q4_K_S", 14, "Q4_K"),
+        Mix("Q4_K_M", 15, "Q4_K"),
+        Mix("Q5_K_S", 16, "Q5_K"),
+        Mix("Q5_K_M", 17, "Q5_K"),
+        Mix("Q6_K", 18, "Q6_K"),
+    )
+}
+ALIASES = {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}  # as llama-quantize reads them
+FLOAT_MIXES = ("F32", "F16", "BF16")
+
+# A tensor that does not fit a 256-weight block falls back to this 32-weight type.
+_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+_LAYER = re.compile(r"^blk\.(\d+)\.")
+
+
+def mix(name: str) -> Mix:
+    """The mix for a --type name (case-insensitive); ValueError lists the choices."""
+    key = ALIASES.get(name.upper(), name.upper())
+    if key not in MIXES:
+        raise ValueError(f"unknown --type {name!r}; choose one of {', '.join(type_names())}")
+    return MIXES[key]
+
+
+def type_names() -> list[str]:
+    return list(MIXES) + list(ALIASES)
+
+
+def stays_f32(name: str, shape: tuple[int, ...]) -> bool:
+    """Norms, biases and every 1-D tensor are kept in F32 by both of llama.cpp's tools."""
+    return len(shape) < 2 or name.endswith("_norm.weight") or not name.endswith(".weight")
+
+
+def use_more_bits(i_layer: int, n_layer: int) -> bool:
+    """llama-quantize's pick of layers that get more bits: the first and last eighth, and every
+    third layer between them."""
+    return i_layer < n_layer // 8 or i_layer >= 7 * n_layer // 8 or (i_layer - n_layer // 8) % 3 == 2
+
+
+def plan(tensors: list[tuple[str, tuple[int, ...]]], mix_name: str, n_layer: int) -> dict[str, str]:
+    """GGUF type name for each (gguf name, numpy shape), listed in llama.cpp's tensor order."""
+    chosen = mix(mix_name)
+    names = [name for name, _ in tensors]
+    tied = "output.weight" not in names
+    n_attn_v = sum(name.endswith("attn_v.weight") for name in names)
+    i_attn_v = i_ffn_down = 0
+    types: dict[str, str] = {}
+    for name, shape in tensors:
+        if stays_f32(name, shape):
+            types[name] = "F32"
+            continue
+        if chosen.name in FLOAT_MIXES:
+            types[name] = chosen.base
+            continue
+        qtype = chosen.base
+        if name == "output.weight" or (tied and name == "token_embd.weight"):
+            # the output projection is the most sensitive tensor: Q6_K, or Q8_0 when 256 does not fit
+            if shape[-1] % QTYPES[qtype].block_size:
+                qtype = "Q8_0"
+            elif qtype != "Q8_0":
+                qtype = "Q6_K"
+        elif name.endswith("attn_v.weight"):
+            if chosen.name in ("Q4_K_M", "Q5_K_M") and use_more_bits(i_attn_v, n_attn_v):
+                qtype = "Q6_K"
+            elif chosen.name == "Q4_K_S" and i_attn_v < 4:
+                qtype = "Q5_K"
+            i_attn_v += 1
+        elif name.endswith("ffn_down.weight"):
+            if chosen.name in ("Q4_K_M", "Q5_K_M") and use_more_bits(i_ffn_down, n_layer):
+                qtype = "Q6_K"
+            elif chosen.name == "Q4_K_S" and i_ffn_down < n_layer // 8:
+                qtype = "Q5_K"
+            i_ffn_down += 1
+        types[name] = fit_row_length(qtype, shape[-1])
+    return types
+
+
+def fit_row_length(qtype: str, n_per_row: int) -> str:
+    """llama-quantize's fallback for a row length the block size does not divide."""
+    if n_per_row % QTYPES[qtype].block_size == 0:
+        return qtype
+    qtype = _FALLBACK.get(qtype, qtype)
+    return qtype if n_per_row % QTYPES[qtype].block_size == 0 else "F16"
+
+
+def llama_order(names: list[str]) -> list[str]:
+    """llama.cpp's tensor order (llama_model_loader's weight_name_comparer): non-layer tensors
+    first, then by layer number, by name within a layer. llama-quantize writes in this order and
+    counts attn_v/ffn_down layers in it."""
+    def key(name: str) -> tuple[int, str]:
+        match = _LAYER.match(name)
+        return (int(match.group(1)) if match else -1, name)
+    return sorted(names, key=key)
