@@ -14,6 +14,10 @@ import click
 COMMANDS = {
     "convert": "Convert a Hugging Face model to one quantized GGUF.",
     "export": "Export a GGUF back to a Hugging Face checkpoint.",
+    "pull": "Fetch a model into the store from the catalog or the hub.",
+    "list": "List the models in the store.",
+    "show": "Describe a model: architecture, size, tensor types, template.",
+    "rm": "Remove models from the store.",
 }
 
 
