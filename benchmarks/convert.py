@@ -30,14 +30,20 @@ from slim.runtime import assets  # noqa: E402
 from slim.runtime.mixes import mix  # noqa: E402
 
 
-def measure(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
-    """Run a command; return (wall seconds, peak RSS in MB) of that process and its children."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(command)}\n{proc.stderr.read().decode()[-2000:]}")
+def measure(command: list[str]) -> tuple[float, float]:
+    """Run a command; return (wall seconds, peak RSS in MB) of that process.
+
+    Its log goes to a file, not a pipe nobody reads while waiting. HF_HUB_OFFLINE keeps
+    convert_hf_to_gguf.py's transformers from trying the network."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with tempfile.TemporaryFile() as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            log.seek(0)
+            raise SystemExit(f"failed: {' '.join(command)}\n{log.read().decode()[-2000:]}")
     return wall, usage.ru_maxrss / 1024
 
 

@@ -42,7 +42,9 @@ def _mapped(path: Path, start: int, dtype: str, shape: tuple[int, ...]) -> Calla
     def load() -> np.ndarray:
         raw = np.memmap(path, dtype=_DTYPES[dtype], mode="r", offset=start, shape=shape or (1,))
         if dtype == "BF16":  # widen exactly: bfloat16 is the top half of a float32
-            return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+            wide = raw.astype(np.uint32)
+            wide <<= 16  # in place: a tensor-sized temporary less at the peak
+            return wide.view(np.float32).reshape(shape)
         return np.asarray(raw, dtype=np.float32).reshape(shape)
     return load
 

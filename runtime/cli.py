@@ -14,6 +14,8 @@ import click
 COMMANDS = {
     "convert": "Convert a Hugging Face model to one quantized GGUF.",
     "export": "Export a GGUF back to a Hugging Face checkpoint.",
+    "run": "Generate one reply from a model, streamed to stdout.",
+    "chat": "Talk with a model in the terminal (or answer lines from a pipe).",
     "pull": "Fetch a model into the store from the catalog or the hub.",
     "list": "List the models in the store.",
     "show": "Describe a model: architecture, size, tensor types, template.",

@@ -116,6 +116,8 @@ def resolve(model: str | None) -> Path:
     """A GGUF path for MODEL: an existing path, a store name, or a catalog name (fetched once)."""
     model = model or DEFAULT_MODEL
     path = Path(model).expanduser()
+    if path.is_dir():
+        raise StoreError(f"{path} is a directory: give the path of a .gguf file or a model name")
     if path.suffix == ".gguf" or os.sep in model:
         if not path.exists():
             raise StoreError(f"{path} does not exist")

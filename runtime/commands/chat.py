@@ -1,0 +1,185 @@
+"""slim chat [MODEL]"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from slim.runtime.cli import fail
+from slim.runtime.commands.options import generation_options, sampling_params
+
+HELP = """\
+/reset          forget the conversation (the system message stays)
+/system TEXT    set the system message
+/save FILE      save the conversation as JSON
+/load FILE      load a conversation saved with /save
+/help           this list
+/bye            leave (Ctrl-D too); Ctrl-C stops a reply and keeps the session"""
+
+
+@click.command(name="chat")
+@click.argument("model", required=False)
+@click.option("-s", "--system", default=None, help="The system message.")
+@click.option("--on-overflow", type=click.Choice(["drop-oldest", "stop"]), default="drop-oldest", show_default=True,
+              help="When the conversation outgrows the context: drop the oldest turns (and say so), or stop with an error.")
+@generation_options
+def command(model: str | None, system: str | None, on_overflow: str, ctx: int | None, threads: int | None,
+            **sampling: Any) -> None:
+    """Talk with a model, with streaming replies and memory of the conversation.
+
+    MODEL is a store name, a catalog name or a .gguf path [default: smollm2-135m, fetched on
+    first use]. Each turn evaluates only the tokens it adds; the earlier ones stay in llama.cpp's
+    KV cache. Read from a pipe, slim chat answers each input line in turn, so scripts can use it.
+
+    \b
+    In the chat:
+    """
+    from slim.runtime import engine, store
+
+    try:
+        path = store.resolve(model)
+        params = sampling_params(sampling)
+        llm = engine.load(path, n_ctx=ctx, n_threads=threads)
+    except engine.EngineError as exc:
+        fail(str(exc), 1)
+    except (ValueError, RuntimeError) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    interactive = sys.stdin.isatty()
+    if llm.template_warning:
+        click.echo(f"warning: {llm.template_warning}", err=True)
+    if interactive:
+        import readline  # noqa: F401  (line editing and history for input())
+
+        click.echo(f"slim chat: {path.name}, {llm.n_ctx}-token context. /help for commands, Ctrl-D or /bye to leave.")
+    Chat(llm, system, on_overflow, params, interactive).loop()
+
+
+command.help += "\n".join(f"  {line}" for line in HELP.splitlines())  # type: ignore[operator]
+
+
+class Chat:
+    def __init__(self, llm: Any, system: str | None, policy: str, params: Any, interactive: bool) -> None:
+        self.llm, self.policy, self.params, self.interactive = llm, policy, params, interactive
+        self.session = llm.session(system, context_policy=policy, params=params)
+
+    def loop(self) -> None:
+        while True:
+            try:
+                line = input(">>> " if self.interactive else "")
+            except EOFError:
+                if self.interactive:
+                    click.echo()
+                return
+            except KeyboardInterrupt:
+                click.echo("\n(Ctrl-D or /bye leaves)")
+                continue
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not self.command(line):
+                    return
+            else:
+                self.reply(line)
+
+    def reply(self, text: str) -> None:
+        from slim.runtime.engine import ContextError, EngineError
+
+        stream = None
+        try:
+            stream = self.session.send(text, stream=True)
+            for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        except ContextError as exc:
+            self.say(f"{exc}; /reset to start over, or restart with a larger --ctx")
+        except KeyboardInterrupt:
+            sys.stdout.write(" [stopped]\n")
+        except EngineError as exc:
+            self.say(str(exc))
+        finally:
+            if stream is not None:
+                stream.close()
+        sys.stdout.flush()
+        result = self.session.last_result
+        if result is not None and result.dropped_messages:
+            self.say(f"dropped the {result.dropped_messages} oldest messages to fit the {self.llm.n_ctx}-token context")
+
+    def command(self, line: str) -> bool:
+        """Run one /command; False means leave."""
+        name, _, argument = line.partition(" ")
+        argument = argument.strip()
+        if name in ("/bye", "/exit", "/quit"):
+            return False
+        if name == "/help":
+            click.echo(HELP)
+        elif name == "/reset":
+            system = self.system
+            self.session = self.llm.session(system, context_policy=self.policy, params=self.params)
+            self.say("conversation cleared")
+        elif name == "/system":
+            if not argument:
+                self.say(f"system message: {self.system!r}" if self.system else "no system message; /system TEXT sets one")
+            else:
+                self.set_messages([{"role": "system", "content": argument}] + self.turns)
+                self.say("system message set")
+        elif name == "/save" and argument:
+            self.save(Path(argument).expanduser())
+        elif name == "/load" and argument:
+            self.load(Path(argument).expanduser())
+        elif name in ("/save", "/load"):
+            self.say(f"{name} needs a file name: {name} FILE")
+        else:
+            self.say(f"unknown command {name}; /help lists them")
+        return True
+
+    @property
+    def system(self) -> str | None:
+        messages = self.session.messages
+        return messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+
+    @property
+    def turns(self) -> list[dict[str, str]]:
+        return [m for m in self.session.messages if m["role"] != "system"]
+
+    def set_messages(self, messages: list[dict[str, str]]) -> None:
+        self.session.messages[:] = messages
+
+    def save(self, path: Path) -> None:
+        document = {"model": str(self.llm.path), "messages": self.session.messages}
+        partial = path.with_name(path.name + ".partial")
+        try:
+            partial.write_text(json.dumps(document, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+            partial.replace(path)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            self.say(f"could not save to {path}: {exc.strerror}")
+            return
+        self.say(f"saved {len(self.session.messages)} messages to {path}")
+
+    def load(self, path: Path) -> None:
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+            messages = document["messages"]
+            if not all(isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                       and isinstance(m.get("content"), str) for m in messages):
+                raise ValueError
+        except OSError as exc:
+            self.say(f"could not read {path}: {exc.strerror}")
+            return
+        except (ValueError, KeyError, TypeError):
+            self.say(f"{path} is not a conversation saved by /save")
+            return
+        self.set_messages([{"role": m["role"], "content": m["content"]} for m in messages])
+        self.say(f"loaded {len(messages)} messages from {path}")
+
+    def say(self, message: str) -> None:
+        """A note from slim itself, not the model: on stderr, so piped replies stay clean."""
+        click.echo(f"({message})", err=True)
