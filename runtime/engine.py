@@ -580,6 +580,42 @@ class Model:
         tokens = self.chat_tokens(messages)
         return self._request(self._take_slot(), tokens, params, stream)
 
+    @property
+    def prompt_bos(self) -> int | None:
+        """The BOS token id when the model starts every prompt with it, else None."""
+        L = self._L
+        return int(L.llama_vocab_bos(self._vocab)) if L.llama_vocab_get_add_bos(self._vocab) else None
+
+    def logits(self, tokens: Sequence[int], first: int = 0) -> Any:
+        """Logits at positions first..len(tokens)-1 of `tokens` evaluated as one fresh sequence
+        (the first slot's cache is cleared): a float32 array (len(tokens) - first, n_vocab).
+        This is what perplexity and KL divergence are computed from (slim.runtime.evaluate)."""
+        import numpy as np
+
+        if len(tokens) > self.n_ctx:
+            raise ContextError(len(tokens), 0, self.n_ctx)
+        L, batch, slot = self._L, self._batch, self._slots[0]
+        assert batch is not None
+        slot.epoch += 1  # a stream still open on this slot must not continue on this cache
+        self._truncate(slot, 0)
+        rows = []
+        for start in range(0, len(tokens), batch.capacity):
+            chunk = list(tokens[start:start + batch.capacity])
+            batch.clear()
+            for i, token in enumerate(chunk):
+                batch.add(token, start + i, slot.seq_id, start + i >= first)
+            batch.raw.n_tokens = batch.n
+            rc = L.llama_decode(self._ctx, batch.raw)
+            if rc != 0:
+                self._truncate(slot, 0)
+                raise EngineError(f"llama.cpp failed to evaluate the batch (llama_decode returned {rc})")
+            slot.tokens.extend(chunk)
+            wanted = sum(start + i >= first for i in range(len(chunk)))
+            if wanted:
+                out = np.ctypeslib.as_array(L.llama_get_logits(self._ctx), shape=(wanted * self.n_vocab,))
+                rows.append(out.reshape(wanted, self.n_vocab).copy())
+        return np.concatenate(rows) if rows else np.zeros((0, self.n_vocab), dtype=np.float32)
+
     def session(self, system: str | None = None, *, context_policy: str = "stop",
                 params: SamplingParams | None = None, **sampling: Any) -> "ChatSession":
         """A multi-turn chat. context_policy: "stop" raises ContextError when the history no longer

@@ -1,0 +1,89 @@
+"""slim eval MODEL... --text FILE"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from slim.runtime.cli import fail
+
+
+@click.command(name="eval")
+@click.argument("models", nargs=-1, required=True, metavar="MODEL...")
+@click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False),
+              help="The text to score (UTF-8).")
+@click.option("-c", "--ctx", type=click.IntRange(min=16), default=512, show_default=True,
+              help="Tokens per chunk; the second half of each chunk is scored.")
+@click.option("--reference", default=None, metavar="MODEL",
+              help="Compare against this model (e.g. the F16): KL divergence, top-1 agreement, RMS Δp.")
+@click.option("--reference-logits", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Compare against logits saved earlier with --save-logits.")
+@click.option("--save-logits", type=click.Path(dir_okay=False), default=None,
+              help="Save the reference's log-probabilities here, to reuse with --reference-logits.")
+@click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="CPU threads  [default: physical cores].")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def command(models: tuple[str, ...], text_file: str, ctx: int, reference: str | None, reference_logits: str | None,
+            save_logits: str | None, threads: int | None, as_json: bool) -> None:
+    """Measure what quantization lost: perplexity, and divergence from a reference.
+
+    Perplexity is computed as llama.cpp's llama-perplexity does (chunks of --ctx tokens, the second
+    half of each scored), with its error estimate. With several MODELs, one table compares them.
+
+    \b
+    Examples:
+      slim eval model-q4_k_m.gguf --text wiki.txt
+      slim eval q4_k_m.gguf q5_k_m.gguf q8_0.gguf --text wiki.txt --reference f16.gguf
+    """
+    from tqdm import tqdm
+
+    from slim.runtime import store
+    from slim.runtime.evaluate import evaluate, reports_json
+
+    if reference and reference_logits:
+        fail("give --reference or --reference-logits, not both")
+    try:
+        text = Path(text_file).read_text(encoding="utf-8")
+        paths = [store.resolve(m) for m in models]
+        ref = Path(reference_logits) if reference_logits else (store.resolve(reference) if reference else None)
+    except UnicodeDecodeError:
+        fail(f"{text_file} is not UTF-8 text")
+    except OSError as exc:
+        fail(f"cannot read {text_file}: {exc.strerror}")
+    except ValueError as exc:
+        fail(str(exc))
+    reports = []
+    try:
+        for path in paths:
+            with tqdm(desc=path.name, unit="chunk", disable=as_json or None, file=sys.stderr) as bar:
+                def advance(done: int, total: int) -> None:
+                    bar.total = total
+                    bar.update(done - bar.n)
+                report, ref = evaluate(path, text, n_ctx=ctx, reference=ref, n_threads=threads, progress=advance,
+                                       save_logits=Path(save_logits) if save_logits and not reports else None)
+            reports.append(report)
+    except (ValueError, RuntimeError) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    click.echo(reports_json(reports) if as_json else table(reports))
+
+
+def table(reports: list) -> str:
+    header = ["model", "size MB", "bits/w", "PPL", "±", "KL mean", "KL p99", "top-1", "RMS Δp"]
+    rows = []
+    for r in reports:
+        d = r.divergence
+        rows.append([
+            Path(r.model).name, f"{r.size_bytes / 1e6:.1f}", f"{r.bits_per_weight:.2f}", f"{r.perplexity:.4f}",
+            f"{r.perplexity_error:.4f}",
+            f"{d.kl_mean:.5f}" if d else "-", f"{d.kl_p99:.5f}" if d else "-",
+            f"{100 * d.top1_agreement:.2f}%" if d else "-", f"{100 * d.rms_delta_p:.3f}%" if d else "-",
+        ])
+    widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in [header] + rows]
+    first = reports[0]
+    lines.append(f"({first.chunks} chunks of {first.n_ctx} tokens, {first.tokens_scored} tokens scored)")
+    return "\n".join(lines)
