@@ -36,9 +36,14 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# Each benchmark runs slim and its llama.cpp peer in the same run and prints the ratios; the
+# first run fetches llama-cpp-python's sources and builds llama-bench and llama-server from them.
 bench: install
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(BIN)/pip install --quiet -e '.[test,bench]'
 	$(BIN)/python benchmarks/kernels.py
 	$(BIN)/python benchmarks/convert.py
+	$(BIN)/python benchmarks/generate.py
+	$(BIN)/python benchmarks/serve.py --threads 1 --build-llama-server
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -8,6 +8,7 @@ library call. slim's one-step output must hold the same tensor names, types and 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -212,3 +213,21 @@ def test_export_bad_input(tmp_path: Path) -> None:
     fake.write_bytes(b"not a gguf at all")
     result = run_slim("export", str(fake), "-o", str(tmp_path / "out"))
     assert result.returncode == 2 and "not a GGUF" in result.stderr and not (tmp_path / "out").exists()
+
+
+# ---- llama.cpp's own converter as the oracle for the lossless types ----------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("type_name", ["F32", "F16", "BF16"])
+def test_float_types_match_convert_hf_to_gguf(tiny_hf: Path, type_name: str, tmp_path: Path) -> None:
+    """`--type F16` writes what `convert_hf_to_gguf.py --outtype f16` writes (and F32, BF16 likewise),
+    running the script that ships in the llama-cpp-python source package (fetched once, cached)."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    from llama_cpp_source import source_dir
+
+    script = source_dir() / "convert_hf_to_gguf.py"
+    theirs = tmp_path / "theirs.gguf"
+    subprocess.run([sys.executable, str(script), str(tiny_hf), "--outtype", type_name.lower(), "--outfile", str(theirs)],
+                   check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    convert(tiny_hf, tmp_path / "ours.gguf", type_name)
+    assert gguf_tensors(tmp_path / "ours.gguf") == gguf_tensors(theirs)
