@@ -31,7 +31,7 @@ demo: install
 	$(BIN)/slim pull smollm2-135m
 	$(BIN)/slim export smollm2-135m -o $(DEMO)/smollm2-hf
 	$(BIN)/slim convert $(DEMO)/smollm2-hf -o $(DEMO)/smollm2-q4_k_m.gguf --type Q4_K_M
-	$(BIN)/slim run $(DEMO)/smollm2-q4_k_m.gguf "What is the capital of France?" --temperature 0
+	$(BIN)/slim run $(DEMO)/smollm2-q4_k_m.gguf "Name the capital of France." --temperature 0 --max-tokens 40
 
 test: install
 	$(BIN)/python -m pytest -q
