@@ -231,3 +231,42 @@ def test_float_types_match_convert_hf_to_gguf(tiny_hf: Path, type_name: str, tmp
                    check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     convert(tiny_hf, tmp_path / "ours.gguf", type_name)
     assert gguf_tensors(tmp_path / "ours.gguf") == gguf_tensors(theirs)
+
+
+def test_sharded_checkpoint_with_index(tiny_hf: Path, tmp_path: Path) -> None:
+    """Weights split over two safetensors files with their index convert to the same GGUF; a
+    missing shard is named in the error."""
+    from slim.runtime.checkpoint import Checkpoint, write_safetensors
+
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tiny_hf, sharded)
+    (sharded / "model.safetensors").unlink()
+    refs = list(Checkpoint(tiny_hf))
+    halves = {"model-00001-of-00002.safetensors": refs[: len(refs) // 2],
+              "model-00002-of-00002.safetensors": refs[len(refs) // 2:]}
+    for file_name, part in halves.items():
+        write_safetensors(sharded / file_name, ((r.name, r.load()) for r in part),
+                          {r.name: (r.shape, "F32") for r in part})
+    index = {"metadata": {}, "weight_map": {r.name: f for f, part in halves.items() for r in part}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    convert(tiny_hf, tmp_path / "one.gguf", "Q4_K_M")
+    convert(sharded, tmp_path / "two.gguf", "Q4_K_M")
+    assert gguf_tensors(tmp_path / "one.gguf") == gguf_tensors(tmp_path / "two.gguf")
+
+    (sharded / "model-00002-of-00002.safetensors").unlink()
+    result = run_slim("convert", str(sharded), "-o", str(tmp_path / "o.gguf"))
+    assert result.returncode == 2 and "model-00002-of-00002.safetensors" in result.stderr
+
+
+def test_pickled_weights_with_explicit_opt_in(tiny_hf: Path, tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from slim.runtime.checkpoint import Checkpoint
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_hf, pickled)
+    (pickled / "model.safetensors").unlink()
+    torch.save({r.name: torch.from_numpy(np.array(r.load())) for r in Checkpoint(tiny_hf)}, pickled / "pytorch_model.bin")
+    result = run_slim("convert", str(pickled), "-o", str(tmp_path / "p.gguf"), "--type", "Q8_0", "--allow-pickle")
+    assert result.returncode == 0, result.stderr
+    convert(tiny_hf, tmp_path / "s.gguf", "Q8_0")
+    assert gguf_tensors(tmp_path / "p.gguf") == gguf_tensors(tmp_path / "s.gguf")
