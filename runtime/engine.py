@@ -47,7 +47,7 @@ from slim.runtime.gguf_file import GGUFError, check_gguf
 
 __all__ = [
     "ChatSession", "ContextError", "EngineError", "GGUFError", "Model", "Result", "SamplingParams",
-    "Stream", "TemplateError", "Timings", "load", "physical_cores", "render_chat",
+    "Stream", "TemplateError", "Timings", "load", "sampler_chain", "physical_cores", "render_chat",
 ]
 
 DEFAULT_MAX_CTX = 4096
@@ -245,6 +245,44 @@ class _TextAssembler:
                     break
         self._held = buffer[len(buffer) - hold:] if hold else ""
         return buffer[: len(buffer) - hold]
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling: llama.cpp's C sampler chain
+# --------------------------------------------------------------------------------------------
+
+def sampler_chain(model: "Model", *, temperature: float, top_k: int, top_p: float, min_p: float,
+                  seed: int | None, repeat_penalty: float = 1.0, frequency_penalty: float = 0.0,
+                  presence_penalty: float = 0.0, penalty_last_n: int = REPEAT_LAST_N,
+                  grammar: str | None = None) -> Any:
+    """A C sampler chain (the caller frees it with llama_sampler_free): grammar first, so the
+    output must match it; penalties (llama.cpp's repeat penalty, OpenAI's frequency and presence
+    penalties) over the last `penalty_last_n` tokens; then greedy at temperature 0, or top-k,
+    top-p, min-p, temperature and a seeded draw. ValueError if llama.cpp rejects the grammar."""
+    L = model._L
+    chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+    add = lambda sampler: L.llama_sampler_chain_add(chain, sampler)  # noqa: E731
+    if grammar is not None:
+        sampler = L.llama_sampler_init_grammar(model._vocab, grammar.encode(), b"root")
+        if not sampler:
+            L.llama_sampler_free(chain)
+            raise ValueError("llama.cpp could not parse the grammar")
+        add(sampler)
+    if repeat_penalty != 1.0 or frequency_penalty or presence_penalty:
+        add(L.llama_sampler_init_penalties(model.n_vocab, penalty_last_n, repeat_penalty, frequency_penalty,
+                                           presence_penalty))
+    if temperature <= 0:
+        add(L.llama_sampler_init_greedy())
+        return chain
+    if top_k > 0:
+        add(L.llama_sampler_init_top_k(top_k))
+    if top_p < 1.0:
+        add(L.llama_sampler_init_top_p(top_p, 1))
+    if min_p > 0.0:
+        add(L.llama_sampler_init_min_p(min_p, 1))
+    add(L.llama_sampler_init_temp(temperature))
+    add(L.llama_sampler_init_dist(L.LLAMA_DEFAULT_SEED if seed is None else seed))
+    return chain
 
 
 # --------------------------------------------------------------------------------------------
@@ -652,23 +690,8 @@ class Model:
     # ---- the core loop -----------------------------------------------------------------------
 
     def _sampler(self, params: SamplingParams) -> Any:
-        L = self._L
-        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-        add = lambda sampler: L.llama_sampler_chain_add(chain, sampler)  # noqa: E731
-        if params.repeat_penalty != 1.0:
-            add(L.llama_sampler_init_penalties(self.n_vocab, REPEAT_LAST_N, params.repeat_penalty, 0.0, 0.0))
-        if params.temperature <= 0:
-            add(L.llama_sampler_init_greedy())
-            return chain
-        if params.top_k > 0:
-            add(L.llama_sampler_init_top_k(params.top_k))
-        if params.top_p < 1.0:
-            add(L.llama_sampler_init_top_p(params.top_p, 1))
-        if params.min_p > 0.0:
-            add(L.llama_sampler_init_min_p(params.min_p, 1))
-        add(L.llama_sampler_init_temp(params.temperature))
-        add(L.llama_sampler_init_dist(L.LLAMA_DEFAULT_SEED if params.seed is None else params.seed))
-        return chain
+        return sampler_chain(self, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                             min_p=params.min_p, seed=params.seed, repeat_penalty=params.repeat_penalty)
 
     def _truncate(self, slot: _Slot, keep: int) -> None:
         """Keep the first `keep` tokens of a slot's KV cache, drop the rest."""

@@ -55,6 +55,7 @@ from slim.runtime.engine import (
     FALLBACK_STOPS,
     ContextError,
     TemplateError,
+    sampler_chain,
     _TextAssembler,
 )
 
@@ -205,31 +206,13 @@ class Scheduler:
         self._active.append(job)
 
     def _sampler(self, job: Job) -> Any:
-        L, model = self._L, self.model
-        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-        add = lambda sampler: L.llama_sampler_chain_add(chain, sampler)
-        if job.grammar is not None:
-            grammar = L.llama_sampler_init_grammar(model._vocab, job.grammar.encode(), b"root")
-            if not grammar:
-                L.llama_sampler_free(chain)
-                raise APIError(400, "the response_format could not be turned into a grammar", param="response_format")
-            add(grammar)
-        if job.presence_penalty or job.frequency_penalty:
-            # the binding's first argument is n_vocab in older llama.cpp, penalty_last_n in newer
-            add(L.llama_sampler_init_penalties(model.n_vocab, job.max_tokens, 1.0, job.frequency_penalty,
-                                               job.presence_penalty))
-        if job.temperature <= 0:
-            add(L.llama_sampler_init_greedy())
-            return chain
-        if job.top_k > 0:
-            add(L.llama_sampler_init_top_k(job.top_k))
-        if job.top_p < 1.0:
-            add(L.llama_sampler_init_top_p(job.top_p, 1))
-        if job.min_p > 0.0:
-            add(L.llama_sampler_init_min_p(job.min_p, 1))
-        add(L.llama_sampler_init_temp(job.temperature))
-        add(L.llama_sampler_init_dist(L.LLAMA_DEFAULT_SEED if job.seed is None else job.seed))
-        return chain
+        try:
+            return sampler_chain(self.model, temperature=job.temperature, top_k=job.top_k, top_p=job.top_p,
+                                 min_p=job.min_p, seed=job.seed, frequency_penalty=job.frequency_penalty,
+                                 presence_penalty=job.presence_penalty, penalty_last_n=job.max_tokens,
+                                 grammar=job.grammar)
+        except ValueError:
+            raise APIError(400, "the response_format could not be turned into a grammar", param="response_format") from None
 
     def _finish(self, job: Job, reason: str | None = None, error: APIError | None = None) -> None:
         if job.chain is not None:
