@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from slim.runtime.cli import fail
-from slim.runtime.commands.options import generation_options, sampling_params
+from slim.runtime.commands.options import generation_options, load_model, sampling_params
 
 HELP = """\
 /reset          forget the conversation (the system message stays)
@@ -38,18 +38,14 @@ def command(model: str | None, system: str | None, on_overflow: str, ctx: int | 
     \b
     In the chat:
     """
-    from slim.runtime import engine, store
+    from slim.runtime import store
 
     try:
         path = store.resolve(model)
         params = sampling_params(sampling)
-        llm = engine.load(path, n_ctx=ctx, n_threads=threads)
-    except engine.EngineError as exc:
-        fail(str(exc), 1)
-    except (ValueError, RuntimeError) as exc:
+    except ValueError as exc:
         fail(str(exc))
-    except KeyboardInterrupt:
-        fail("interrupted", 130)
+    llm = load_model(path, n_ctx=ctx, n_threads=threads)
     interactive = sys.stdin.isatty()
     if llm.template_warning:
         click.echo(f"warning: {llm.template_warning}", err=True)

@@ -6,6 +6,8 @@ from typing import Any, Callable
 
 import click
 
+from slim.runtime.cli import fail
+
 SAMPLING_NAMES = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "max_tokens", "stop")
 
 _OPTIONS = [
@@ -43,3 +45,18 @@ def sampling_params(options: dict[str, Any]) -> Any:
     chosen = {name: options.get(name) for name in SAMPLING_NAMES}
     chosen["stop"] = tuple(chosen["stop"] or ()) or None
     return SamplingParams().with_options(**chosen)
+
+
+def load_model(path: Any, **options: Any) -> Any:
+    """engine.load with the CLI's way of failing: one line, exit 2 for a file or option that will
+    not do, 1 when llama.cpp itself refuses, 130 on Ctrl-C."""
+    from slim.runtime import engine
+
+    try:
+        return engine.load(path, **options)
+    except engine.EngineError as exc:
+        fail(str(exc), 1)
+    except ValueError as exc:  # GGUFError and bad options
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)

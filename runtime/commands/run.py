@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from slim.runtime.cli import fail
-from slim.runtime.commands.options import generation_options, sampling_params
+from slim.runtime.commands.options import generation_options, load_model, sampling_params
 
 
 @click.command(name="run")
@@ -54,14 +54,7 @@ def command(model: str, prompt: str, system: str | None, ctx: int | None, thread
         params = sampling_params(sampling)
     except ValueError as exc:
         fail(str(exc))
-    try:
-        llm = engine.load(path, n_ctx=ctx, n_threads=threads)
-    except (engine.GGUFError, ValueError) as exc:
-        fail(str(exc))
-    except engine.EngineError as exc:
-        fail(str(exc), 1)
-    except KeyboardInterrupt:
-        fail("interrupted", 130)
+    llm = load_model(path, n_ctx=ctx, n_threads=threads)
     if not raw and llm.template_warning:
         click.echo(f"warning: {llm.template_warning}", err=True)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 
 import click
+
 from slim.runtime.cli import fail
+from slim.runtime.commands.options import load_model
 
 
 @click.command(name="serve")
@@ -50,25 +52,21 @@ def command(model: str | None, host: str, port: int, parallel: int, queue_size: 
 
     from slim.runtime import engine, server
 
-    try:
-        n_ctx_seq = ctx
-        if n_ctx_seq is None:
-            from slim.runtime.gguf_file import check_gguf
+    n_ctx_seq = ctx
+    if n_ctx_seq is None:
+        from slim.runtime.gguf_file import check_gguf
 
+        try:
             metadata = check_gguf(path)
-            arch = metadata.get("general.architecture", "")
-            trained = metadata.get(f"{arch}.context_length")
-            n_ctx_seq = min(int(trained), engine.DEFAULT_MAX_CTX) if trained else engine.DEFAULT_MAX_CTX
-        # llama.cpp's threads spin while they wait for work: leave a core to the HTTP threads and the
-        # scheduler, or they starve each other (on 2 cores, 2 threads serve several times slower than 1)
-        threads = threads or max(1, engine.physical_cores() - 1)
-        llm = engine.load(path, n_ctx=n_ctx_seq * parallel, n_threads=threads, n_seq_max=parallel)
-    except (engine.GGUFError, ValueError) as exc:
-        fail(str(exc))
-    except engine.EngineError as exc:
-        fail(str(exc), 1)
-    except KeyboardInterrupt:
-        fail("interrupted", 130)
+        except ValueError as exc:
+            fail(str(exc))
+        arch = metadata.get("general.architecture", "")
+        trained = metadata.get(f"{arch}.context_length")
+        n_ctx_seq = min(int(trained), engine.DEFAULT_MAX_CTX) if trained else engine.DEFAULT_MAX_CTX
+    # llama.cpp's threads spin while they wait for work: leave a core to the HTTP threads and the
+    # scheduler, or they starve each other (on 2 cores, 2 threads serve several times slower than 1)
+    threads = threads or max(1, engine.physical_cores() - 1)
+    llm = load_model(path, n_ctx=n_ctx_seq * parallel, n_threads=threads, n_seq_max=parallel)
 
     names = [name, path.name] if model is None or os.sep not in name else [path.name, path.stem]
     app = server.Server(llm, names, api_key=api_key, cors_origin=cors_origin, queue_size=queue_size,
