@@ -49,12 +49,10 @@ def quantize(
     x: np.ndarray,
     qtype_name: str,
     *,
-    importance: np.ndarray | None = None,
     backend: str = "auto",
 ) -> np.ndarray:
     """Quantize float32 rows to GGUF blocks: (rows, cols) -> uint8 (rows, bytes_per_row).
 
-    importance: llama.cpp's importance-matrix row (one weight per column), for the types that use it.
     backend: "numpy", "ggml" (llama.cpp's C quantizer) or "auto" (ggml when importable).
     """
     cls = qtype(qtype_name)
@@ -67,12 +65,6 @@ def quantize(
         raise ValueError(f"unknown backend {backend!r}; choose auto, numpy or ggml")
     if backend == "ggml" and not ggml.available():
         raise ValueError("backend='ggml' needs llama-cpp-python installed; use backend='numpy'")
-    if importance is not None:
-        importance = np.asarray(importance, dtype=np.float32)
-        if importance.shape != (cols,):
-            raise ValueError(f"importance must have one value per column ({cols}), got shape {importance.shape}")
-        if not cls.takes_importance:
-            importance = None  # llama.cpp ignores it for these types too
     use_c = backend == "ggml" or (backend == "auto" and ggml.available())
 
     out = np.empty((rows, cls.row_bytes(cols)), dtype=np.uint8)
@@ -80,13 +72,10 @@ def quantize(
     for start in range(0, rows, step):
         chunk = np.ascontiguousarray(x[start:start + step], dtype=np.float32)
         if use_c:
-            out[start:start + step] = ggml.quantize_rows(chunk, cls.ggml_type, importance)
+            out[start:start + step] = ggml.quantize_rows(chunk, cls.ggml_type)
         else:
             blocks = chunk.reshape(-1, cls.block_size)
-            weights = None
-            if importance is not None:
-                weights = np.broadcast_to(importance, chunk.shape).reshape(blocks.shape)
-            out[start:start + step] = cls.quantize_blocks(blocks, weights).reshape(len(chunk), -1)
+            out[start:start + step] = cls.quantize_blocks(blocks).reshape(len(chunk), -1)
     return out
 
 

@@ -10,17 +10,14 @@ class QuantType:
 
     Subclasses define two classmethods on 2-D arrays of whole blocks, which `slim.kernels.quantize`
     and `dequantize` call after cutting rows into blocks:
-      quantize_blocks(blocks (n, block_size) float32, importance=None) -> (n, type_size) uint8
+      quantize_blocks(blocks (n, block_size) float32) -> (n, type_size) uint8
       dequantize_blocks(blocks (n, type_size) uint8) -> (n, block_size) float32
-    `importance`, where a type takes it, is llama.cpp's per-weight quant_weights, shaped like blocks.
     """
 
     name: str
     ggml_type: int
     block_size: int
     type_size: int
-    #: True when quantize_blocks accepts an `importance` array (llama.cpp's quant_weights).
-    takes_importance: bool = False
 
     @classmethod
     def row_bytes(cls, n_per_row: int) -> int:

@@ -47,10 +47,9 @@ def row_size(ggml_type: int, n_per_row: int) -> int:
     return int(lib.ggml_row_size(ggml_type, n_per_row))
 
 
-def quantize_rows(rows: np.ndarray, ggml_type: int, importance: np.ndarray | None = None) -> np.ndarray:
+def quantize_rows(rows: np.ndarray, ggml_type: int) -> np.ndarray:
     """(nrows, n_per_row) float32 -> (nrows, row bytes) uint8 via ggml_quantize_chunk.
 
-    `importance` is one float32 weight per column (llama.cpp's imatrix row), or None.
     ggml_quantize_chunk releases the GIL under ctypes, so callers may run it from threads.
     """
     lib = _library()
@@ -58,11 +57,6 @@ def quantize_rows(rows: np.ndarray, ggml_type: int, importance: np.ndarray | Non
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     nrows, n_per_row = rows.shape
     out = np.empty((nrows, lib.ggml_row_size(ggml_type, n_per_row)), dtype=np.uint8)
-    imatrix = None
-    if importance is not None:
-        importance = np.ascontiguousarray(importance, dtype=np.float32)
-        assert importance.shape == (n_per_row,), importance.shape
-        imatrix = importance.ctypes.data
-    written = lib.ggml_quantize_chunk(ggml_type, rows.ctypes.data, out.ctypes.data, 0, nrows, n_per_row, imatrix)
+    written = lib.ggml_quantize_chunk(ggml_type, rows.ctypes.data, out.ctypes.data, 0, nrows, n_per_row, None)
     assert written == out.nbytes, (written, out.nbytes)
     return out

@@ -332,7 +332,7 @@ class Q4_K(QuantType):
     name, ggml_type, block_size, type_size = "Q4_K", 12, QK_K, 144
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         return _by_chunks(blocks, cls.type_size, cls._quantize_chunk)
 
     @classmethod
@@ -356,7 +356,7 @@ class Q5_K(QuantType):
     name, ggml_type, block_size, type_size = "Q5_K", 13, QK_K, 176
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         return _by_chunks(blocks, cls.type_size, cls._quantize_chunk)
 
     @classmethod
@@ -439,7 +439,7 @@ class Q6_K(QuantType):
     name, ggml_type, block_size, type_size = "Q6_K", 14, QK_K, 210
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         return _by_chunks(blocks, cls.type_size, cls._quantize_chunk)
 
     @classmethod

@@ -28,7 +28,7 @@ class F32(QuantType):
     name, ggml_type, block_size, type_size = "F32", 0, 1, 4
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(blocks, dtype=np.float32).view(np.uint8)
 
     @classmethod
@@ -42,7 +42,7 @@ class F16(QuantType):
     name, ggml_type, block_size, type_size = "F16", 1, 1, 2
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         return blocks.astype(np.float16).view(np.uint8)
 
     @classmethod
@@ -56,7 +56,7 @@ class _FromGguf(QuantType):
     _impl: type
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         return cls._impl.quantize_blocks(np.ascontiguousarray(blocks, dtype=np.float32))
 
     @classmethod
@@ -82,7 +82,7 @@ class Q4_0(_FromGguf):
     name, ggml_type, block_size, type_size, _impl = "Q4_0", 2, 32, 18, gguf_quants.Q4_0
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         d, q = _symmetric(blocks, levels=16)
         return np.concatenate([half_bytes(d), _pack_nibbles(q)], axis=1)
 
@@ -93,7 +93,7 @@ class Q4_1(_FromGguf):
     name, ggml_type, block_size, type_size, _impl = "Q4_1", 3, 32, 20, gguf_quants.Q4_1
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         d, m, q = _affine(blocks, levels=16)
         return np.concatenate([half_bytes(d), half_bytes(m), _pack_nibbles(q)], axis=1)
 
@@ -104,7 +104,7 @@ class Q5_0(_FromGguf):
     name, ggml_type, block_size, type_size, _impl = "Q5_0", 6, 32, 22, gguf_quants.Q5_0
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         d, q = _symmetric(blocks, levels=32)
         return np.concatenate([half_bytes(d), _pack_fifth_bits(q), _pack_nibbles(q)], axis=1)
 
@@ -115,7 +115,7 @@ class Q5_1(_FromGguf):
     name, ggml_type, block_size, type_size, _impl = "Q5_1", 7, 32, 24, gguf_quants.Q5_1
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         d, m, q = _affine(blocks, levels=32)
         return np.concatenate([half_bytes(d), half_bytes(m), _pack_fifth_bits(q), _pack_nibbles(q)], axis=1)
 

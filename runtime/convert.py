@@ -14,7 +14,7 @@ import json
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -59,7 +59,6 @@ class _Planned:
     shape: tuple[int, ...]  # numpy order (rows, cols)
     qtype: str
     load: Callable[[], np.ndarray]
-    importance: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -193,7 +192,7 @@ def _quantize(item: _Planned, backend: str) -> np.ndarray:
     if item.qtype == "F32" or array.ndim == 1:
         return np.ascontiguousarray(array, dtype=np.float32).reshape(-1).view(np.uint8)
     rows = array.reshape(-1, array.shape[-1])
-    return kernels.quantize(rows, item.qtype, importance=item.importance, backend=backend).reshape(-1)
+    return kernels.quantize(rows, item.qtype, backend=backend).reshape(-1)
 
 
 def _quantized_in_order(planned: list[_Planned], backend: str, threads: int):
