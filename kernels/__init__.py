@@ -1,6 +1,8 @@
 """GGUF quantization kernels: numpy reference implementations, byte-identical to llama.cpp's.
 
     quantize(x, "Q4_K")            float32 (rows, cols) -> uint8 (rows, bytes_per_row)
+    quantize(x, "Q4_K", importance=imatrix)   llama-quantize --imatrix's bytes
+    quantize(x, "Q4_K", search="thorough")    standard blocks, lower weighted error, slower
     dequantize(data, "Q4_K", shape) -> float32 (rows, cols)
 
 Each type is one class (legacy.py: floats and 32-weight quants; kquants.py: the 256-weight K-quants)
@@ -22,6 +24,7 @@ QTYPES: dict[str, type[QuantType]] = {
     cls.name: cls for cls in (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)
 }
 BY_GGML_TYPE: dict[int, type[QuantType]] = {cls.ggml_type: cls for cls in QTYPES.values()}
+SEARCHES = ("reference", "thorough")
 
 # Rows are quantized this many weights at a time, so memory stays near one chunk.
 _CHUNK_WEIGHTS = 1 << 20
@@ -49,11 +52,23 @@ def quantize(
     x: np.ndarray,
     qtype_name: str,
     *,
+    importance: np.ndarray | None = None,
+    search: str = "reference",
     backend: str = "auto",
 ) -> np.ndarray:
     """Quantize float32 rows to GGUF blocks: (rows, cols) -> uint8 (rows, bytes_per_row).
 
-    backend: "numpy", "ggml" (llama.cpp's C quantizer) or "auto" (ggml when importable).
+    importance: llama.cpp's importance matrix for this tensor (float32, one value per column: the
+    mean square of the activations each column multiplies, as llama-imatrix collects it), or None.
+    With it, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K minimise the importance-weighted error, as
+    llama-quantize --imatrix does; the other types ignore it, as llama.cpp does.
+    search: "reference" (llama.cpp's search, byte for byte) or "thorough": for those same seven types,
+    a wider search judged by the error of the stored block (weighted as the reference's search
+    weights it; the legacy quants without an imatrix use the plain squared error), never worse than
+    the reference on any block and several times slower; the blocks are standard ones. The floats
+    and Q8_0 run their reference quantizer.
+    backend: "numpy", "ggml" (llama.cpp's C quantizer) or "auto" (ggml when importable). The thorough
+    search is numpy's own: "auto" then runs numpy, and "ggml" refuses it.
     """
     cls = qtype(qtype_name)
     x = np.asarray(x)
@@ -61,21 +76,29 @@ def quantize(
         raise ValueError(f"quantize expects a 2-D (rows, cols) array, got shape {x.shape}")
     rows, cols = x.shape
     check_row_length(cls, cols)
+    if importance is not None:
+        importance = np.ascontiguousarray(importance, dtype=np.float32)
+        if importance.shape != (cols,):
+            raise ValueError(f"importance must hold one value per column ({cols}), got shape {importance.shape}")
+    if search not in SEARCHES:
+        raise ValueError(f"unknown search {search!r}; choose {' or '.join(SEARCHES)}")
     if backend not in ("auto", "numpy", "ggml"):
         raise ValueError(f"unknown backend {backend!r}; choose auto, numpy or ggml")
     if backend == "ggml" and not ggml.available():
         raise ValueError("backend='ggml' needs llama-cpp-python installed; use backend='numpy'")
-    use_c = backend == "ggml" or (backend == "auto" and ggml.available())
+    if backend == "ggml" and search != "reference":
+        raise ValueError(f"backend='ggml' runs llama.cpp's reference search only; search={search!r} "
+                         "needs backend='numpy' or 'auto'")
+    use_c = search == "reference" and (backend == "ggml" or (backend == "auto" and ggml.available()))
 
     out = np.empty((rows, cls.row_bytes(cols)), dtype=np.uint8)
     step = max(1, _CHUNK_WEIGHTS // max(cols, 1))
     for start in range(0, rows, step):
         chunk = np.ascontiguousarray(x[start:start + step], dtype=np.float32)
         if use_c:
-            out[start:start + step] = ggml.quantize_rows(chunk, cls.ggml_type)
+            out[start:start + step] = ggml.quantize_rows(chunk, cls.ggml_type, importance)
         else:
-            blocks = chunk.reshape(-1, cls.block_size)
-            out[start:start + step] = cls.quantize_blocks(blocks).reshape(len(chunk), -1)
+            out[start:start + step] = cls.quantize_rows(chunk, importance, search)
     return out
 
 
@@ -92,4 +115,6 @@ def dequantize(data: np.ndarray, qtype_name: str, shape: tuple[int, int]) -> np.
     return cls.dequantize_blocks(blocks).reshape(rows, cols).astype(np.float32, copy=False)
 
 
-__all__ = ["QTYPES", "BY_GGML_TYPE", "QuantType", "qtype", "quantize", "dequantize", "check_row_length"]
+__all__ = [
+    "QTYPES", "BY_GGML_TYPE", "SEARCHES", "QuantType", "qtype", "quantize", "dequantize", "check_row_length",
+]

@@ -8,20 +8,35 @@ import numpy as np
 class QuantType:
     """One GGUF tensor type: a block of `block_size` weights is stored in `type_size` bytes.
 
-    Subclasses define two classmethods on 2-D arrays of whole blocks, which `slim.kernels.quantize`
-    and `dequantize` call after cutting rows into blocks:
+    Subclasses define two classmethods on 2-D arrays of whole blocks:
       quantize_blocks(blocks (n, block_size) float32) -> (n, type_size) uint8
       dequantize_blocks(blocks (n, type_size) uint8) -> (n, block_size) float32
+    `slim.kernels.quantize` calls `quantize_rows` on whole rows, which by default cuts them into
+    blocks. The types whose C quantizer uses an importance matrix override it, because the weights
+    they minimise can depend on the whole row (the legacy quants scale them by its mean square).
     """
 
     name: str
     ggml_type: int
     block_size: int
     type_size: int
+    searches: tuple[str, ...] = ("reference",)  # "thorough" where a type has a wider search
 
     @classmethod
     def row_bytes(cls, n_per_row: int) -> int:
         return n_per_row // cls.block_size * cls.type_size
+
+    @classmethod
+    def quantize_rows(cls, rows: np.ndarray, importance: np.ndarray | None = None,
+                      search: str = "reference") -> np.ndarray:
+        """(nrows, n_per_row) float32 -> (nrows, row_bytes) uint8.
+
+        importance: llama.cpp's imatrix for the row's columns (float32, n_per_row), or None.
+        search: "reference", or "thorough" for a type that lists it in `searches` (others run their
+        reference search). This default serves the floats and Q8_0, whose C quantizers ignore the
+        imatrix, so it ignores both.
+        """
+        return cls.quantize_blocks(rows.reshape(-1, cls.block_size)).reshape(len(rows), -1)
 
 
 def split_fields(blocks: np.ndarray, *sizes: int) -> list[np.ndarray]:

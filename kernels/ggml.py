@@ -47,16 +47,22 @@ def row_size(ggml_type: int, n_per_row: int) -> int:
     return int(lib.ggml_row_size(ggml_type, n_per_row))
 
 
-def quantize_rows(rows: np.ndarray, ggml_type: int) -> np.ndarray:
+def quantize_rows(rows: np.ndarray, ggml_type: int, importance: np.ndarray | None = None) -> np.ndarray:
     """(nrows, n_per_row) float32 -> (nrows, row bytes) uint8 via ggml_quantize_chunk.
 
-    ggml_quantize_chunk releases the GIL under ctypes, so callers may run it from threads.
+    importance: the imatrix for the row's columns (float32, n_per_row), as llama-quantize passes it;
+    the types whose C quantizer has no imatrix path ignore it. ggml_quantize_chunk releases the GIL
+    under ctypes, so callers may run it from threads.
     """
     lib = _library()
     assert lib is not None, "libggml-base is not available"
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     nrows, n_per_row = rows.shape
+    if importance is not None:
+        importance = np.ascontiguousarray(importance, dtype=np.float32)
+        assert importance.shape == (n_per_row,), (importance.shape, n_per_row)
+    imatrix = None if importance is None else importance.ctypes.data
     out = np.empty((nrows, lib.ggml_row_size(ggml_type, n_per_row)), dtype=np.uint8)
-    written = lib.ggml_quantize_chunk(ggml_type, rows.ctypes.data, out.ctypes.data, 0, nrows, n_per_row, None)
+    written = lib.ggml_quantize_chunk(ggml_type, rows.ctypes.data, out.ctypes.data, 0, nrows, n_per_row, imatrix)
     assert written == out.nbytes, (written, out.nbytes)
     return out
