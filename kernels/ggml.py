@@ -16,7 +16,8 @@ import numpy as np
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
+def library() -> ctypes.CDLL | None:
+    """llama-cpp-python's libggml-base (its quantizer, and ggml's op names for slim calibrate), or None."""
     spec = importlib.util.find_spec("llama_cpp")
     if spec is None or spec.origin is None:
         return None
@@ -38,11 +39,11 @@ def _library() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    return _library() is not None
+    return library() is not None
 
 
 def row_size(ggml_type: int, n_per_row: int) -> int:
-    lib = _library()
+    lib = library()
     assert lib is not None, "libggml-base is not available"
     return int(lib.ggml_row_size(ggml_type, n_per_row))
 
@@ -54,7 +55,7 @@ def quantize_rows(rows: np.ndarray, ggml_type: int, importance: np.ndarray | Non
     the types whose C quantizer has no imatrix path ignore it. ggml_quantize_chunk releases the GIL
     under ctypes, so callers may run it from threads.
     """
-    lib = _library()
+    lib = library()
     assert lib is not None, "libggml-base is not available"
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     nrows, n_per_row = rows.shape

@@ -18,6 +18,7 @@ COMMANDS = {
     "chat": "Talk with a model in the terminal (or answer lines from a pipe).",
     "serve": "Serve a model through an OpenAI-compatible HTTP API.",
     "eval": "Measure perplexity and divergence from a reference.",
+    "calibrate": "Measure activations on a text: the importance matrix for quantization.",
     "pull": "Fetch a model into the store from the catalog or the hub.",
     "list": "List the models in the store.",
     "show": "Describe a model: architecture, size, tensor types, template.",

@@ -16,7 +16,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import gguf
 import numpy as np
@@ -25,6 +25,9 @@ from slim import kernels, models
 from slim.kernels import QTYPES
 from slim.runtime import mixes
 from slim.runtime.checkpoint import Checkpoint, CheckpointError, TensorRef
+
+if TYPE_CHECKING:
+    from slim.runtime.calibrate import Calibration
 
 GGML_QUANT_VERSION = 2
 
@@ -43,11 +46,15 @@ class ConvertSummary:
     bits_per_weight: float
     tensor_types: dict[str, int]
     seconds: float
+    imatrix: str | None = None  # the importance matrix the weights were quantized with
+    search: str = "reference"
 
     def line(self) -> str:
         counts = ", ".join(f"{n} {t}" for t, n in sorted(self.tensor_types.items(), key=lambda kv: -kv[1]))
+        extras = "".join([f", importance from {Path(self.imatrix).name}" if self.imatrix else "",
+                          f", {self.search} search" if self.search != "reference" else ""])
         return (f"wrote {self.output}: {self.size_bytes / 1e6:.1f} MB, {self.bits_per_weight:.2f} bits/weight, "
-                f"{self.parameters / 1e6:.1f}M parameters ({counts}) in {self.seconds:.1f} s")
+                f"{self.parameters / 1e6:.1f}M parameters ({counts}{extras}) in {self.seconds:.1f} s")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -59,6 +66,7 @@ class _Planned:
     shape: tuple[int, ...]  # numpy order (rows, cols)
     qtype: str
     load: Callable[[], np.ndarray]
+    importance: np.ndarray | None = None  # per input column, from the importance matrix
 
     @property
     def nbytes(self) -> int:
@@ -74,17 +82,27 @@ def convert(
     backend: str = "auto",
     threads: int | None = None,
     allow_pickle: bool = False,
+    imatrix: str | os.PathLike[str] | None = None,
+    search: str = "reference",
     progress: Callable[[int], None] | None = None,
     on_plan: Callable[[int], None] | None = None,
 ) -> ConvertSummary:
     """Convert a local HF directory or a hub repo id to a GGUF of the given --type.
 
+    imatrix: an importance matrix file (slim calibrate, llama-imatrix); the weights it covers are
+    quantized as llama-quantize --imatrix quantizes them. search: "reference" (llama.cpp's
+    scale search, byte-identical) or "thorough" (a wider search; standard blocks, lower error).
     progress(n_bytes) is called as each tensor is written; on_plan(total_bytes) once before.
     """
     from slim.runtime.tokenizer import TokenizerError, read_hf_tokenizer, write_to_gguf
 
     started = time.perf_counter()
     chosen = mixes.mix(qtype)
+    if search not in kernels.SEARCHES:
+        raise ConvertError(f"unknown search {search!r}; choose {' or '.join(kernels.SEARCHES)}")
+    if search == "thorough" and backend == "ggml":
+        raise ConvertError("--search thorough runs slim's numpy kernels; drop --backend ggml")
+    calibration = _load_imatrix(imatrix) if imatrix is not None else None
     output = Path(output)
     if output.is_dir():
         raise ConvertError(f"{output} is a directory; give the output file name, e.g. {output / 'model.gguf'}")
@@ -98,7 +116,7 @@ def convert(
         tokenizer = read_hf_tokenizer(directory)
     except TokenizerError as exc:
         raise ConvertError(str(exc)) from None
-    planned = _plan(checkpoint, arch, chosen.name)
+    planned = _plan(checkpoint, arch, chosen.name, calibration)
 
     partial = output.with_name(f".{output.name}.partial")
     try:
@@ -118,7 +136,7 @@ def convert(
         writer.write_ti_data_to_file()
         if on_plan:
             on_plan(sum(item.nbytes for item in planned))
-        for item, data in _quantized_in_order(planned, backend, threads or os.cpu_count() or 1):
+        for item, data in _quantized_in_order(planned, backend, search, threads or os.cpu_count() or 1):
             writer.write_tensor_data(data)
             if progress:
                 progress(data.nbytes)
@@ -136,6 +154,7 @@ def convert(
         output=str(output), type=chosen.name, architecture=arch.gguf_arch, parameters=n_params,
         size_bytes=size, bits_per_weight=8 * sum(i.nbytes for i in planned) / n_params,
         tensor_types=counts, seconds=time.perf_counter() - started,
+        imatrix=str(imatrix) if imatrix is not None else None, search=search,
     )
 
 
@@ -152,7 +171,16 @@ def resolve_source(source: str | os.PathLike[str]) -> Path:
     return download_checkpoint(text)
 
 
-def _plan(checkpoint: Checkpoint, arch: models.DecoderArchitecture, mix_name: str) -> list[_Planned]:
+def _load_imatrix(path: str | os.PathLike[str]) -> "Calibration":
+    from slim.runtime.calibrate import Calibration
+
+    if not Path(path).is_file():
+        raise ConvertError(f"importance matrix {path} does not exist; make one with `slim calibrate`")
+    return Calibration.load(path)
+
+
+def _plan(checkpoint: Checkpoint, arch: models.DecoderArchitecture, mix_name: str,
+          calibration: "Calibration | None" = None) -> list[_Planned]:
     found: dict[str, _Planned] = {}
     for ref in checkpoint:
         name = arch.gguf_name(ref.name)
@@ -162,10 +190,30 @@ def _plan(checkpoint: Checkpoint, arch: models.DecoderArchitecture, mix_name: st
         found[name] = _Planned(name, array.shape, "", lambda array=array: array)
     _check_complete(arch, found)
     order = mixes.llama_order(list(found))
-    types = mixes.plan([(name, found[name].shape) for name in order], mix_name, arch.n_layer)
+    types = mixes.plan([(name, found[name].shape) for name in order], mix_name, arch.n_layer,
+                       has_imatrix=calibration is not None)
     for name in order:
         found[name].qtype = types[name]
+    if calibration is not None:
+        _attach_importance(found, calibration)
     return [found[name] for name in order]
+
+
+def _attach_importance(found: dict[str, _Planned], calibration: "Calibration") -> None:
+    """Give each weight the imatrix entry of the same name, as llama-quantize does. An entry whose
+    length is not the weight's row length means the matrix was made for another model."""
+    matched = 0
+    for name, item in found.items():
+        if name not in calibration.sums:
+            continue
+        if len(calibration.sums[name]) != item.shape[-1]:
+            raise ConvertError(f"the importance matrix has {len(calibration.sums[name])} columns for {name}, "
+                               f"which has {item.shape[-1]}: it was made for a different model")
+        item.importance = calibration.mean_squares(name)
+        matched += 1
+    if not matched:
+        raise ConvertError("the importance matrix names none of this model's weights: it was made for a "
+                           "different model")
 
 
 def _transformed(arch: models.DecoderArchitecture, name: str, ref: TensorRef) -> Callable[[], np.ndarray]:
@@ -187,21 +235,22 @@ def _check_complete(arch: models.DecoderArchitecture, found: dict[str, _Planned]
         raise CheckpointError(f"token embedding has {embd[0]} rows but config.json says vocab_size {arch.vocab_size}")
 
 
-def _quantize(item: _Planned, backend: str) -> np.ndarray:
+def _quantize(item: _Planned, backend: str, search: str) -> np.ndarray:
     array = np.asarray(item.load(), dtype=np.float32)
     if item.qtype == "F32" or array.ndim == 1:
         return np.ascontiguousarray(array, dtype=np.float32).reshape(-1).view(np.uint8)
     rows = array.reshape(-1, array.shape[-1])
-    return kernels.quantize(rows, item.qtype, backend=backend).reshape(-1)
+    return kernels.quantize(rows, item.qtype, backend=backend, importance=item.importance,
+                            search=search).reshape(-1)
 
 
-def _quantized_in_order(planned: list[_Planned], backend: str, threads: int):
+def _quantized_in_order(planned: list[_Planned], backend: str, search: str, threads: int):
     """Yield (item, bytes) in order while up to `threads` tensors are quantized ahead."""
     with ThreadPoolExecutor(max_workers=threads) as pool:
         pending: list[tuple[_Planned, Future[np.ndarray]]] = []
         queue = iter(planned)
         for item in queue:
-            pending.append((item, pool.submit(_quantize, item, backend)))
+            pending.append((item, pool.submit(_quantize, item, backend, search)))
             if len(pending) > threads:
                 head, future = pending.pop(0)
                 yield head, future.result()

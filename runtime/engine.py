@@ -432,7 +432,8 @@ def load(model_path: str | os.PathLike[str], **options: Any) -> "Model":
     n_threads (default: physical cores), n_batch (512: prompt tokens per llama_decode), n_ubatch
     (default n_batch: tokens per compute pass), n_seq_max (1: KV-cache sequences, sharing n_ctx),
     extra_buffers (weight repacking; default on unless llama.cpp was built with its AMX kernels,
-    whose multi-token batches crash: extra_buffers=True with n_ubatch=1 uses them safely).
+    whose multi-token batches crash: extra_buffers=True with n_ubatch=1 uses them safely),
+    eval_callback (llama.cpp's cb_eval, to observe intermediate tensors: slim.runtime.calibrate).
     Raises GGUFError for a file that is not a usable GGUF, EngineError if llama.cpp refuses it."""
     return Model(model_path, **options)
 
@@ -448,7 +449,7 @@ class Model:
 
     def __init__(self, model_path: str | os.PathLike[str], *, n_ctx: int | None = None,
                  n_threads: int | None = None, n_batch: int = 512, n_ubatch: int | None = None,
-                 n_seq_max: int = 1, extra_buffers: bool | None = None) -> None:
+                 n_seq_max: int = 1, extra_buffers: bool | None = None, eval_callback: Any = None) -> None:
         self.path = Path(model_path)
         self._model = self._ctx = None
         self._batch: _Batch | None = None
@@ -485,6 +486,8 @@ class Model:
         cparams.n_seq_max = n_seq_max
         cparams.n_threads = cparams.n_threads_batch = self.n_threads
         cparams.no_perf = True
+        if eval_callback is not None:  # a ggml_backend_sched_eval_callback the caller keeps alive
+            cparams.cb_eval = eval_callback
         self._ctx = L.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             self.close()

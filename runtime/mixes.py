@@ -70,8 +70,10 @@ def use_more_bits(i_layer: int, n_layer: int) -> bool:
     return i_layer < n_layer // 8 or i_layer >= 7 * n_layer // 8 or (i_layer - n_layer // 8) % 3 == 2
 
 
-def plan(tensors: list[tuple[str, tuple[int, ...]]], mix_name: str, n_layer: int) -> dict[str, str]:
-    """GGUF type name for each (gguf name, numpy shape), listed in llama.cpp's tensor order."""
+def plan(tensors: list[tuple[str, tuple[int, ...]]], mix_name: str, n_layer: int,
+         has_imatrix: bool = False) -> dict[str, str]:
+    """GGUF type name for each (gguf name, numpy shape), listed in llama.cpp's tensor order.
+    has_imatrix: quantizing with an importance matrix, which changes one rule (Q4_0/Q5_0)."""
     chosen = mix(mix_name)
     names = [name for name, _ in tensors]
     tied = "output.weight" not in names
@@ -103,6 +105,9 @@ def plan(tensors: list[tuple[str, tuple[int, ...]]], mix_name: str, n_layer: int
                 qtype = "Q6_K"
             elif chosen.name == "Q4_K_S" and i_ffn_down < n_layer // 8:
                 qtype = "Q5_K"
+            elif chosen.name in ("Q4_0", "Q5_0") and has_imatrix and i_ffn_down < n_layer // 8:
+                # llama-quantize guards the first ffn_down layers, which an imatrix can make go wild
+                qtype = "Q4_1" if chosen.name == "Q4_0" else "Q5_1"
             i_ffn_down += 1
         types[name] = fit_row_length(qtype, shape[-1])
     return types

@@ -1,0 +1,291 @@
+"""slim calibrate: what a model's matmuls see on real text, measured while llama.cpp runs it.
+
+For every matmul weight W (y = W x) the pass sums x_j^2 per input column j over the calibration
+tokens: the diagonal of X^T X. Divided by the token count it is llama.cpp's importance matrix
+(E[x_j^2], which importance-weighted quantization uses); its square root is Wanda's column norm
+||X_j||_2 (slim prune). One pass serves both. With hidden_states=True the pass also measures how
+much each block turns the residual stream: the mean cosine similarity between the hidden states
+entering and leaving every span of blocks (slim prune --method layers).
+
+The text is cut as llama-imatrix cuts it (chunks of `ctx` tokens, the first replaced by BOS when
+the model adds one, every position computed), and the statistics are read from llama.cpp's own
+graph through its eval callback, so they match llama-imatrix's and are written in its GGUF format.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+IMATRIX_TYPE = "imatrix"
+# llama-imatrix skips matmuls over fewer rows than this (warm-up and single-token batches)
+_MIN_ROWS = 16
+
+
+class CalibrationError(ValueError):
+    """Calibration that cannot go ahead; the message says what to do."""
+
+
+class _GgmlTensor(ctypes.Structure):
+    """The head of ggml.h's struct ggml_tensor, as far as the fields read here."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * 4),
+        ("nb", ctypes.c_size_t * 4),
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * 16),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * 10),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("name", ctypes.c_char * 64),
+    ]
+
+
+_GGML_TYPE_F32 = 0
+
+
+def _rows(t: _GgmlTensor) -> np.ndarray:
+    """A float32 tensor's rows as a (rows, ne0) view of its host memory (strides honoured)."""
+    ne0, ne1, ne2, ne3 = (int(n) for n in t.ne)
+    nb = [int(n) for n in t.nb]
+    n_floats = (nb[1] * (ne1 - 1) + nb[2] * (ne2 - 1) + nb[3] * (ne3 - 1)) // 4 + ne0
+    base = np.ctypeslib.as_array(ctypes.cast(t.data, ctypes.POINTER(ctypes.c_float)), shape=(n_floats,))
+    view = np.lib.stride_tricks.as_strided(base, shape=(ne3, ne2, ne1, ne0), strides=(nb[3], nb[2], nb[1], 4))
+    return view.reshape(-1, ne0)
+
+
+@dataclass
+class Calibration:
+    """Per-matmul-weight activation statistics (GGUF weight names), plus the optional hidden-state
+    similarities. `sums[name]` is float64 (n_in,), sum over tokens of x_j^2; `counts[name]` tokens."""
+
+    sums: dict[str, np.ndarray] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    chunk_size: int = 0
+    chunk_count: int = 0
+    datasets: list[str] = field(default_factory=list)
+    hidden_cosine: np.ndarray | None = None  # (n_layer + 1, n_layer + 1), see calibrate()
+
+    def mean_squares(self, name: str) -> np.ndarray:
+        """E[x_j^2] for weight `name` as llama-quantize computes it from the file: float32
+        sum / float32 count. This is the importance the quantizer weighs errors with."""
+        count = np.float32(self.counts[name])
+        sums = self.sums[name].astype(np.float32)
+        return sums / count if count > 0 else np.ones_like(sums)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write llama.cpp's imatrix GGUF (llama-quantize --imatrix reads it), atomically."""
+        import gguf
+
+        path = Path(path)
+        partial = path.with_name(f".{path.name}.partial")
+        writer = gguf.GGUFWriter(partial, arch=IMATRIX_TYPE)
+        writer.add_type(IMATRIX_TYPE)
+        # llama.cpp needs the key to be present; gguf-py leaves an empty array out
+        writer.add_array("imatrix.datasets", self.datasets or ["unnamed"])
+        writer.add_uint32("imatrix.chunk_count", self.chunk_count)
+        writer.add_uint32("imatrix.chunk_size", self.chunk_size)
+        for name in sorted(self.sums):
+            writer.add_tensor(f"{name}.in_sum2", self.sums[name].astype(np.float32).reshape(1, -1))
+            writer.add_tensor(f"{name}.counts", np.array([[self.counts[name]]], dtype=np.float32))
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+        os.replace(partial, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Calibration:
+        """Read an imatrix GGUF written by slim calibrate or llama-imatrix."""
+        import gguf
+
+        try:
+            reader = gguf.GGUFReader(path)
+        except (OSError, ValueError) as exc:
+            raise CalibrationError(f"{path} is not an imatrix GGUF ({exc})") from None
+
+        def scalar(key: str) -> Any:
+            f = reader.fields.get(key)
+            return None if f is None else f.contents()
+
+        if scalar("general.type") != IMATRIX_TYPE:
+            raise CalibrationError(f"{path} is a GGUF but not an importance matrix (general.type is "
+                                   f"{scalar('general.type')!r}); make one with `slim calibrate`")
+        tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
+        cal = cls(chunk_size=int(scalar("imatrix.chunk_size") or 0),
+                  chunk_count=int(scalar("imatrix.chunk_count") or 0),
+                  datasets=list(scalar("imatrix.datasets") or []))
+        for key, values in tensors.items():
+            if not key.endswith(".in_sum2"):
+                continue
+            name = key[: -len(".in_sum2")]
+            counts = tensors.get(f"{name}.counts")
+            if counts is None or counts.size != 1:
+                raise CalibrationError(f"{path}: {name} has no single token count (an expert-split "
+                                       "imatrix is not supported)")
+            cal.sums[name] = values.reshape(-1).astype(np.float64)
+            cal.counts[name] = int(counts.reshape(-1)[0])
+        return cal
+
+
+class _Collector:
+    """The eval callback: asks llama.cpp for each weight matmul (and, optionally, each block's
+    output), and accumulates their statistics."""
+
+    def __init__(self, n_layer: int, hidden_states: bool, include_output: bool) -> None:
+        from slim.kernels import ggml
+
+        lib = ggml.library()
+        if lib is None:
+            raise CalibrationError("calibration runs the model in llama.cpp: install llama-cpp-python")
+        lib.ggml_op_name.restype = ctypes.c_char_p
+        lib.ggml_op_name.argtypes = [ctypes.c_int]
+        names = {}
+        for op in range(256):
+            name = lib.ggml_op_name(op)
+            if name in (b"MUL_MAT", b"MUL_MAT_ID"):
+                names[name] = op
+            if name == b"MUL_MAT_ID":
+                break
+        self._mul_mat, self._mul_mat_id = names[b"MUL_MAT"], names[b"MUL_MAT_ID"]
+        self.n_layer = n_layer
+        self.hidden_states = hidden_states
+        self.include_output = include_output
+        self.sums: dict[str, np.ndarray] = {}
+        self.counts: dict[str, int] = {}
+        self.cosine_sum = np.zeros((n_layer + 1, n_layer + 1))
+        self.cosine_tokens = 0
+        self._hidden: dict[int, np.ndarray] = {}
+        self.error: str | None = None
+
+    def weight_name(self, t: _GgmlTensor) -> str | None:
+        if t.op not in (self._mul_mat, self._mul_mat_id) or not t.src[0] or not t.src[1]:
+            return None
+        weight = _GgmlTensor.from_address(t.src[0])
+        name = weight.name.decode(errors="replace")
+        if not (name.startswith("blk.") or (self.include_output and name == "output.weight")):
+            return None
+        return name
+
+    def hidden_index(self, t: _GgmlTensor) -> int | None:
+        """0 for the token embeddings entering block 0, i + 1 for block i's output."""
+        name = t.name
+        if name in (b"inp_embd", b"embd"):  # the name differs between llama.cpp versions
+            return 0
+        if name.startswith(b"l_out-"):
+            return int(name[6:]) + 1
+        return None
+
+    def __call__(self, address: int, ask: bool, user_data: Any) -> bool:
+        try:
+            t = _GgmlTensor.from_address(address)
+            name = self.weight_name(t)
+            if ask:
+                if name is not None:
+                    if t.op == self._mul_mat_id:
+                        self.error = f"{name} is a mixture-of-experts matmul; calibration supports dense models"
+                        return False
+                    src1 = _GgmlTensor.from_address(t.src[1])
+                    return src1.ne[1] >= _MIN_ROWS and src1.type == _GGML_TYPE_F32
+                return self.hidden_states and self.hidden_index(t) is not None
+            if name is not None:
+                x = _rows(_GgmlTensor.from_address(t.src[1])).astype(np.float64)
+                acc = self.sums.get(name)
+                squares = np.einsum("ij,ij->j", x, x)
+                self.sums[name] = squares if acc is None else acc + squares
+                self.counts[name] = self.counts.get(name, 0) + x.shape[0]
+            else:
+                index = self.hidden_index(t)
+                if index is not None and t.type == _GGML_TYPE_F32:
+                    self._hidden[index] = _rows(t).astype(np.float64)
+            return True
+        except Exception as exc:  # an exception must not unwind through C
+            self.error = f"calibration callback failed: {exc!r}"
+            return False
+
+    def end_batch(self) -> None:
+        """Fold the block outputs of the last batch into the cosine matrix."""
+        if not self.hidden_states:
+            return
+        if len(self._hidden) != self.n_layer + 1:
+            missing = sorted(set(range(self.n_layer + 1)) - set(self._hidden))
+            raise CalibrationError(f"llama.cpp did not expose the hidden states {missing}; "
+                                   "this architecture's graph names them differently")
+        h = np.stack([self._hidden[i] for i in range(self.n_layer + 1)])  # (L+1, T, E)
+        h /= np.maximum(np.linalg.norm(h, axis=-1, keepdims=True), 1e-30)
+        self.cosine_sum += np.einsum("ate,bte->ab", h, h)
+        self.cosine_tokens += h.shape[1]
+        self._hidden.clear()
+
+
+def calibrate(
+    model: str | os.PathLike[str],
+    text: str,
+    *,
+    ctx: int = 512,
+    chunks: int | None = None,
+    threads: int | None = None,
+    hidden_states: bool = False,
+    include_output: bool = False,
+    dataset: str = "",
+    progress: Callable[[int, int], None] | None = None,
+) -> Calibration:
+    """Run a GGUF over `text` in chunks of `ctx` tokens and collect its activation statistics.
+
+    chunks limits how many chunks are used (default all). hidden_states adds `hidden_cosine`:
+    C[a, b] = mean over tokens of cos(h_a, h_b), h_0 the input of block 0 and h_i the output of
+    block i - 1, so removing blocks i..i+k-1 turns the stream by arccos(C[i, i + k]).
+    include_output also collects output.weight (llama-imatrix --process-output).
+    """
+    from slim.runtime import engine
+    from slim.runtime.evaluate import chunk_tokens
+    from slim.runtime.gguf_file import check_gguf
+
+    if ctx < _MIN_ROWS:
+        raise CalibrationError(f"--ctx must be at least {_MIN_ROWS} tokens, got {ctx}")
+    if chunks is not None and chunks < 1:
+        raise CalibrationError(f"--chunks must be at least 1, got {chunks}")
+    L = engine._llama()
+    metadata = check_gguf(Path(model))
+    arch = metadata.get("general.architecture", "")
+    n_layer = int(metadata.get(f"{arch}.block_count", 0))
+    collector = _Collector(n_layer, hidden_states, include_output)
+    callback = L.ggml_backend_sched_eval_callback(collector)
+    llm = engine.load(model, n_ctx=ctx, n_batch=ctx, n_threads=threads, eval_callback=callback)
+    try:
+        tokens = llm.tokenize(text, add_special=True, parse_special=False)
+        pieces = chunk_tokens(tokens, ctx, llm.prompt_bos)
+        if not pieces:
+            raise CalibrationError(f"the calibration text is {len(tokens)} tokens, shorter than one "
+                                   f"chunk of --ctx {ctx}; give a longer text or a smaller --ctx")
+        pieces = pieces[:chunks] if chunks else pieces
+        for done, piece in enumerate(pieces, 1):
+            try:
+                llm.logits(piece, first=0)
+            except engine.EngineError as exc:
+                raise CalibrationError(collector.error or str(exc)) from None
+            if collector.error:
+                raise CalibrationError(collector.error)
+            collector.end_batch()
+            if progress:
+                progress(done, len(pieces))
+    finally:
+        llm.close()
+    if not collector.sums:
+        raise CalibrationError(f"llama.cpp ran no weight matmuls that could be observed in {model}")
+    return Calibration(
+        sums=collector.sums, counts=collector.counts, chunk_size=ctx, chunk_count=len(pieces),
+        datasets=[dataset] if dataset else [],
+        hidden_cosine=collector.cosine_sum / collector.cosine_tokens if hidden_states else None,
+    )
