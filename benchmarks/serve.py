@@ -8,6 +8,16 @@ by counting whatever comes back). Reported per server:
 
     tokens/s      generated tokens of all clients over the wall time from the first request to the last reply
     TTFT p50/p95  request sent -> first text chunk, over all requests
+    CPU s         CPU time the server process used during the load (all its threads): what the
+                  work costs, which other processes on a shared machine disturb far less than wall time
+
+--decode-steps measures llama.cpp alone instead, in this process: CPU milliseconds per llama_decode
+of one token for each of 1..16 sequences (what batching buys on this machine), and for 8 sequences
+given in shuffled rather than ascending order (what slim's scheduler avoids: with one KV stream per
+sequence, llama.cpp splits a batch into runs of consecutive sequence ids).
+
+With --rounds N the servers take turns N times (slim, the others, slim, ...) and each figure is the
+median of its rounds, so a burst of load from elsewhere does not land on one server only.
 
 slim decodes up to --parallel sequences in one batch; llama-cpp-python's server handles one
 request at a time (the others wait); llama-server (only with --llama-server PATH, or --build-llama-server
@@ -15,7 +25,8 @@ to build it from the sources llama-cpp-python vendors: a long build) uses its ow
 The machine is shared: read ratios, not absolute figures.
 
     python benchmarks/serve.py [--model PATH] [--threads 2] [--clients 8] [--tokens 64] [--requests 1]
-                               [--parallel 8] [--skip-llama-cpp-python] [--llama-server PATH]
+                               [--parallel 8] [--rounds 3] [--skip-llama-cpp-python] [--llama-server PATH]
+    python benchmarks/serve.py --decode-steps [--model PATH]
 """
 
 from __future__ import annotations
@@ -94,7 +105,6 @@ def stream_completion(base: str, model: str, prompt: str, tokens: int) -> tuple[
 
 
 def load_test(base: str, model: str, clients: int, requests: int, tokens: int) -> dict[str, float]:
-    stream_completion(base, model, "Hello", 4)  # warm-up
     ttfts: list[float] = []
     generated: list[int] = []
     errors: list[BaseException] = []
@@ -125,13 +135,26 @@ def load_test(base: str, model: str, clients: int, requests: int, tokens: int) -
             "ttft_p95_s": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))]}
 
 
-def run_server(name: str, command: list[str], model: str, port: int, args: argparse.Namespace) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process, all its threads (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_server(name: str, command: list[str], model: str, args: argparse.Namespace) -> dict[str, float]:
+    """Start the server (its command has {port} to fill), load it, stop it."""
+    port = free_port()
+    command = [part.replace("{port}", str(port)) for part in command]
     base = f"http://127.0.0.1:{port}"
     print(f"{name}: {' '.join(command)}", file=sys.stderr)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_ready(base, process)
-        return load_test(base, model, args.clients, args.requests, args.tokens)
+        stream_completion(base, model, "Hello", 4)  # warm-up
+        cpu = cpu_seconds(process.pid)
+        result = load_test(base, model, args.clients, args.requests, args.tokens)
+        result["cpu_s"] = cpu_seconds(process.pid) - cpu
+        return result
     finally:
         process.terminate()
         try:
@@ -139,6 +162,39 @@ def run_server(name: str, command: list[str], model: str, port: int, args: argpa
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def decode_steps(path: Path, steps: int = 24) -> None:
+    """CPU ms per decode step by number of sequences and by their order in the batch (one thread)."""
+    from slim.runtime import engine
+
+    def measure(order: list[int]) -> float:
+        with engine.load(path, n_ctx=512 * len(order), n_seq_max=len(order), n_threads=1) as model:
+            L, batch = model._L, model._batch
+            prompts = [model.tokenize(PROMPTS[s % len(PROMPTS)]) for s in order]
+            batch.clear()
+            for s, tokens in zip(order, prompts):
+                for i, token in enumerate(tokens):
+                    batch.add(token, i, s, i == len(tokens) - 1)
+            batch.raw.n_tokens = batch.n
+            L.llama_decode(model._ctx, batch.raw)
+            positions = {s: len(tokens) for s, tokens in zip(order, prompts)}
+            start = time.thread_time()
+            for step in range(steps):
+                batch.clear()
+                for s in order:
+                    batch.add(100 + step, positions[s], s, True)
+                    positions[s] += 1
+                batch.raw.n_tokens = batch.n
+                L.llama_decode(model._ctx, batch.raw)
+            return (time.thread_time() - start) / steps * 1000
+
+    print(f"{'sequences':<22}{'CPU ms/step':>12}{'tokens per CPU s':>18}")
+    for n in (1, 2, 4, 8, 16):
+        ms = measure(list(range(n)))
+        print(f"{n:<22}{ms:>12.1f}{n / ms * 1000:>18.1f}")
+    ms = measure([3, 0, 5, 4, 1, 2, 7, 6])
+    print(f"{'8, shuffled order':<22}{ms:>12.1f}{8 / ms * 1000:>18.1f}")
 
 
 def main() -> None:
@@ -150,10 +206,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens of each request")
     parser.add_argument("--parallel", type=int, default=8, help="sequences slim (and llama-server) decode together")
     parser.add_argument("--ctx", type=int, default=512, help="context tokens per sequence")
+    parser.add_argument("--rounds", type=int, default=3, help="times each server is measured, taking turns")
     parser.add_argument("--skip-llama-cpp-python", action="store_true")
     parser.add_argument("--llama-server", help="path of a llama-server binary")
     parser.add_argument("--build-llama-server", action="store_true", help="build llama-server first (long)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
+    parser.add_argument("--decode-steps", action="store_true", help="time llama_decode per step in-process instead")
     args = parser.parse_args()
 
     if args.model:
@@ -162,21 +220,18 @@ def main() -> None:
         from slim.runtime import assets
 
         path = assets.fetch("smollm2-135m-instruct-q4_1.gguf")
+    if args.decode_steps:
+        decode_steps(path)
+        return
     python = sys.executable
-    results: dict[str, dict[str, float]] = {}
-
-    port = free_port()
-    results["slim serve"] = run_server("slim serve", [
-        python, "-m", "slim.runtime.cli", "serve", str(path), "--port", str(port), "--threads", str(args.threads),
-        "--parallel", str(args.parallel), "--ctx", str(args.ctx)], path.name, port, args)
-
+    servers = {"slim serve": ([
+        python, "-m", "slim.runtime.cli", "serve", str(path), "--port", "{port}", "--threads", str(args.threads),
+        "--parallel", str(args.parallel), "--ctx", str(args.ctx)], path.name)}
     if not args.skip_llama_cpp_python:
-        port = free_port()
-        results["llama-cpp-python server"] = run_server("llama-cpp-python server", [
-            python, "-m", "llama_cpp.server", "--model", str(path), "--host", "127.0.0.1", "--port", str(port),
+        servers["llama-cpp-python server"] = ([
+            python, "-m", "llama_cpp.server", "--model", str(path), "--host", "127.0.0.1", "--port", "{port}",
             "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx", str(args.ctx),
-            "--interrupt_requests", "False"], str(path), port, args)
-
+            "--interrupt_requests", "False"], str(path))
     llama_server = args.llama_server
     if llama_server is None and args.build_llama_server:
         sys.path.insert(0, str(Path(__file__).parent))
@@ -184,24 +239,34 @@ def main() -> None:
 
         llama_server = str(build_tool("llama-server"))
     if llama_server:
-        port = free_port()
-        results["llama-server"] = run_server("llama-server", [
-            llama_server, "-m", str(path), "--host", "127.0.0.1", "--port", str(port), "-t", str(args.threads),
-            "-np", str(args.parallel), "-c", str(args.ctx * args.parallel), "--no-webui"], path.name, port, args)
+        servers["llama-server"] = ([
+            llama_server, "-m", str(path), "--host", "127.0.0.1", "--port", "{port}", "-t", str(args.threads),
+            "-np", str(args.parallel), "-c", str(args.ctx * args.parallel), "--no-webui"], path.name)
+
+    load_before = os.getloadavg()
+    rounds: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
+    for _ in range(args.rounds):
+        for name, (command, model) in servers.items():
+            rounds[name].append(run_server(name, command, model, args))
+    results = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+               for name, runs in rounds.items()}
 
     print(f"\n{args.clients} streaming clients x {args.requests} request(s), max_tokens {args.tokens}, "
-          f"{args.threads} threads, {path.name}")
-    print(f"{'server':<26}{'tokens':>8}{'wall s':>9}{'tokens/s':>10}{'TTFT p50':>10}{'TTFT p95':>10}")
+          f"{args.threads} threads, {path.name}; median of {args.rounds} round(s); load average "
+          f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
+    print(f"{'server':<26}{'tokens':>8}{'wall s':>9}{'tokens/s':>10}{'TTFT p50':>10}{'TTFT p95':>10}{'CPU s':>8}")
     for name, r in results.items():
-        print(f"{name:<26}{r['tokens']:>8}{r['wall_s']:>9.2f}{r['tokens_per_s']:>10.1f}"
-              f"{r['ttft_p50_s']:>10.3f}{r['ttft_p95_s']:>10.3f}")
+        print(f"{name:<26}{r['tokens']:>8.0f}{r['wall_s']:>9.2f}{r['tokens_per_s']:>10.1f}"
+              f"{r['ttft_p50_s']:>10.3f}{r['ttft_p95_s']:>10.3f}{r['cpu_s']:>8.2f}")
     ours = results["slim serve"]
     for name, r in results.items():
         if name != "slim serve":
             print(f"slim serve / {name}: tokens/s x{ours['tokens_per_s'] / r['tokens_per_s']:.2f}, "
-                  f"TTFT p50 x{ours['ttft_p50_s'] / r['ttft_p50_s']:.2f} (lower is better)")
+                  f"TTFT p50 x{ours['ttft_p50_s'] / r['ttft_p50_s']:.2f} (lower is better), "
+                  f"CPU s per token x{(ours['cpu_s'] / ours['tokens']) / (r['cpu_s'] / r['tokens']):.2f} "
+                  "(lower is better)")
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps({"median": results, "rounds": rounds}, indent=2))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ COMMANDS = {
     "export": "Export a GGUF back to a Hugging Face checkpoint.",
     "run": "Generate one reply from a model, streamed to stdout.",
     "chat": "Talk with a model in the terminal (or answer lines from a pipe).",
-    "serve": "Serve a model through an OpenAI-compatible HTTP API.",
+    "serve": "Serve models through an OpenAI-compatible HTTP API, loaded on demand.",
     "eval": "Measure perplexity and divergence from a reference.",
     "calibrate": "Measure activations on a text: the importance matrix for quantization.",
     "pull": "Fetch a model into the store from the catalog or the hub.",

@@ -1,10 +1,15 @@
-"""slim's OpenAI-compatible HTTP server, with continuous batching.
+"""slim's OpenAI-compatible HTTP server, with continuous batching, serving models on demand.
 
     from slim.runtime import engine, server
 
     model = engine.load("smollm2.gguf", n_ctx=4 * 2048, n_seq_max=4)
     app = server.Server(model, model_names=["smollm2-135m", "smollm2.gguf"], api_key=None)
     app.serve("127.0.0.1", 8080)            # or app.start(...) for a background thread
+
+    pool = server.ModelPool([server.ModelSpec(["small"], Path("small.gguf")),     # several models,
+                             server.ModelSpec(["large"], Path("large.gguf"))],    # loaded on demand
+                            parallel=4, memory_budget=8 << 30, keep_alive=300)
+    server.Server(pool).serve()
 
 Routes: POST /v1/chat/completions, POST /v1/completions (streamed as server-sent events ending in
 `data: [DONE]`, or whole; response_format json_object / json_schema enforced by a grammar;
@@ -14,10 +19,19 @@ L2-normalised, from a second context made on first use), GET /v1/models, GET /he
 Errors use OpenAI's error shape {"error": {"message", "type", "param", "code"}}. With an API key,
 every route but /health needs `Authorization: Bearer KEY`.
 
-Design. One scheduler thread owns the llama.cpp context. Every step it builds one llama_batch that
-holds the next token of every generating sequence plus prompt chunks of newly admitted requests,
-calls llama_decode once, and samples each sequence that produced logits with that sequence's own
-sampler chain at its index in the batch. Text pieces go through the engine's _TextAssembler (UTF-8
+Models. A request's "model" picks one of the pool's models (ModelPool). A model is loaded by its
+first request, on that request's thread (requests for it wait; the others go on), and gets its own
+Scheduler and Embedder; it is unloaded `keep_alive` seconds after its last request. Each model's
+memory is estimated before loading (file + KV cache + compute buffers, MemoryEstimate); a load that
+would pass the budget unloads idle models, least recently used first, or is refused (503 while the
+others are busy, 400 if the model alone is larger than the budget). A file that fails to load is a
+500 for the requests that asked for it, and nothing else.
+
+Design. Each model's scheduler thread owns its llama.cpp context. Every step it builds one
+llama_batch that holds the next token of every generating sequence plus prompt chunks of newly
+admitted requests, in ascending sequence order (see Scheduler._step), calls llama_decode once, and
+samples each sequence that produced logits with that sequence's own sampler chain at its index in
+the batch. Text pieces go through the engine's _TextAssembler (UTF-8
 joins, stop strings) and are handed to the HTTP handler threads through a queue per request. The
 HTTP side is the standard library's threading server: one thread per connection, which only parses,
 validates, tokenizes and then waits on its request's queue; it watches its socket, so a client that
@@ -35,9 +49,11 @@ from where the two differ.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import json
 import math
+import os
 import queue
 import re
 import select
@@ -45,9 +61,10 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from slim.runtime import engine
@@ -58,11 +75,14 @@ from slim.runtime.engine import (
     sampler_chain,
     _TextAssembler,
 )
+from slim.runtime.gguf_file import check_gguf
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_STOPS = 4
 MAX_TOP_LOGPROBS = 20
 _POLL_S = 0.1
+# Prompt tokens a step takes beyond the oldest waiting prompt's chunk (see Scheduler._step)
+PROMPT_BUDGET = 40
 
 
 class APIError(Exception):
@@ -133,6 +153,9 @@ class Scheduler:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="slim-scheduler", daemon=True)
         self.steps = 0
+        # events of this step, handed to the HTTP threads as the next llama_decode starts: woken
+        # earlier, they take the GIL from the sampling loop (measured: 16% less time between steps)
+        self._outbox: list[tuple[Job, tuple]] = []
 
     def start(self) -> None:
         self._thread.start()
@@ -186,8 +209,11 @@ class Scheduler:
             except Exception as exc:  # never let the scheduler die: fail what is running
                 for job in list(self._active):
                     self._finish(job, error=APIError(500, f"internal error: {exc}", "server_error"))
+            if not self._active:
+                self._deliver()
         for job in list(self._active):
             self._finish(job, error=APIError(503, "the server is shutting down", "server_error"))
+        self._deliver()
         with self._cond:
             pending, self._pending = list(self._pending), collections.deque()
         for job in pending:
@@ -195,7 +221,9 @@ class Scheduler:
 
     def _admit(self, job: Job) -> None:
         model = self.model
-        best = max(self._free, key=lambda s: engine._common_prefix(s.tokens, job.prompt))
+        # the slot holding the longest prefix of the prompt; among equals the lowest sequence id,
+        # which keeps the running sequences consecutive (see _step)
+        best = max(self._free, key=lambda s: (engine._common_prefix(s.tokens, job.prompt), -s.seq_id))
         self._free.remove(best)
         keep = min(engine._common_prefix(best.tokens, job.prompt), len(job.prompt) - 1)
         model._truncate(best, keep)
@@ -226,12 +254,17 @@ class Scheduler:
             self._free.append(job.slot)
             job.slot = None
         if error is not None:
-            job.events.put(("error", error))
+            self._outbox.append((job, ("error", error)))
         elif reason is not None:
             tail = job.text.finish() if job.text is not None else ""
             if tail:
-                job.events.put(("piece", tail, None))
-            job.events.put(("done", reason, job.generated))
+                self._outbox.append((job, ("piece", tail, None)))
+            self._outbox.append((job, ("done", reason, job.generated)))
+
+    def _deliver(self) -> None:
+        for job, event in self._outbox:
+            job.events.put(event)
+        self._outbox.clear()
 
     def _step(self) -> None:
         L, model = self._L, self.model
@@ -240,29 +273,39 @@ class Scheduler:
         if not self._active:
             return
         batch = model._batch
+        # The next token of every generating sequence; the oldest waiting prompt, in chunks as large
+        # as the batch allows; then, within PROMPT_BUDGET tokens, whole prompts shortest first: a
+        # burst of short requests gets its first tokens over a few short steps rather than one long
+        # one (8 clients: p50 first token -30%, measured), and the oldest prompt never starves.
+        fed = [(job, [job.next_token]) for job in self._active if job.next_token is not None]
+        room = batch.capacity - len(fed)
+        prompting = [job for job in self._active if job.next_token is None and job.fed < len(job.prompt)]
+        if prompting and room > 0:
+            oldest = prompting[0]
+            fed.append((oldest, oldest.prompt[oldest.fed:oldest.fed + room]))
+            budget = min(room, PROMPT_BUDGET) - len(fed[-1][1])
+            for job in sorted(prompting[1:], key=lambda j: len(j.prompt) - j.fed):
+                if len(job.prompt) - job.fed > budget:
+                    break
+                fed.append((job, job.prompt[job.fed:]))
+                budget -= len(fed[-1][1])
+        if not fed:
+            return
+        # In ascending sequence order: with one KV stream per sequence, llama.cpp splits a batch
+        # into micro-batches of consecutive, increasing sequence ids, so any other order costs
+        # extra passes over the weights (8 sequences shuffled: +50% time per step, measured).
+        fed.sort(key=lambda entry: entry[0].slot.seq_id)
         batch.clear()
         sample_at: list[tuple[Job, int]] = []
-        fed: list[tuple[Job, list[int]]] = []
-        for job in self._active:
-            if job.next_token is not None:
-                sample_at.append((job, batch.n))
-                batch.add(job.next_token, len(job.slot.tokens), job.slot.seq_id, True)
-                fed.append((job, [job.next_token]))
-        for job in self._active:
-            room = batch.capacity - batch.n
-            if job.next_token is not None or job.fed >= len(job.prompt) or room <= 0:
-                continue
-            chunk = job.prompt[job.fed:job.fed + room]
+        for job, tokens in fed:
             pos = len(job.slot.tokens)
-            last = job.fed + len(chunk) == len(job.prompt)
-            for i, token in enumerate(chunk):
-                batch.add(token, pos + i, job.slot.seq_id, last and i == len(chunk) - 1)
+            last = job.next_token is not None or job.fed + len(tokens) == len(job.prompt)
+            for i, token in enumerate(tokens):
+                batch.add(token, pos + i, job.slot.seq_id, last and i == len(tokens) - 1)
             if last:
                 sample_at.append((job, batch.n - 1))
-            fed.append((job, chunk))
-        if batch.n == 0:
-            return
         batch.raw.n_tokens = batch.n
+        self._deliver()
         rc = L.llama_decode(model._ctx, batch.raw)
         self.steps += 1
         if rc != 0:
@@ -293,7 +336,7 @@ class Scheduler:
             logprobs = _token_logprobs(model, logits, token, data, job.top_logprobs)
         piece = job.text.push(data)
         if piece or logprobs is not None:
-            job.events.put(("piece", piece, logprobs))
+            self._outbox.append((job, ("piece", piece, logprobs)))
         if job.text.stopped:
             self._finish(job, "stop")
         elif job.generated >= job.max_tokens:
@@ -341,6 +384,10 @@ class Embedder:
         self._ctx = None
         self._batch: engine._Batch | None = None
         self._lock = threading.Lock()
+
+    @property
+    def is_open(self) -> bool:
+        return self._ctx is not None
 
     def _open(self) -> None:
         L, model = self.model._L, self.model
@@ -569,69 +616,92 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
     return content or None, calls
 
 
-class Server:
-    """The routes over one loaded model. `model_names` are the names requests may give in "model"
-    (the first is reported by /v1/models)."""
+# --------------------------------------------------------------------------------------------
+# One loaded model: its scheduler, its embedder, and requests turned into its jobs
+# --------------------------------------------------------------------------------------------
 
-    def __init__(self, model: engine.Model, model_names: Sequence[str], *, api_key: str | None = None,
-                 cors_origin: str | None = None, queue_size: int = 64, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What a loaded model costs: its file (the mapped weights), the KV cache of its context, and
+    llama.cpp's compute buffers, which the logits of one micro-batch dominate (n_ubatch x n_vocab
+    floats). tests/test_serve.py holds it to the buffer sizes llama.cpp reports (KV exact, compute
+    within 2%); the embeddings context is counted once it is open (Served.memory)."""
+
+    weights: int
+    kv_cache: int
+    compute: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.compute
+
+    def __str__(self) -> str:
+        return (f"{format_bytes(self.total)} (file {format_bytes(self.weights)} + KV cache "
+                f"{format_bytes(self.kv_cache)} + compute buffers {format_bytes(self.compute)})")
+
+
+FALLBACK_VOCAB = 256 * 1024  # a GGUF without {arch}.vocab_size: assume a large vocabulary
+
+
+def estimate_memory(path: Path, metadata: dict[str, Any], n_ctx: int, n_ubatch: int) -> MemoryEstimate:
+    """The memory a context of `n_ctx` tokens (all sequences) over this GGUF takes, from its
+    metadata: f16 K and V for every layer and cell, and 4 bytes x n_ubatch x (n_vocab + 2 n_embd)."""
+    arch = metadata.get("general.architecture", "")
+    get = lambda key, default: metadata.get(f"{arch}.{key}", default)  # noqa: E731
+    n_embd = int(get("embedding_length", 0))
+    n_head = int(get("attention.head_count", 1)) or 1
+    n_head_kv = int(get("attention.head_count_kv", n_head))
+    head_k = int(get("attention.key_length", n_embd // n_head))
+    head_v = int(get("attention.value_length", n_embd // n_head))
+    cells = -(-n_ctx // 256) * 256  # llama.cpp pads the cache to 256 cells
+    kv_cache = int(get("block_count", 0)) * cells * n_head_kv * (head_k + head_v) * 2
+    compute = 4 * n_ubatch * (int(get("vocab_size", FALLBACK_VOCAB)) + 2 * n_embd)
+    return MemoryEstimate(path.stat().st_size, kv_cache, compute)
+
+
+def format_bytes(n: int) -> str:
+    """1.50 GiB, 92 MiB: how sizes read in messages."""
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.0f} MiB"
+
+
+class Served:
+    """A loaded model with its own Scheduler (continuous batching over its sequences) and Embedder,
+    and what turns requests for it into jobs (tokenizing and chat templates need the model).
+    `users` counts the requests using it; the pool unloads it only when that is zero."""
+
+    def __init__(self, model_id: str, model: engine.Model, memory: MemoryEstimate, *, queue_size: int = 64,
+                 owns_model: bool = True) -> None:
+        self.id = model_id
         self.model = model
-        self.model_names = list(dict.fromkeys(model_names))
-        self.model_id = self.model_names[0]
-        self.api_key = api_key
-        self.cors_origin = cors_origin
-        self.max_body_bytes = max_body_bytes
-        self.created = int(time.time())
+        self._memory = memory
+        self.owns_model = owns_model
         self.scheduler = Scheduler(model, queue_size)
         self.embedder = Embedder(model, min(model.n_ctx, 2048))
         template = model.chat_template if model.has_chat_template else ""
         self.supports_tools = "tools" in template  # the template renders a tools list
         self.tagged_tool_calls = "<tool_call>" in template
         self._tools_template: Any = None
-        self.httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    # ---- lifetime --------------------------------------------------------------------------
-
-    def bind(self, host: str = "127.0.0.1", port: int = 8080) -> tuple[str, int]:
-        handler = type("Handler", (_Handler,), {"app": self})
-        self.httpd = _HTTPServer((host, port), handler)
+        self.users = 0
+        self.last_used = time.monotonic()
         self.scheduler.start()
-        return self.httpd.server_address[:2]
 
-    def serve(self, host: str = "127.0.0.1", port: int = 8080) -> None:
-        """Bind and serve until shutdown() or KeyboardInterrupt."""
-        if self.httpd is None:
-            self.bind(host, port)
-        try:
-            self.httpd.serve_forever(poll_interval=0.2)
-        finally:
-            self.scheduler.stop()
-            self.httpd.server_close()
+    @property
+    def memory(self) -> MemoryEstimate:
+        """The estimate for the generation context, plus the embeddings context once it is open."""
+        if not self.embedder.is_open:
+            return self._memory
+        extra = estimate_memory(self.model.path, self.model.metadata, self.embedder.n_ctx, self.embedder.n_ctx)
+        return MemoryEstimate(self._memory.weights, self._memory.kv_cache + extra.kv_cache,
+                              self._memory.compute + extra.compute)
 
-    def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
-        """Serve on a background thread; returns the bound address."""
-        address = self.bind(host, port)
-        self._thread = threading.Thread(target=self.serve, name="slim-http", daemon=True)
-        self._thread.start()
-        return address
-
-    def shutdown(self) -> None:
-        if self.httpd is not None:
-            self.httpd.shutdown()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+    def close(self) -> None:
+        """Stop the scheduler (failing what still runs), free the embedder, and the model if it is ours."""
+        self.scheduler.stop()
         self.embedder.close()
+        if self.owns_model:
+            self.model.close()
 
     # ---- requests into jobs ------------------------------------------------------------------
-
-    def check_model(self, body: dict[str, Any]) -> None:
-        name = body.get("model")
-        if not isinstance(name, str):
-            raise _bad("'model' is required and must be a string", "model", "invalid_type")
-        if name not in self.model_names:
-            raise APIError(404, f"The model '{name}' does not exist; this server serves {', '.join(self.model_names)}",
-                           param="model", code="model_not_found")
 
     def make_job(self, body: dict[str, Any], prompt: list[int], stops: tuple[str, ...]) -> Job:
         _integer(body, "n", 1, 1)  # one choice per request
@@ -671,7 +741,6 @@ class Server:
             stop=stops, grammar=_grammar(body), top_logprobs=top_logprobs)
 
     def chat_job(self, body: dict[str, Any]) -> Job:
-        self.check_model(body)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise _bad("'messages' must be a non-empty list", "messages", "invalid_type")
@@ -680,7 +749,7 @@ class Server:
         tools, forced = None, None
         if body.get("tools") is not None and body.get("tool_choice") != "none":
             if not self.supports_tools:
-                raise _bad(f"the chat template of {self.model_id} does not support tools", "tools",
+                raise _bad(f"the chat template of {self.id} does not support tools", "tools",
                            "unsupported_parameter")
             tools, forced = _check_tools(body["tools"], body.get("tool_choice"))
         checked = [_message_content(m, i) for i, m in enumerate(messages)]
@@ -715,7 +784,6 @@ class Server:
             raise TemplateError(f"the chat template failed to render: {exc.__class__.__name__}: {exc}") from None
 
     def completion_job(self, body: dict[str, Any]) -> Job:
-        self.check_model(body)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
@@ -732,33 +800,361 @@ class Server:
             raise _bad("'echo', 'suffix' and 'best_of' are not supported", "echo", "unsupported_parameter")
         return self.make_job(body, tokens, _stops(body))
 
+    def embedding_inputs(self, body: dict[str, Any]) -> list[list[int]]:
+        value = body.get("input")
+        if isinstance(value, str) or (isinstance(value, list) and value and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in value)):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            raise _bad("'input' must be a string, a list of strings, or token ids", "input", "invalid_type")
+        if len(value) > 256:
+            raise _bad("'input' may hold at most 256 items", "input")
+        inputs = []
+        for i, item in enumerate(value):
+            if isinstance(item, str):
+                tokens = self.model.tokenize(item)
+            elif isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
+                if not all(0 <= t < self.model.n_vocab for t in item):
+                    raise _bad(f"input[{i}] holds token ids outside the vocabulary", "input")
+                tokens = list(item)
+            else:
+                raise _bad(f"input[{i}] must be a string or a list of token ids", "input", "invalid_type")
+            if not tokens:
+                raise _bad(f"input[{i}] is empty", "input")
+            if len(tokens) > self.embedder.n_ctx:
+                raise APIError(400, f"input[{i}] is {len(tokens)} tokens; at most {self.embedder.n_ctx} can be "
+                               "embedded", param="input", code="context_length_exceeded")
+            inputs.append(tokens)
+        return inputs
 
-def _embedding_inputs(app: Server, body: dict[str, Any]) -> list[list[int]]:
-    value = body.get("input")
-    if isinstance(value, str) or (isinstance(value, list) and value and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in value)):
-        value = [value]
-    if not isinstance(value, list) or not value:
-        raise _bad("'input' must be a string, a list of strings, or token ids", "input", "invalid_type")
-    if len(value) > 256:
-        raise _bad("'input' may hold at most 256 items", "input")
-    inputs = []
-    for i, item in enumerate(value):
-        if isinstance(item, str):
-            tokens = app.model.tokenize(item)
-        elif isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
-            if not all(0 <= t < app.model.n_vocab for t in item):
-                raise _bad(f"input[{i}] holds token ids outside the vocabulary", "input")
-            tokens = list(item)
-        else:
-            raise _bad(f"input[{i}] must be a string or a list of token ids", "input", "invalid_type")
-        if not tokens:
-            raise _bad(f"input[{i}] is empty", "input")
-        if len(tokens) > app.embedder.n_ctx:
-            raise APIError(400, f"input[{i}] is {len(tokens)} tokens; at most {app.embedder.n_ctx} can be embedded",
-                           param="input", code="context_length_exceeded")
-        inputs.append(tokens)
-    return inputs
+
+# --------------------------------------------------------------------------------------------
+# Models on demand, within a memory budget
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelSpec:
+    """A model the server can serve: the names a request may give for it (the first is its id),
+    its GGUF, and whether it stays loaded while idle (the preloaded default model)."""
+
+    names: list[str]
+    path: Path
+    keep_loaded: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.names[0]
+
+
+def ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def default_memory_budget() -> int:
+    """Three quarters of the machine's RAM: room for the models, with some left for everything else."""
+    return int(0.75 * ram_bytes())
+
+
+# llama.cpp crashes when two threads load models at once (seen here): loads take turns
+_LOAD_LOCK = threading.Lock()
+
+
+@dataclass
+class _Loading:
+    memory: MemoryEstimate
+    error: APIError | None = None
+
+
+class ModelPool:
+    """The models a server can serve. A model is loaded by its first request (later requests for it
+    wait; requests for loaded models go on), stays loaded while requests use it, and is unloaded
+    `keep_alive` seconds after its last one ends (0: at once; negative: never). A load that would
+    take the estimated memory of the loaded models past `memory_budget` first unloads idle models,
+    least recently used first; if that is not enough it is refused with 503 (400 when the model
+    alone is larger than the budget). `parallel`, `ctx` (tokens per sequence; default the model's
+    context, at most engine.DEFAULT_MAX_CTX) and `load_options` (n_threads, n_batch: engine.load's)
+    apply to every model. `discover` returns the current specs (the store), asked again for a
+    name the pool does not know and for the listing."""
+
+    def __init__(self, specs: Sequence[ModelSpec], *, parallel: int = 4, ctx: int | None = None,
+                 memory_budget: int | None = None, keep_alive: float = 300.0, queue_size: int = 64,
+                 discover: Callable[[], Sequence[ModelSpec]] | None = None, **load_options: Any) -> None:
+        self.parallel, self.ctx, self.keep_alive, self.queue_size = parallel, ctx, keep_alive, queue_size
+        self.memory_budget = default_memory_budget() if memory_budget is None else memory_budget
+        self.load_options = load_options
+        self._discover = discover
+        self._specs: dict[str, ModelSpec] = {}
+        self._names: dict[str, ModelSpec] = {}
+        self._loaded: dict[str, Served] = {}
+        self._loading: dict[str, _Loading] = {}
+        self._estimates: dict[tuple[str, int], MemoryEstimate] = {}
+        self._cond = threading.Condition()
+        self._closed = False
+        self._add(specs)
+        self._reaper = None
+        if keep_alive >= 0:
+            self._reaper = threading.Thread(target=self._reap, name="slim-keep-alive", daemon=True)
+            self._reaper.start()
+
+    @classmethod
+    def of(cls, model: engine.Model, names: Sequence[str], *, queue_size: int = 64) -> "ModelPool":
+        """A pool of one model the caller loaded (and closes): always loaded, never unloaded."""
+        spec = ModelSpec(list(dict.fromkeys(names)), model.path, keep_loaded=True)
+        pool = cls([spec], parallel=len(model._slots), keep_alive=-1, queue_size=queue_size)
+        memory = estimate_memory(model.path, model.metadata, int(model._L.llama_n_ctx(model._ctx)), model.n_batch)
+        pool._loaded[spec.id] = Served(spec.id, model, memory, queue_size=queue_size, owns_model=False)
+        return pool
+
+    # ---- names -----------------------------------------------------------------------------
+
+    def _add(self, specs: Sequence[ModelSpec]) -> None:
+        for spec in specs:
+            if spec.id in self._specs:
+                continue
+            self._specs[spec.id] = spec
+            for name in spec.names:
+                self._names.setdefault(name, spec)
+
+    def _refresh(self) -> None:
+        if self._discover is None:
+            return
+        try:
+            specs = self._discover()
+        except ValueError:  # a damaged store index: serve what is known
+            return
+        with self._cond:
+            self._add(specs)
+
+    def spec(self, name: str) -> ModelSpec:
+        """The model a request's "model" names; 404 in OpenAI's shape if none."""
+        spec = self._names.get(name)
+        if spec is None:
+            self._refresh()
+            spec = self._names.get(name)
+        if spec is None:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves "
+                           f"{', '.join(self._specs) or 'no models'}", param="model", code="model_not_found")
+        return spec
+
+    # ---- using a model ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def use(self, name: str) -> Iterator[Served]:
+        served = self.acquire(name)
+        try:
+            yield served
+        finally:
+            self.release(served)
+
+    def acquire(self, name: str) -> Served:
+        """The loaded model `name`, loading it first if need be; release() it when done."""
+        spec = self.spec(name)
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise APIError(503, "the server is shutting down", "server_error", code="unavailable")
+                served = self._loaded.get(spec.id)
+                if served is not None:
+                    served.users += 1
+                    return served
+                loading = self._loading.get(spec.id)
+                if loading is None:
+                    break
+                while self._loading.get(spec.id) is loading:
+                    self._cond.wait()
+                if loading.error is not None:
+                    raise loading.error
+            memory = self._estimate(spec)
+            self._make_room(spec, memory)
+            loading = self._loading[spec.id] = _Loading(memory)
+        served = None
+        try:
+            served = self._load(spec, memory)
+        except APIError as error:
+            loading.error = error
+            raise
+        except BaseException:
+            loading.error = APIError(500, f"loading the model '{spec.id}' was interrupted", "server_error",
+                                     param="model", code="model_load_failed")
+            raise
+        finally:
+            with self._cond:
+                del self._loading[spec.id]
+                if served is not None:
+                    served.users += 1
+                    self._loaded[spec.id] = served
+                self._cond.notify_all()
+        return served
+
+    def release(self, served: Served) -> None:
+        with self._cond:
+            served.users -= 1
+            served.last_used = time.monotonic()
+            self._cond.notify_all()  # the keep-alive clock starts
+
+    def _estimate(self, spec: ModelSpec) -> MemoryEstimate:
+        try:
+            key = (str(spec.path), spec.path.stat().st_mtime_ns)
+            if key not in self._estimates:
+                metadata = check_gguf(spec.path)
+                n_ctx = self._context(metadata) * self.parallel
+                n_batch = self.load_options.get("n_batch", 512)  # engine.load's default
+                n_ubatch = min(self.load_options.get("n_ubatch") or n_batch, n_batch)
+                self._estimates[key] = estimate_memory(spec.path, metadata, n_ctx, n_ubatch)
+            return self._estimates[key]
+        except (OSError, ValueError) as exc:
+            raise self._load_error(spec, exc) from None
+
+    def _context(self, metadata: dict[str, Any]) -> int:
+        """Tokens per sequence: --ctx, else the model's trained context up to DEFAULT_MAX_CTX."""
+        if self.ctx is not None:
+            return self.ctx
+        trained = metadata.get(f"{metadata.get('general.architecture', '')}.context_length")
+        return min(int(trained), engine.DEFAULT_MAX_CTX) if trained else engine.DEFAULT_MAX_CTX
+
+    def _used(self) -> int:
+        return (sum(s.memory.total for s in self._loaded.values())
+                + sum(loading.memory.total for loading in self._loading.values()))
+
+    def _make_room(self, spec: ModelSpec, memory: MemoryEstimate) -> None:
+        """Unload idle models, least recently used first, until `memory` fits in the budget."""
+        if memory.total > self.memory_budget:
+            raise APIError(400, f"the model '{spec.id}' needs about {memory}, more than the whole memory budget "
+                           f"of {format_bytes(self.memory_budget)} (--memory-budget)", param="model",
+                           code="model_too_large")
+        while self._used() + memory.total > self.memory_budget:
+            idle = [s for s in self._loaded.values() if s.users == 0 and s.owns_model]
+            if not idle:
+                busy = ", ".join(f"{s.id} ({format_bytes(s.memory.total)})" for s in self._loaded.values())
+                raise APIError(503, f"the model '{spec.id}' needs about {format_bytes(memory.total)}, which does "
+                               f"not fit in the memory budget of {format_bytes(self.memory_budget)} next to the "
+                               f"models in use ({busy}); retry when they are idle", "server_error",
+                               code="model_busy", headers={"Retry-After": "5"})
+            self._unload(min(idle, key=lambda s: s.last_used))
+
+    def _load(self, spec: ModelSpec, memory: MemoryEstimate) -> Served:
+        try:
+            n_ctx = self._context(check_gguf(spec.path))
+            with _LOAD_LOCK:
+                model = engine.load(spec.path, n_ctx=n_ctx * self.parallel, n_seq_max=self.parallel,
+                                    **self.load_options)
+        except (OSError, ValueError, engine.EngineError) as exc:
+            raise self._load_error(spec, exc) from None
+        return Served(spec.id, model, memory, queue_size=self.queue_size)
+
+    @staticmethod
+    def _load_error(spec: ModelSpec, exc: Exception) -> APIError:
+        return APIError(500, f"the model '{spec.id}' could not be loaded: {exc}", "server_error", param="model",
+                        code="model_load_failed")
+
+    def _unload(self, served: Served) -> None:
+        del self._loaded[served.id]
+        served.close()
+
+    def _reap(self) -> None:
+        """Unload the models idle for keep_alive seconds; sleep until the next one is due."""
+        with self._cond:
+            while not self._closed:
+                now = time.monotonic()
+                idle = [s for s in self._loaded.values()
+                        if s.users == 0 and s.owns_model and not self._specs[s.id].keep_loaded]
+                for served in idle:
+                    if now - served.last_used >= self.keep_alive:
+                        self._unload(served)
+                due = [s.last_used + self.keep_alive - now for s in idle if s.id in self._loaded]
+                self._cond.wait(timeout=max(0.01, min(due)) if due else None)
+
+    def close(self) -> None:
+        """Stop every scheduler and free every model the pool loaded."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._reaper is not None:
+            self._reaper.join(timeout=30)
+        with self._cond:
+            while self._loading:  # a load under way finishes first, then goes with the rest
+                self._cond.wait()
+            for served in list(self._loaded.values()):
+                self._unload(served)
+
+    # ---- what is served -----------------------------------------------------------------------
+
+    def state(self, spec: ModelSpec) -> str:
+        return "loaded" if spec.id in self._loaded else "loading" if spec.id in self._loading else "unloaded"
+
+    def listing(self) -> list[ModelSpec]:
+        self._refresh()
+        with self._cond:
+            return list(self._specs.values())
+
+    def health(self) -> dict[str, Any]:
+        """Load per loaded model and in all, and the memory the loaded models are estimated to use."""
+        with self._cond:
+            models = {s.id: {"state": "loaded", **s.scheduler.load(), "memory_bytes": s.memory.total}
+                      for s in self._loaded.values()}
+            models.update({name: {"state": "loading", "memory_bytes": loading.memory.total}
+                           for name, loading in self._loading.items()})
+            used = self._used()
+        return {"running": sum(m.get("running", 0) for m in models.values()),
+                "waiting": sum(m.get("waiting", 0) for m in models.values()),
+                "parallel": self.parallel, "memory_budget_bytes": self.memory_budget, "memory_used_bytes": used,
+                "models": models}
+
+
+class Server:
+    """The HTTP routes over a ModelPool (or over one model the caller loaded: `Server(model, names)`,
+    where `model_names` are the names requests may give in "model", the first its id)."""
+
+    def __init__(self, models: ModelPool | engine.Model, model_names: Sequence[str] = (), *,
+                 api_key: str | None = None, cors_origin: str | None = None, queue_size: int = 64,
+                 max_body_bytes: int = MAX_BODY_BYTES) -> None:
+        self.pool = models if isinstance(models, ModelPool) else ModelPool.of(models, model_names,
+                                                                               queue_size=queue_size)
+        self.api_key = api_key
+        self.cors_origin = cors_origin
+        self.max_body_bytes = max_body_bytes
+        self.httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def bind(self, host: str = "127.0.0.1", port: int = 8080) -> tuple[str, int]:
+        handler = type("Handler", (_Handler,), {"app": self})
+        self.httpd = _HTTPServer((host, port), handler)
+        return self.httpd.server_address[:2]
+
+    def serve(self, host: str = "127.0.0.1", port: int = 8080) -> None:
+        """Bind and serve until shutdown() or KeyboardInterrupt."""
+        if self.httpd is None:
+            self.bind(host, port)
+        try:
+            self.httpd.serve_forever(poll_interval=0.2)
+        finally:
+            self.pool.close()
+            self.httpd.server_close()
+
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        """Serve on a background thread; returns the bound address."""
+        address = self.bind(host, port)
+        self._thread = threading.Thread(target=self.serve, name="slim-http", daemon=True)
+        self._thread.start()
+        return address
+
+    def shutdown(self) -> None:
+        if self.httpd is not None:
+            self.httpd.shutdown()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def model_entry(self, spec: ModelSpec) -> dict[str, Any]:
+        """OpenAI's model object, plus `state` (loaded, loading or unloaded) and the other names."""
+        return {"id": spec.id, "object": "model", "created": int(spec.path.stat().st_mtime) if spec.path.exists()
+                else 0, "owned_by": "slim", "state": self.pool.state(spec), "aliases": spec.names[1:]}
+
+
+def _model_name(body: dict[str, Any]) -> str:
+    name = body.get("model")
+    if not isinstance(name, str):
+        raise _bad("'model' is required and must be a string", "model", "invalid_type")
+    return name
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -782,6 +1178,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "slim"
     sys_version = ""
+    disable_nagle_algorithm = True  # each streamed token goes out at once, not after the last one's ACK
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet: no per-request log lines
         pass
@@ -863,22 +1260,19 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         route = self._route()
         if route == "/health":
-            self._json(200, {"status": "ok", **self.app.scheduler.load()})
+            self._json(200, {"status": "ok", **self.app.pool.health()})
             return
         if not self._authorized():
             self._error(APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
                                  "authentication_error", code="invalid_api_key"))
             return
         if route == "/v1/models":
-            self._json(200, {"object": "list", "data": [
-                {"id": name, "object": "model", "created": self.app.created, "owned_by": "slim"}
-                for name in self.app.model_names]})
+            self._json(200, {"object": "list", "data": [self.app.model_entry(s) for s in self.app.pool.listing()]})
         elif route.startswith("/v1/models/"):
-            name = route[len("/v1/models/"):]
-            if name in self.app.model_names:
-                self._json(200, {"id": name, "object": "model", "created": self.app.created, "owned_by": "slim"})
-            else:
-                self._error(APIError(404, f"The model '{name}' does not exist", code="model_not_found"))
+            try:
+                self._json(200, self.app.model_entry(self.app.pool.spec(route[len("/v1/models/"):])))
+            except APIError as error:
+                self._error(error)
         else:
             self._error(APIError(404, f"no route GET {route}", code="not_found"))
 
@@ -893,18 +1287,33 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 raise APIError(404, f"no route POST {route}", code="not_found")
             body = self._read_body()
+            served = self.app.pool.acquire(_model_name(body))  # loads the model if need be
+        except APIError as error:
+            self._error(error)
+            return
+        except Exception as exc:  # a bug must not cost the client its answer
+            self.close_connection = True
+            self._error(APIError(500, f"internal error: {exc.__class__.__name__}: {exc}", "server_error"))
+            return
+        try:
+            self._answer(served, route, body)
+        finally:
+            self.app.pool.release(served)
+
+    def _answer(self, served: Served, route: str, body: dict[str, Any]) -> None:
+        try:
             if route == "/v1/embeddings":
-                self._embeddings(body)
+                self._embeddings(served, body)
                 return
             chat = route == "/v1/chat/completions"
-            job = self.app.chat_job(body) if chat else self.app.completion_job(body)
+            job = served.chat_job(body) if chat else served.completion_job(body)
             stream = body.get("stream", False)
             if not isinstance(stream, bool):
                 raise _bad("'stream' must be a boolean", "stream", "invalid_type")
             options = body.get("stream_options") or {}
             if not isinstance(options, dict):
                 raise _bad("'stream_options' must be an object", "stream_options", "invalid_type")
-            self.app.scheduler.submit(job)
+            served.scheduler.submit(job)
         except APIError as error:
             self._error(error)
             return
@@ -914,9 +1323,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             if stream:
-                self._stream(job, chat, bool(options.get("include_usage")))
+                self._stream(job, served.id, chat, bool(options.get("include_usage")))
             else:
-                self._whole(job, chat)
+                self._whole(job, served.id, chat)
         except (BrokenPipeError, ConnectionError, TimeoutError, OSError):
             self.close_connection = True
         finally:
@@ -924,25 +1333,24 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ---- answers ----------------------------------------------------------------------------
 
-    def _embeddings(self, body: dict[str, Any]) -> None:
+    def _embeddings(self, served: Served, body: dict[str, Any]) -> None:
         import base64
         import struct
 
-        self.app.check_model(body)
         encoding = body.get("encoding_format", "float")
         if encoding not in ("float", "base64"):
             raise _bad("'encoding_format' must be 'float' or 'base64'", "encoding_format")
         if body.get("dimensions") is not None:
             raise _bad("'dimensions' is not supported", "dimensions", "unsupported_parameter")
-        inputs = _embedding_inputs(self.app, body)
+        inputs = served.embedding_inputs(body)
         data = []
         for i, tokens in enumerate(inputs):
-            vector = self.app.embedder.embed(tokens)
+            vector = served.embedder.embed(tokens)
             if encoding == "base64":
                 vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
             data.append({"object": "embedding", "index": i, "embedding": vector})
         n = sum(len(t) for t in inputs)
-        self._json(200, {"object": "list", "data": data, "model": self.app.model_id,
+        self._json(200, {"object": "list", "data": data, "model": served.id,
                          "usage": {"prompt_tokens": n, "total_tokens": n}})
 
     def _events(self, job: Job):
@@ -969,7 +1377,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "total_tokens": len(job.prompt) + completion_tokens,
                 "prompt_tokens_details": {"cached_tokens": job.cached_tokens}}
 
-    def _whole(self, job: Job, chat: bool) -> None:
+    def _whole(self, job: Job, model_id: str, chat: bool) -> None:
         pieces, logprobs = [], []
         for event in self._events(job):
             if event[0] == "piece":
@@ -996,17 +1404,17 @@ class _Handler(BaseHTTPRequestHandler):
             choice = {"index": 0, "text": text, "logprobs": _completion_logprobs(logprobs)
                       if job.top_logprobs is not None else None, "finish_reason": reason}
         self._json(200, {"id": rid, "object": "chat.completion" if chat else "text_completion",
-                         "created": int(time.time()), "model": self.app.model_id, "system_fingerprint": "slim",
+                         "created": int(time.time()), "model": model_id, "system_fingerprint": "slim",
                          "choices": [choice], "usage": self._usage(job, n)})
 
-    def _stream(self, job: Job, chat: bool, include_usage: bool) -> None:
+    def _stream(self, job: Job, model_id: str, chat: bool, include_usage: bool) -> None:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         started = False
 
         def send(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> None:
             chunk = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                     "created": created, "model": self.app.model_id, "system_fingerprint": "slim", "choices": choices}
+                     "created": created, "model": model_id, "system_fingerprint": "slim", "choices": choices}
             if include_usage:
                 chunk["usage"] = usage
             self.wfile.write(b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n")

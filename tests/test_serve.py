@@ -22,7 +22,10 @@ import pytest
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
+from helpers import make_llama_checkpoint
 from slim.runtime import engine, server
+from slim.runtime.convert import convert
+from slim.runtime.gguf_file import check_gguf
 
 KEY = "test-key"
 MODEL = "smollm2-135m"
@@ -39,6 +42,13 @@ def app(smollm2_gguf: Path):
     yield srv
     srv.shutdown()
     model.close()
+
+
+@pytest.fixture(scope="module")
+def served(app):
+    """The model behind `app`, with its scheduler and embedder."""
+    with app.pool.use(MODEL) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -77,19 +87,21 @@ def _greedy_chat(client, prompt: str, max_tokens: int = 12) -> str:
 
 # ---- the API --------------------------------------------------------------------------------
 
-def test_health_and_models(app, client) -> None:
-    assert httpx.get(app.base + "/health").json()["parallel"] == PARALLEL
-    ids = [m.id for m in client.models.list().data]
-    assert ids[0] == MODEL and len(ids) == 2
+def test_health_and_models(app, client, smollm2_gguf: Path) -> None:
+    health = httpx.get(app.base + "/health").json()
+    assert health["parallel"] == PARALLEL and health["models"][MODEL]["state"] == "loaded"
+    (entry,) = client.models.list().data  # one entry per model; its file name is an alias
+    assert entry.id == MODEL and entry.state == "loaded" and entry.aliases == [smollm2_gguf.name]
+    assert client.models.retrieve(smollm2_gguf.name).id == MODEL
 
 
-def test_chat_completion_and_usage(app, client) -> None:
+def test_chat_completion_and_usage(app, client, served, smollm2_gguf) -> None:
     reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is 2+2?"}],
                                            max_tokens=8, temperature=0)
     choice = reply.choices[0]
     assert choice.message.role == "assistant" and choice.message.content
     assert choice.finish_reason in ("stop", "length")
-    prompt_tokens = len(app.model.tokenize(app.model.render_chat([{"role": "user", "content": "What is 2+2?"}])))
+    prompt_tokens = len(served.model.tokenize(served.model.render_chat([{"role": "user", "content": "What is 2+2?"}])))
     assert reply.usage.prompt_tokens == prompt_tokens
     assert reply.usage.total_tokens == prompt_tokens + reply.usage.completion_tokens
     if choice.finish_reason == "length":
@@ -99,7 +111,7 @@ def test_chat_completion_and_usage(app, client) -> None:
                                            max_completion_tokens=3, temperature=0)
     assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
     # the model's file name selects it too
-    assert client.chat.completions.create(model=app.model_names[1], messages=[{"role": "user", "content": "Hi"}],
+    assert client.chat.completions.create(model=smollm2_gguf.name, messages=[{"role": "user", "content": "Hi"}],
                                           max_tokens=2).usage.completion_tokens >= 1
 
 
@@ -164,7 +176,7 @@ def test_seed_and_penalties(client) -> None:
     assert penalised.choices[0].text != plain.choices[0].text
 
 
-def test_concurrent_streaming_clients_match_serial(app, client) -> None:
+def test_concurrent_streaming_clients_match_serial(app, client, served) -> None:
     """16 streaming clients at once (4 decoding together, the rest queued): each greedy answer is
     the one the same prompt gets when served alone."""
     prompts = [f"Write the number {i} in words, then name a {'colour' if i % 2 else 'country'}." for i in range(16)]
@@ -183,7 +195,7 @@ def test_concurrent_streaming_clients_match_serial(app, client) -> None:
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(p,)) for p in prompts]
-    steps = app.scheduler.steps
+    steps = served.scheduler.steps
     for t in threads:
         t.start()
     for t in threads:
@@ -191,7 +203,43 @@ def test_concurrent_streaming_clients_match_serial(app, client) -> None:
     assert not errors, errors
     assert results == alone
     # they were decoded together: far fewer llama_decode calls than 16 requests served one by one
-    assert app.scheduler.steps - steps < 16 * 13 * 0.6
+    assert served.scheduler.steps - steps < 16 * 13 * 0.6
+
+
+def test_batches_go_in_ascending_sequence_order(client, served) -> None:
+    """llama.cpp evaluates a batch in one pass only while its sequence ids ascend one by one (with
+    a KV stream per sequence): requests running in the opposite order still reach it so."""
+    scheduler = served.scheduler
+    L = scheduler._L
+    batches: list[list[int]] = []
+
+    class Recording:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(L, name)
+
+        def llama_decode(self, ctx: Any, batch: Any) -> int:
+            batches.append([batch.seq_id[i][0] for i in range(batch.n_tokens)])
+            return L.llama_decode(ctx, batch)
+
+    def overlapping(first: str, second: str) -> None:
+        """`second` arrives while `first` is generating."""
+        stream = client.completions.create(model=MODEL, prompt=first, max_tokens=24, temperature=0, stream=True)
+        next(iter(stream))
+        client.completions.create(model=MODEL, prompt=second, max_tokens=6, temperature=0)
+        stream.close()
+
+    prompts = ["Zebras graze by the river", "Yaks climb the mountain"]
+    overlapping(*prompts)  # two sequences, each holding one prompt
+    held = {p: next(s.seq_id for s in served.model._slots if s.tokens[:3] == served.model.tokenize(p)[:3])
+            for p in prompts}
+    low, high = sorted(prompts, key=held.get)
+    scheduler._L = Recording()
+    try:  # each continuation goes back to its prompt's sequence: the higher one is running first
+        overlapping(high + " every day", low + " every day")
+    finally:
+        scheduler._L = L
+    assert any(seqs[:1] != seqs[-1:] for seqs in batches)
+    assert all(seqs == sorted(seqs) for seqs in batches)
 
 
 def test_long_prompts_fed_in_chunks_match_the_engine(smollm2_gguf: Path, client) -> None:
@@ -239,12 +287,12 @@ def test_malformed_json_and_wrong_types(app, client) -> None:
     _still_serving(app, client)
 
 
-def test_prompt_that_does_not_fit(app, client) -> None:
+def test_prompt_that_does_not_fit(app, client, served) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=MODEL, prompt="Hello there", max_tokens=5000)
     message = info.value.body["message"]
     assert info.value.body["code"] == "context_length_exceeded"
-    assert "5000" in message and str(app.model.n_ctx) in message
+    assert "5000" in message and str(served.model.n_ctx) in message
     _still_serving(app, client)
 
 
@@ -282,7 +330,7 @@ def test_api_key(app, client) -> None:
     _still_serving(app, client)
 
 
-def test_client_dropping_mid_stream_frees_its_sequence(app, client) -> None:
+def test_client_dropping_mid_stream_frees_its_sequence(app, client, served) -> None:
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 480, "temperature": 0, "stream": True}
     with httpx.stream("POST", app.base + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
                       timeout=60) as response:
@@ -292,26 +340,26 @@ def test_client_dropping_mid_stream_frees_its_sequence(app, client) -> None:
     load = _wait_idle(app, 10)
     assert load["running"] == 0 and load["waiting"] == 0
     # the sequence stopped early: its slot's KV cache holds nothing near the 480 tokens asked for
-    prompt = app.model.tokenize("Once upon a time")
-    held = [len(slot.tokens) for slot in app.model._slots if slot.tokens[:len(prompt)] == prompt]
+    prompt = served.model.tokenize("Once upon a time")
+    held = [len(slot.tokens) for slot in served.model._slots if slot.tokens[:len(prompt)] == prompt]
     assert held and max(held) < 200
     _still_serving(app, client)
 
 
-def test_client_giving_up_on_a_whole_reply_frees_its_sequence(app, client) -> None:
+def test_client_giving_up_on_a_whole_reply_frees_its_sequence(app, client, served) -> None:
     body = {"model": MODEL, "prompt": "It was a dark and stormy night", "max_tokens": 480, "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(app.base + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=1.0)
     load = _wait_idle(app, 10)
     assert load["running"] == 0 and load["waiting"] == 0
-    prompt = app.model.tokenize(body["prompt"])
-    held = [len(slot.tokens) for slot in app.model._slots if slot.tokens[:len(prompt)] == prompt]
+    prompt = served.model.tokenize(body["prompt"])
+    held = [len(slot.tokens) for slot in served.model._slots if slot.tokens[:len(prompt)] == prompt]
     assert held and max(held) < 200
     _still_serving(app, client)
 
 
-def test_overloaded_answers_503(app, client) -> None:
-    scheduler = app.scheduler
+def test_overloaded_answers_503(app, client, served) -> None:
+    scheduler = served.scheduler
     scheduler.queue_size = 0
     try:
         status, body, headers = _post(app, "/v1/completions", b'{"model": "smollm2-135m", "prompt": "hi"}')
@@ -376,13 +424,13 @@ def test_logprobs(client) -> None:
     assert len(completion.choices[0].logprobs.tokens) == 3
 
 
-def test_embeddings(app, client) -> None:
+def test_embeddings(app, client, served) -> None:
     texts = ["The cat sat on the mat.", "A kitten was sitting on the rug.", "Quarterly tax filings are due in April."]
     reply = client.embeddings.create(model=MODEL, input=texts)  # the client asks for base64
     vectors = [d.embedding for d in reply.data]
     assert [d.index for d in reply.data] == [0, 1, 2]
-    assert len(vectors[0]) == app.embedder.n_embd
-    assert reply.usage.prompt_tokens == sum(len(app.model.tokenize(t)) for t in texts)
+    assert len(vectors[0]) == served.embedder.n_embd
+    assert reply.usage.prompt_tokens == sum(len(served.model.tokenize(t)) for t in texts)
     dot = lambda a, b: sum(x * y for x, y in zip(a, b))
     assert abs(dot(vectors[0], vectors[0]) - 1) < 1e-4
     assert dot(vectors[0], vectors[1]) > dot(vectors[0], vectors[2])
@@ -498,3 +546,227 @@ def test_parse_tool_calls() -> None:
     assert content == "Sure." and calls[0]["function"] == {"name": "f", "arguments": '{"x": 1}'}
     assert server.parse_tool_calls('{"name": "g", "parameters": {}}')[1][0]["function"]["name"] == "g"
     assert server.parse_tool_calls("just text") == ("just text", [])
+
+
+# ---- several models, loaded on demand within a memory budget ----------------------------------------
+
+TINY = "tiny"
+POOL_OPTIONS = dict(parallel=2, ctx=256, n_threads=1, n_batch=64)
+
+
+@pytest.fixture(scope="module")
+def tiny_ggufs(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two small random-weight models with SmolLM2's tokenizer (different seeds, so different
+    answers), converted by slim to Q8_0."""
+    paths = []
+    for seed in (1, 2):
+        folder = tmp_path_factory.mktemp(f"tiny{seed}")
+        hf = make_llama_checkpoint(folder / "hf", smollm2_hf, hidden=64, n_layer=2, n_head=2, n_head_kv=1, ffn=128,
+                                   seed=seed)
+        convert(hf, folder / f"tiny{seed}.gguf", "Q8_0")
+        paths.append(folder / f"tiny{seed}.gguf")
+    return paths
+
+
+def _specs(smollm2_gguf: Path, tiny_ggufs: list[Path]) -> list[server.ModelSpec]:
+    return [server.ModelSpec([MODEL, smollm2_gguf.name], smollm2_gguf),
+            server.ModelSpec([TINY, tiny_ggufs[0].name], tiny_ggufs[0]),
+            server.ModelSpec([TINY + "2"], tiny_ggufs[1])]
+
+
+def _cost(path: Path) -> int:
+    return server.estimate_memory(path, check_gguf(path), POOL_OPTIONS["ctx"] * POOL_OPTIONS["parallel"],
+                                  POOL_OPTIONS["n_batch"]).total
+
+
+class _Running:
+    """A Server over a ModelPool on a free port, with an openai client."""
+
+    def __init__(self, specs: list[server.ModelSpec], **options: Any) -> None:
+        self.pool = server.ModelPool(specs, **{**POOL_OPTIONS, **options})
+        self.app = server.Server(self.pool)
+        host, port = self.app.start("127.0.0.1", 0)
+        self.base = f"http://{host}:{port}"
+        self.client = openai.OpenAI(base_url=self.base + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def states(self) -> dict[str, str]:
+        return {m.id: m.state for m in self.client.models.list().data}
+
+    def complete(self, model: str, prompt: str = "Once upon a time", max_tokens: int = 8) -> str:
+        reply = self.client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0)
+        assert reply.model == model
+        return reply.choices[0].text
+
+    def __enter__(self) -> "_Running":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.app.shutdown()
+
+
+def test_two_models_answer_interleaved_requests(smollm2_gguf: Path, tiny_ggufs: list[Path]) -> None:
+    """Both models start unloaded; concurrent requests for each load it once and get the answers
+    each model gives the same prompts one at a time."""
+    with _Running(_specs(smollm2_gguf, tiny_ggufs), keep_alive=-1) as running:
+        assert running.states() == {MODEL: "unloaded", TINY: "unloaded", TINY + "2": "unloaded"}
+        prompts = [f"Item {i}: the colour of the sky is" for i in range(4)]
+        jobs = [(model, p) for p in prompts for model in (MODEL, TINY)]
+        got: dict[tuple[str, str], str] = {}
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(len(jobs))
+
+        def worker(model: str, prompt: str) -> None:
+            try:
+                barrier.wait()
+                got[model, prompt] = running.complete(model, prompt)
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=job) for job in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        assert not errors, errors
+        assert running.states() == {MODEL: "loaded", TINY: "loaded", TINY + "2": "unloaded"}
+        alone = {job: running.complete(*job) for job in jobs}
+        assert got == alone
+        assert all(got[MODEL, p] != got[TINY, p] for p in prompts)  # each request reached its own model
+        # the file name is an alias; the reply names the model by its id
+        assert running.client.completions.create(model=tiny_ggufs[0].name, prompt="Hi", max_tokens=2).model == TINY
+        health = httpx.get(running.base + "/health").json()
+        assert set(health["models"]) == {MODEL, TINY} and health["parallel"] == 2
+        assert health["memory_used_bytes"] == _cost(smollm2_gguf) + _cost(tiny_ggufs[0])
+
+
+def test_idle_model_is_unloaded_after_keep_alive(smollm2_gguf: Path, tiny_ggufs: list[Path]) -> None:
+    with _Running(_specs(smollm2_gguf, tiny_ggufs), keep_alive=0.5) as running:
+        first = running.complete(TINY)
+        deadline = time.time() + 20
+        while running.states()[TINY] != "unloaded" and time.time() < deadline:
+            time.sleep(0.1)
+        assert running.states()[TINY] == "unloaded"
+        assert TINY not in httpx.get(running.base + "/health").json()["models"]
+        assert running.complete(TINY) == first  # loaded again on demand
+
+
+def test_memory_budget_unloads_the_least_recently_used(smollm2_gguf: Path, tiny_ggufs: list[Path]) -> None:
+    """Room for SmolLM2 and one tiny model: loading the second tiny model unloads the first,
+    which was used longer ago than SmolLM2."""
+    budget = _cost(smollm2_gguf) + _cost(tiny_ggufs[0]) + _cost(tiny_ggufs[1]) // 2
+    with _Running(_specs(smollm2_gguf, tiny_ggufs), keep_alive=-1, memory_budget=budget) as running:
+        running.complete(TINY)
+        answer = running.complete(MODEL)
+        assert running.states() == {MODEL: "loaded", TINY: "loaded", TINY + "2": "unloaded"}
+        running.complete(TINY + "2")
+        assert running.states() == {MODEL: "loaded", TINY: "unloaded", TINY + "2": "loaded"}
+        assert running.complete(MODEL) == answer
+        assert httpx.get(running.base + "/health").json()["memory_used_bytes"] <= budget
+
+
+def test_memory_budget_refusals(smollm2_gguf: Path, tiny_ggufs: list[Path]) -> None:
+    """A model that cannot fit next to one in use: 503 with Retry-After; one larger than the whole
+    budget: 400 with the numbers."""
+    budget = _cost(smollm2_gguf) + _cost(tiny_ggufs[0]) // 2
+    with _Running(_specs(smollm2_gguf, tiny_ggufs), keep_alive=-1, memory_budget=budget) as running:
+        with running.pool.use(TINY):  # a request in flight holds the tiny model
+            with pytest.raises(openai.InternalServerError) as info:
+                running.complete(MODEL)
+            assert info.value.status_code == 503 and info.value.response.headers["retry-after"] == "5"
+            assert info.value.body["code"] == "model_busy"
+        running.complete(MODEL)  # once the tiny model is idle, it gives way
+        assert running.states()[TINY] == "unloaded"
+    with _Running(_specs(smollm2_gguf, tiny_ggufs), keep_alive=-1, memory_budget=_cost(tiny_ggufs[0]) - 1) as running:
+        with pytest.raises(openai.BadRequestError) as info:
+            running.complete(TINY)
+        message = info.value.body["message"]
+        assert info.value.body["code"] == "model_too_large"
+        assert "memory budget" in message and "KV cache" in message and "MiB" in message
+        assert running.states()[TINY] == "unloaded"
+
+
+def test_model_that_fails_to_load(smollm2_gguf: Path, tiny_ggufs: list[Path], tmp_path: Path) -> None:
+    """A damaged file is a 500 in OpenAI's shape for its requests; the other models go on."""
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(tiny_ggufs[0].read_bytes()[:1_000_000])  # the header is whole, the tensors are not
+    specs = _specs(smollm2_gguf, tiny_ggufs) + [server.ModelSpec(["broken"], broken)]
+    with _Running(specs, keep_alive=-1) as running:
+        for _ in range(2):  # and again: a failed load leaves nothing behind
+            with pytest.raises(openai.InternalServerError) as info:
+                running.complete("broken")
+            assert info.value.status_code == 500
+            assert info.value.body["code"] == "model_load_failed" and "truncated" in info.value.body["message"]
+        assert running.states()["broken"] == "unloaded"
+        assert running.complete(TINY)
+        with pytest.raises(openai.NotFoundError):
+            running.complete("no-such-model")
+
+
+def test_slim_serve_several_models(smollm2_gguf: Path, tiny_ggufs: list[Path]) -> None:
+    process = subprocess.Popen([sys.executable, "-m", "slim.runtime.cli", "serve", str(smollm2_gguf),
+                                str(tiny_ggufs[0]), "--port", "0", "--parallel", "2", "--ctx", "256", "--threads", "1",
+                                "--keep-alive", "0", "--memory-budget", "1G"],
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        line = process.stderr.readline()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
+        assert match and "and 1 more on demand" in line and "memory budget 1.00 GiB" in line, line
+        local = openai.OpenAI(base_url=f"http://127.0.0.1:{match.group(1)}/v1", api_key="unused", max_retries=0,
+                              timeout=60)
+        assert {m.id: m.state for m in local.models.list().data} == {smollm2_gguf.name: "loaded",
+                                                                     tiny_ggufs[0].name: "unloaded"}
+        reply = local.completions.create(model=tiny_ggufs[0].stem, prompt="Hello", max_tokens=2)
+        assert reply.model == tiny_ggufs[0].name and reply.usage.completion_tokens >= 1
+        process.send_signal(signal.SIGINT)
+        assert process.wait(30) == 130
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+
+
+def test_slim_serve_bad_memory_budget(smollm2_gguf: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "slim.runtime.cli", "serve", str(smollm2_gguf),
+                             "--memory-budget", "lots"], check=False, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "'lots' is not a size" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "slim.runtime.cli", "serve", str(smollm2_gguf),
+                             "--memory-budget", "10M"], check=False, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "memory budget of 10 MiB" in result.stderr
+
+
+def test_store_models_are_served_by_name(tiny_ggufs: list[Path], tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """`slim serve` without MODEL serves the store: names as `slim list` shows them, and a model
+    pulled while the server runs is found at its first request."""
+    from slim.runtime import store
+    from slim.runtime.commands.serve import store_specs
+
+    monkeypatch.setenv("SLIM_HOME", str(tmp_path))
+    store.add("tiny-a", tiny_ggufs[0], "local")
+    with _Running(store_specs(), discover=store_specs, keep_alive=-1) as running:
+        assert running.states() == {"tiny-a": "unloaded"}
+        assert running.complete("tiny-a")
+        store.add("tiny-b", tiny_ggufs[1], "local")
+        assert running.client.completions.create(model=tiny_ggufs[1].name, prompt="Hi", max_tokens=2).model == "tiny-b"
+        assert running.states() == {"tiny-a": "loaded", "tiny-b": "loaded"}
+
+
+def test_memory_estimate_matches_llama_cpp(smollm2_gguf: Path, tiny_ggufs: list[Path]) -> None:
+    """The estimated KV cache and compute buffers are the sizes llama.cpp reports allocating."""
+    L = engine._llama()
+    lines: list[str] = []
+    capture = L.llama_log_callback(lambda level, text, user_data: lines.append(text.decode(errors="replace")))
+    L.llama_log_set(capture, None)
+    try:
+        for path in (smollm2_gguf, tiny_ggufs[0]):
+            lines.clear()
+            engine.load(path, n_ctx=512, n_seq_max=2, n_threads=1, n_batch=64).close()
+            log = "".join(lines)
+            kv_mib = float(re.search(r"KV buffer size = +([\d.]+) MiB", log).group(1))
+            compute_mib = float(re.search(r"compute buffer size = +([\d.]+) MiB", log).group(1))
+            estimate = server.estimate_memory(path, check_gguf(path), 512, 64)
+            assert estimate.kv_cache / 2 ** 20 == pytest.approx(kv_mib, abs=0.01)
+            assert estimate.compute / 2 ** 20 == pytest.approx(compute_mib, rel=0.02)
+            assert estimate.weights == path.stat().st_size
+    finally:
+        L.llama_log_set(engine._LOG_CALLBACK, None)

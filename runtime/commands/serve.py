@@ -1,85 +1,154 @@
-"""slim serve [MODEL]"""
+"""slim serve [MODEL]..."""
 
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from slim.runtime.cli import fail
-from slim.runtime.commands.options import load_model
+
+if TYPE_CHECKING:
+    from slim.runtime.server import ModelSpec
+
+
+def model_spec(name: str, path: Path, keep_loaded: bool = False) -> ModelSpec:
+    """A server.ModelSpec: a store name and its file name, or a path's file name and stem."""
+    from slim.runtime.server import ModelSpec
+
+    names = [name, path.name] if os.sep not in name and not name.endswith(".gguf") else [path.name, path.stem]
+    return ModelSpec(list(dict.fromkeys(names)), path, keep_loaded)
+
+
+def store_specs() -> list[ModelSpec]:
+    """Every model in the store whose file is there, as asked for again when a name is unknown."""
+    from slim.runtime import store
+
+    return [model_spec(name, entry.path) for name, entry in store.entries().items() if entry.path.exists()]
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.I)
+
+
+class MemorySize(click.ParamType):
+    """Bytes: 8G, 512MiB, 1.5GB (powers of 1024) or a share of the RAM: 60%."""
+
+    name = "SIZE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip()
+        if text.endswith("%"):
+            try:
+                share = float(text[:-1])
+            except ValueError:
+                share = -1.0
+            if not 0 < share <= 100:
+                self.fail(f"{value!r} is not a percentage of the RAM between 0 and 100", param, ctx)
+            from slim.runtime.server import ram_bytes
+
+            return int(ram_bytes() * share / 100)
+        match = _SIZE.match(text)
+        if not match:
+            self.fail(f"{value!r} is not a size such as 8G, 512M or 60%", param, ctx)
+        number, unit = float(match.group(1)), match.group(2).lower()
+        size = int(number * 1024 ** "_kmgt".index(unit or "_"))
+        if size <= 0:
+            self.fail(f"{value!r} leaves no memory for any model", param, ctx)
+        return size
 
 
 @click.command(name="serve")
-@click.argument("model", metavar="[MODEL]", required=False)
+@click.argument("models", metavar="[MODEL]...", nargs=-1)
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; 0.0.0.0 exposes the server to the network.")
 @click.option("-p", "--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
               help="Port to listen on (0 picks a free one).")
 @click.option("--parallel", type=click.IntRange(min=1, max=64), default=4, show_default=True,
-              help="Requests decoded together (KV-cache sequences).")
+              help="Requests decoded together per model (KV-cache sequences).")
 @click.option("--queue", "queue_size", type=click.IntRange(min=0), default=64, show_default=True,
-              help="Requests that may wait for a sequence; beyond that the server answers 503.")
+              help="Requests per model that may wait for a sequence; beyond that the server answers 503.")
 @click.option("-c", "--ctx", type=click.IntRange(min=16), default=None,
               help="Context size in tokens per sequence  [default: the model's, at most 4096].")
 @click.option("-t", "--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for llama.cpp  [default: physical cores less one, left to the HTTP side].")
+@click.option("--keep-alive", type=click.FloatRange(min=-1), default=300.0, show_default=True, metavar="SECONDS",
+              help="Unload a model this long after its last request; 0 unloads at once, -1 never. "
+                   "The first MODEL is loaded at start and stays loaded unless another model needs its memory.")
+@click.option("--memory-budget", type=MemorySize(), default=None,
+              help="Memory the loaded models may take (8G, 512M, 60%); loading past it unloads idle models, "
+                   "least recently used first  [default: 75% of the RAM].")
 @click.option("--api-key", default=None, envvar="SLIM_API_KEY",
               help="Require 'Authorization: Bearer KEY' on every route but /health (or set SLIM_API_KEY).")
 @click.option("--cors", "cors_origin", default=None, metavar="ORIGIN",
               help="Allow browser pages from ORIGIN (e.g. http://localhost:3000) to call the server.")
 @click.option("--max-body", type=click.IntRange(min=1024), default=4 * 1024 * 1024, show_default=True,
               help="Largest request body accepted, in bytes.")
-def command(model: str | None, host: str, port: int, parallel: int, queue_size: int, ctx: int | None,
-            threads: int | None, api_key: str | None, cors_origin: str | None, max_body: int) -> None:
-    """Serve MODEL through an OpenAI-compatible API on http://HOST:PORT/v1.
+def command(models: tuple[str, ...], host: str, port: int, parallel: int, queue_size: int, ctx: int | None,
+            threads: int | None, keep_alive: float, memory_budget: int | None, api_key: str | None,
+            cors_origin: str | None, max_body: int) -> None:
+    """Serve models through an OpenAI-compatible API on http://HOST:PORT/v1.
 
-    MODEL is a store name, a catalog name or a .gguf path (default smollm2-135m). Requests name it
-    by its store name or its file name. Up to --parallel requests are decoded together in one batch.
+    Each MODEL is a store name, a catalog name or a .gguf path. Requests pick one with "model" (its
+    store name or its file name); it is loaded on its first request and unloaded after --keep-alive
+    seconds idle. Without MODEL, every model in the store can be asked for, and the default one
+    (smollm2-135m) is loaded at start. GET /v1/models lists them, with "state": loaded or unloaded.
+    Up to --parallel requests per model are decoded together in one batch.
 
     \b
     Examples:
       slim serve
       slim serve smollm2-135m --port 8000 --parallel 8 --api-key s3cret
+      slim serve small.gguf large.gguf --memory-budget 6G --keep-alive 600
     """
-    from slim.runtime import store
+    from slim.runtime import engine, server, store
+    from slim.runtime.gguf_file import check_gguf
 
-    name = model or store.DEFAULT_MODEL
     try:
-        path = store.resolve(name)
-    except ValueError as exc:
+        named = list(dict.fromkeys(models or [store.DEFAULT_MODEL]))
+        specs = [model_spec(name, store.resolve(name), keep_loaded=i == 0) for i, name in enumerate(named)]
+        if not models:
+            specs += store_specs()
+        check_gguf(specs[0].path)
+    except ValueError as exc:  # StoreError, GGUFError
         fail(str(exc))
+    ids = [spec.id for spec in specs[:len(named)]]
+    twice = sorted({name for name in ids if ids.count(name) > 1})
+    if twice:
+        fail(f"two models would both be called {twice[0]!r}; give them different file names")
 
-    from slim.runtime import engine, server
-
-    n_ctx_seq = ctx
-    if n_ctx_seq is None:
-        from slim.runtime.gguf_file import check_gguf
-
-        try:
-            metadata = check_gguf(path)
-        except ValueError as exc:
-            fail(str(exc))
-        arch = metadata.get("general.architecture", "")
-        trained = metadata.get(f"{arch}.context_length")
-        n_ctx_seq = min(int(trained), engine.DEFAULT_MAX_CTX) if trained else engine.DEFAULT_MAX_CTX
     # llama.cpp's threads spin while they wait for work: leave a core to the HTTP threads and the
     # scheduler, or they starve each other (on 2 cores, 2 threads serve several times slower than 1)
     threads = threads or max(1, engine.physical_cores() - 1)
-    llm = load_model(path, n_ctx=n_ctx_seq * parallel, n_threads=threads, n_seq_max=parallel)
+    pool = server.ModelPool(specs, parallel=parallel, ctx=ctx, memory_budget=memory_budget, keep_alive=keep_alive,
+                            queue_size=queue_size, discover=None if models else store_specs, n_threads=threads)
+    try:
+        with pool.use(specs[0].id) as served:  # the default model is ready before the first request
+            model = served.model
+    except server.APIError as error:
+        pool.close()
+        fail(error.message, 2 if error.status < 500 else 1)
+    except KeyboardInterrupt:
+        pool.close()
+        fail("interrupted", 130)
 
-    names = [name, path.name] if model is None or os.sep not in name else [path.name, path.stem]
-    app = server.Server(llm, names, api_key=api_key, cors_origin=cors_origin, queue_size=queue_size,
-                        max_body_bytes=max_body)
+    app = server.Server(pool, api_key=api_key, cors_origin=cors_origin, max_body_bytes=max_body)
     try:
         bound_host, bound_port = app.bind(host, port)
     except OSError as exc:
+        pool.close()
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", 1)
-    if llm.template_warning:
-        click.echo(f"warning: {llm.template_warning}", err=True)
-    click.echo(f"slim serve: {', '.join(app.model_names)} on http://{bound_host}:{bound_port}/v1 "
-               f"({parallel} parallel, {llm.n_ctx} tokens each, {llm.n_threads} threads)"
-               + ("" if api_key else "; no API key"), err=True)
+    if model.template_warning:
+        click.echo(f"warning: {model.template_warning}", err=True)
+    more = len(pool.listing()) - 1
+    click.echo(f"slim serve: {specs[0].id}{f' (and {more} more on demand)' if more else ''} on "
+               f"http://{bound_host}:{bound_port}/v1 ({parallel} parallel, {model.n_ctx} tokens each, "
+               f"{model.n_threads} threads; memory budget {server.format_bytes(pool.memory_budget)}, keep-alive "
+               f"{'never' if keep_alive < 0 else f'{keep_alive:g} s'})" + ("" if api_key else "; no API key"), err=True)
     try:
         app.serve()
     except KeyboardInterrupt:
