@@ -135,6 +135,9 @@ class DecoderArchitecture:
             f"{arch}.vocab_size": self.vocab_size,
             f"{arch}.rope.dimension_count": self.head_dim,
         }
+        if self.head_dim != self.hidden // self.n_head:  # llama.cpp assumes hidden / heads otherwise
+            keys[f"{arch}.attention.key_length"] = self.head_dim
+            keys[f"{arch}.attention.value_length"] = self.head_dim
         rope_type = self.rope.get("rope_type", self.rope.get("type"))
         if rope_type == "linear" and "factor" in self.rope:
             keys[f"{arch}.rope.scaling.type"] = "linear"
@@ -181,7 +184,7 @@ class DecoderArchitecture:
             "num_hidden_layers": int(get("block_count")),
             "num_attention_heads": n_head,
             "num_key_value_heads": int(get("attention.head_count_kv", n_head)),
-            "head_dim": int(get("rope.dimension_count", hidden // n_head)),
+            "head_dim": int(get("attention.key_length", get("rope.dimension_count", hidden // n_head))),
             "max_position_embeddings": int(get("context_length", 2048)),
             "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
             "rope_theta": float(get("rope.freq_base", 10000.0)),

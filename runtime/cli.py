@@ -23,6 +23,7 @@ COMMANDS = {
     "list": "List the models in the store.",
     "show": "Describe a model: architecture, size, tensor types, template.",
     "rm": "Remove models from the store.",
+    "prune": "Prune a model: zero unused weights, or remove blocks, neurons and heads.",
 }
 
 

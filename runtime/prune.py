@@ -1,0 +1,411 @@
+"""slim prune: remove what a model barely uses, from one Hugging Face checkpoint into another.
+
+Unstructured pruning (magnitude, Wanda) zeroes single weights: each output row loses its lowest
+scoring fraction, or all but N of every M input columns. The matrices keep their shapes, so a
+dense GGUF is no smaller; it is a quality study and a starting point for sparse formats.
+Wanda scores |W_ij| * ||X_j||_2 with X_j the j-th input column's activations over a calibration
+text; the sums of x_j^2 are exactly what `slim calibrate` (llama.cpp's imatrix) records.
+
+Structured pruning removes whole blocks, FFN neurons and attention heads: the result is a smaller
+model of the same architecture, which transformers and llama.cpp load and which runs faster.
+- Blocks: the calibration pass records the mean cosine similarity between the hidden states
+  entering and leaving every block; the run of K consecutive blocks whose removal moves the hidden
+  state least (angular distance) goes, or the K blocks that each change it least (block influence).
+- Width: neuron j of a gated FFN reaches the output only through column j of down_proj, so its
+  importance is E[a_j^2] * ||W_down[:, j]||^2 (a_j: ffn_down's input); a KV group's importance sums
+  the same quantity over o_proj's columns of its query heads. Every block keeps the same count.
+
+`prune_checkpoint` is the one function the rest builds on: HF directory in, HF directory out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from slim import models
+from slim.kernels import QTYPES
+from slim.models.base import IGNORED
+from slim.runtime import mixes
+from slim.runtime.calibrate import Calibration
+from slim.runtime.checkpoint import Checkpoint, TensorRef, write_safetensors
+
+UNSTRUCTURED = ("magnitude", "wanda")
+METHODS = UNSTRUCTURED + ("layers", "width")
+LAYER_SCORES = ("angular", "influence")
+# The matrices inside a block, by their Hugging Face suffix: what unstructured pruning touches.
+BLOCK_MATRICES = tuple(f"{part}.weight" for part in (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+# Kept FFN widths are a multiple of this when the original is, so 32-weight quant blocks still fit.
+WIDTH_STEP = 32
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+class PruneError(ValueError):
+    """Pruning that cannot go ahead; the message says what to change."""
+
+
+@dataclass
+class Plan:
+    """What to remove. Unstructured: a scoring method and a sparsity or N:M pattern. Structured:
+    the blocks to drop and, per kept block (original index), the FFN neurons and KV groups to keep."""
+
+    method: str
+    sparsity: float | None = None
+    pattern: tuple[int, int] | None = None
+    column_norms: dict[str, np.ndarray] = field(default_factory=dict)  # Wanda: GGUF name -> ||X_j||_2
+    removed_blocks: list[int] = field(default_factory=list)
+    block_scores: dict[int, float] = field(default_factory=dict)  # what chose them (lower: less needed)
+    ffn_kept: dict[int, np.ndarray] = field(default_factory=dict)
+    kv_kept: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def describe(self, arch: models.DecoderArchitecture) -> str:
+        if self.method in UNSTRUCTURED:
+            amount = f"{self.sparsity:.0%} of each row" if self.pattern is None else f"{self.pattern[0]}:{self.pattern[1]}"
+            return f"{self.method}: zero {amount} in the {len(BLOCK_MATRICES)} matrices of each of {arch.n_layer} blocks"
+        if self.method == "layers":
+            blocks = ", ".join(f"{i} ({self.block_scores[i]:.4f})" if i in self.block_scores else str(i)
+                               for i in self.removed_blocks)
+            return f"layers: remove blocks {blocks}; {arch.n_layer} -> {arch.n_layer - len(self.removed_blocks)} blocks"
+        parts = []
+        if self.ffn_kept:
+            parts.append(f"FFN {arch.ffn} -> {len(next(iter(self.ffn_kept.values())))} neurons")
+        if self.kv_kept:
+            groups = len(next(iter(self.kv_kept.values())))
+            per_group = arch.n_head // arch.n_head_kv
+            parts.append(f"attention heads {arch.n_head} -> {groups * per_group} "
+                         f"(KV groups {arch.n_head_kv} -> {groups})")
+        return "width: " + ", ".join(parts) + " in every block"
+
+
+@dataclass
+class PruneSummary:
+    output: str
+    method: str
+    removed: str
+    parameters_before: int
+    parameters_after: int
+    zeroed: int  # zero weights in the block matrices after unstructured pruning
+    block_weights: int  # weights in the block matrices
+    size_bytes: int
+
+
+# ---- choosing what to remove ------------------------------------------------------------------
+
+
+def parse_pattern(text: str) -> tuple[int, int]:
+    """'2:4' -> (2, 4): keep N of every M consecutive input columns."""
+    try:
+        n, m = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise PruneError(f"--pattern must look like N:M, e.g. 2:4, not {text!r}") from None
+    if not 1 <= n < m:
+        raise PruneError(f"--pattern {text}: N must be at least 1 and smaller than M (it keeps N of every M weights)")
+    return n, m
+
+
+def check_amounts(arch: models.DecoderArchitecture, method: str, *, sparsity: float | None = None,
+                  pattern: tuple[int, int] | None = None, remove: int | None = None, ffn: float = 1.0,
+                  heads: float = 1.0) -> None:
+    """Refuse amounts the model cannot take, before any calibration is spent on them."""
+    if method in UNSTRUCTURED:
+        if (sparsity is None) == (pattern is None):
+            raise PruneError(f"--method {method} needs --sparsity S or --pattern N:M (one of them)")
+        if sparsity is not None and not 0 <= sparsity < 1:
+            raise PruneError(f"--sparsity must be in [0, 1) (the fraction of each row to zero), got {sparsity}")
+        row_lengths = {arch.hidden, arch.ffn, arch.n_head * arch.head_dim}
+        if pattern is not None and any(length % pattern[1] for length in row_lengths):
+            raise PruneError(f"--pattern {pattern[0]}:{pattern[1]}: M={pattern[1]} does not divide every row length "
+                             f"of this model ({', '.join(map(str, sorted(row_lengths)))})")
+    elif method == "layers":
+        if remove is None or not 1 <= remove < arch.n_layer:
+            raise PruneError(f"--remove must be between 1 and {arch.n_layer - 1} "
+                             f"(the model has {arch.n_layer} blocks), got {remove}")
+    elif method == "width":
+        for label, fraction in (("--ffn", ffn), ("--heads", heads)):
+            if not 0 < fraction <= 1:
+                raise PruneError(f"{label} is the fraction to keep, in (0, 1]; got {fraction}")
+        if ffn == 1 and heads == 1:
+            raise PruneError("--method width needs --ffn F or --heads H below 1 (the fraction to keep)")
+    else:
+        raise PruneError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def plan_unstructured(arch: models.DecoderArchitecture, method: str, *, sparsity: float | None = None,
+                      pattern: tuple[int, int] | None = None, calibration: Calibration | None = None) -> Plan:
+    """Zero single weights; Wanda takes ||X_j||_2 = sqrt(sum of x_j^2) from the calibration."""
+    check_amounts(arch, method, sparsity=sparsity, pattern=pattern)
+    norms = {}
+    if method == "wanda":
+        if calibration is None:
+            raise PruneError("--method wanda needs calibration: --text FILE or --imatrix FILE")
+        for i in range(arch.n_layer):
+            for suffix in BLOCK_MATRICES:
+                name = arch.gguf_name(f"model.layers.{i}.{suffix}")
+                norms[name] = np.sqrt(_sums(calibration, name))
+    return Plan(method, sparsity=sparsity, pattern=pattern, column_norms=norms)
+
+
+def plan_layers(arch: models.DecoderArchitecture, calibration: Calibration, remove: int,
+                score: str = "angular") -> Plan:
+    check_amounts(arch, "layers", remove=remove)
+    cosine = calibration.hidden_cosine
+    if cosine is None:
+        raise PruneError("--method layers needs the hidden states of a calibration pass: give --text FILE "
+                         "(a saved --imatrix holds only column statistics)")
+    if cosine.shape != (arch.n_layer + 1, arch.n_layer + 1):
+        raise PruneError(f"the calibration has hidden states for {cosine.shape[0] - 1} blocks, the model {arch.n_layer}")
+    removed, scores = choose_blocks(cosine, remove, score)
+    return Plan("layers", removed_blocks=removed, block_scores=scores)
+
+
+def choose_blocks(cosine: np.ndarray, remove: int, score: str = "angular") -> tuple[list[int], dict[int, float]]:
+    """The blocks to remove, from C[a, b] = mean cos(h_a, h_b) (h_0 enters block 0, h_i leaves block i-1).
+
+    angular: the start i minimising arccos(C[i, i+K]) / pi, i.e. the run of K consecutive blocks
+    whose output is closest to their input; each removed block is labelled with that distance.
+    influence: the K blocks with the smallest 1 - C[i, i+1], each judged alone.
+    """
+    n_layer = cosine.shape[0] - 1
+    if score == "angular":
+        distance = [float(np.arccos(np.clip(cosine[i, i + remove], -1.0, 1.0)) / np.pi)
+                    for i in range(n_layer - remove + 1)]
+        start = int(np.argmin(distance))
+        return list(range(start, start + remove)), {i: distance[start] for i in range(start, start + remove)}
+    if score == "influence":
+        influence = 1.0 - np.diagonal(cosine, offset=1)
+        chosen = sorted(int(i) for i in np.argsort(influence, kind="stable")[:remove])
+        return chosen, {i: float(influence[i]) for i in chosen}
+    raise PruneError(f"unknown layer score {score!r}; choose one of {', '.join(LAYER_SCORES)}")
+
+
+def plan_width(checkpoint: Checkpoint, arch: models.DecoderArchitecture, calibration: Calibration,
+               ffn: float = 1.0, heads: float = 1.0) -> Plan:
+    """Keep the top `ffn` fraction of FFN neurons and `heads` fraction of KV groups in every block."""
+    check_amounts(arch, "width", ffn=ffn, heads=heads)
+    n_ffn = round(ffn * arch.ffn)
+    if arch.ffn % WIDTH_STEP == 0:
+        n_ffn = max(WIDTH_STEP, n_ffn // WIDTH_STEP * WIDTH_STEP)
+    n_groups = max(1, round(heads * arch.n_head_kv))
+    per_group = arch.n_head // arch.n_head_kv
+    plan = Plan("width")
+    for i in range(arch.n_layer):
+        if n_ffn < arch.ffn:
+            down = arch.gguf_name(f"model.layers.{i}.mlp.down_proj.weight")
+            energy = _sums(calibration, down) * _column_energy(checkpoint, f"model.layers.{i}.mlp.down_proj.weight")
+            plan.ffn_kept[i] = _top(energy, n_ffn)
+        if n_groups < arch.n_head_kv:
+            out = arch.gguf_name(f"model.layers.{i}.self_attn.o_proj.weight")
+            energy = _sums(calibration, out) * _column_energy(checkpoint, f"model.layers.{i}.self_attn.o_proj.weight")
+            plan.kv_kept[i] = _top(energy.reshape(arch.n_head_kv, per_group * arch.head_dim).sum(axis=1), n_groups)
+    return plan
+
+
+def _sums(calibration: Calibration, name: str) -> np.ndarray:
+    if name not in calibration.sums:
+        raise PruneError(f"the calibration has no statistics for {name}; was it made from this model?")
+    return np.asarray(calibration.sums[name], dtype=np.float64)
+
+
+def _column_energy(checkpoint: Checkpoint, name: str) -> np.ndarray:
+    weight = checkpoint.tensors[name].load()
+    return np.einsum("ij,ij->j", weight, weight, dtype=np.float64)
+
+
+def _top(scores: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the `count` highest scores, in their original order."""
+    return np.sort(np.argsort(-scores, kind="stable")[:count])
+
+
+# ---- zeroing single weights -------------------------------------------------------------------
+
+
+def sparsify(weight: np.ndarray, scores: np.ndarray, *, sparsity: float | None = None,
+             pattern: tuple[int, int] | None = None) -> np.ndarray:
+    """A copy of `weight` with the lowest-scoring weights of each row set to zero: the lowest
+    floor(sparsity * cols) of the row, or all but the top N of every M consecutive columns."""
+    rows, cols = weight.shape
+    drop = np.zeros(weight.shape, dtype=bool)
+    if pattern is not None:
+        n, m = pattern
+        groups = scores.reshape(rows, cols // m, m)
+        lowest = np.argsort(groups, axis=-1, kind="stable")[..., : m - n]
+        np.put_along_axis(drop.reshape(rows, cols // m, m), lowest, True, axis=-1)
+    else:
+        k = int(sparsity * cols)
+        if k:
+            lowest = np.argpartition(scores, k - 1, axis=1)[:, :k]
+            np.put_along_axis(drop, lowest, True, axis=1)
+    return np.where(drop, np.float32(0), weight)
+
+
+# ---- writing the pruned checkpoint ------------------------------------------------------------
+
+
+def prune_checkpoint(source: str | os.PathLike[str], output: str | os.PathLike[str], plan: Plan, *,
+                     progress: Callable[[int], None] | None = None) -> PruneSummary:
+    """Prune the HF checkpoint in `source` into a new HF folder `output` (config, weights, tokenizer).
+
+    Tensors are read, pruned and written one at a time; the folder is assembled under a temporary
+    name and renamed into place. progress(1) is called per tensor written.
+    """
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise PruneError(f"{output} already exists and is not an empty folder; choose a new output")
+    if not output.parent.is_dir():
+        raise PruneError(f"output's parent folder {output.parent} does not exist; create it first")
+    checkpoint = Checkpoint(Path(source))
+    arch = models.for_hf_config(checkpoint.config)
+    pruned = pruned_tensors(checkpoint, arch, plan)
+    shapes = {name: (shape, dtype) for name, (shape, dtype, _) in pruned.items()}
+    zeroed = block_weights = 0
+
+    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+        nonlocal zeroed, block_weights
+        for name, (_, _, load) in pruned.items():
+            array = load()
+            if name.endswith(BLOCK_MATRICES):
+                zeroed += int(array.size - np.count_nonzero(array))
+                block_weights += array.size
+            yield name, array
+            if progress:
+                progress(1)
+
+    partial = output.with_name(f".{output.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    try:
+        for item in checkpoint.directory.iterdir():
+            if item.is_file() and not _is_weights(item.name) and item.name != "config.json":
+                shutil.copy2(item, partial / item.name)
+        (partial / "config.json").write_text(json.dumps(pruned_config(checkpoint.config, arch, plan), indent=2) + "\n")
+        write_safetensors(partial / "model.safetensors", tensors(), shapes)
+        if output.exists():
+            output.rmdir()
+        os.replace(partial, output)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return PruneSummary(
+        output=str(output), method=plan.method, removed=plan.describe(arch),
+        parameters_before=parameter_count(checkpoint),
+        parameters_after=sum(_numel(shape) for shape, _ in shapes.values()), zeroed=zeroed, block_weights=block_weights,
+        size_bytes=(output / "model.safetensors").stat().st_size,
+    )
+
+
+def pruned_tensors(checkpoint: Checkpoint, arch: models.DecoderArchitecture,
+                   plan: Plan) -> dict[str, tuple[tuple[int, ...], str, Callable[[], np.ndarray]]]:
+    """New name -> (shape, safetensors dtype, loader of the pruned tensor), blocks renumbered."""
+    kept_blocks = [i for i in range(arch.n_layer) if i not in plan.removed_blocks]
+    result = {}
+    for ref in checkpoint:
+        if IGNORED.search(ref.name):
+            continue
+        match = _LAYER.match(ref.name)
+        if match is None:
+            result[ref.name] = (ref.shape, _dtype(ref), ref.load)
+            continue
+        block, suffix = int(match.group(1)), match.group(2)
+        if block in plan.removed_blocks:
+            continue
+        rows, cols = _kept_indices(arch, plan, block, suffix)
+        shape = list(ref.shape)
+        if rows is not None:
+            shape[0] = len(rows)
+        if cols is not None:
+            shape[1] = len(cols)
+        name = f"model.layers.{kept_blocks.index(block)}.{suffix}"
+        result[name] = (tuple(shape), _dtype(ref), _loader(arch, plan, ref, rows, cols))
+    return result
+
+
+def _kept_indices(arch: models.DecoderArchitecture, plan: Plan, block: int,
+                  suffix: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Which rows and columns of a block tensor stay (None: all)."""
+    neurons = plan.ffn_kept.get(block)
+    groups = plan.kv_kept.get(block)
+    part = suffix.rsplit(".", 1)[0]
+    if neurons is not None and part in ("mlp.gate_proj", "mlp.up_proj"):
+        return neurons, None
+    if neurons is not None and part == "mlp.down_proj":
+        return None, neurons
+    if groups is not None and part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"):
+        per_group = 1 if part in ("self_attn.k_proj", "self_attn.v_proj") else arch.n_head // arch.n_head_kv
+        width = per_group * arch.head_dim
+        index = (groups[:, None] * width + np.arange(width)).reshape(-1)
+        return (None, index) if part == "self_attn.o_proj" else (index, None)
+    return None, None
+
+
+def _loader(arch: models.DecoderArchitecture, plan: Plan, ref: TensorRef, rows: np.ndarray | None,
+            cols: np.ndarray | None) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        array = ref.load()
+        if rows is not None:
+            array = array[rows]
+        if cols is not None:
+            array = array[:, cols]
+        if plan.method in UNSTRUCTURED and ref.name.endswith(BLOCK_MATRICES):
+            scores = np.abs(array)
+            if plan.method == "wanda":
+                scores *= plan.column_norms[arch.gguf_name(ref.name)][None, :].astype(np.float32)
+            array = sparsify(array, scores, sparsity=plan.sparsity, pattern=plan.pattern)
+        return array
+    return load
+
+
+def pruned_config(config: dict[str, Any], arch: models.DecoderArchitecture, plan: Plan) -> dict[str, Any]:
+    """config.json of the pruned model, so that transformers builds the smaller shapes."""
+    config = dict(config)
+    kept_blocks = [i for i in range(arch.n_layer) if i not in plan.removed_blocks]
+    config["num_hidden_layers"] = len(kept_blocks)
+    if isinstance(config.get("layer_types"), list):
+        config["layer_types"] = [config["layer_types"][i] for i in kept_blocks]
+    if plan.ffn_kept:
+        config["intermediate_size"] = len(next(iter(plan.ffn_kept.values())))
+    if plan.kv_kept:
+        groups = len(next(iter(plan.kv_kept.values())))
+        config["num_attention_heads"] = groups * (arch.n_head // arch.n_head_kv)
+        config["num_key_value_heads"] = groups
+        config["head_dim"] = arch.head_dim  # no longer hidden_size // num_attention_heads
+    return config
+
+
+def expected_size(checkpoint: Checkpoint, plan: Plan, qtype: str | None) -> tuple[int, int]:
+    """(parameters, bytes) of the pruned model: as a GGUF of `qtype` (tensor data only), or as
+    safetensors when qtype is None."""
+    arch = models.for_hf_config(checkpoint.config)
+    pruned = pruned_tensors(checkpoint, arch, plan)
+    n_params = sum(_numel(shape) for shape, _, _ in pruned.values())
+    if qtype is None:
+        return n_params, sum(_numel(shape) * (4 if dtype == "F32" else 2) for shape, dtype, _ in pruned.values())
+    smaller = models.for_hf_config(pruned_config(checkpoint.config, arch, plan))
+    shapes = {smaller.gguf_name(name): shape for name, (shape, _, _) in pruned.items()}
+    shapes.pop(None, None)
+    order = mixes.llama_order(list(shapes))
+    types = mixes.plan([(name, shapes[name]) for name in order], qtype, smaller.n_layer)
+    return n_params, sum(_numel(shapes[name][:-1]) * QTYPES[types[name]].row_bytes(shapes[name][-1]) for name in order)
+
+
+def parameter_count(checkpoint: Checkpoint) -> int:
+    return sum(_numel(ref.shape) for ref in checkpoint if not IGNORED.search(ref.name))
+
+
+def _dtype(ref: TensorRef) -> str:
+    return ref.dtype if ref.dtype in ("F32", "F16", "BF16") else "F32"
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def _is_weights(name: str) -> bool:
+    return name.endswith((".safetensors", ".bin", ".pt")) or name == "model.safetensors.index.json"
