@@ -137,7 +137,7 @@ def main() -> None:
 
     path = Path(args.model) if args.model else assets.fetch("smollm2-135m-instruct-q4_1.gguf")
     n_ctx = 1024
-    L = engine._llama()
+    L = engine.llama_bindings()
     system_info = L.llama_print_system_info().decode().strip()
     extra_buffers = "AMX_INT8 = 1" not in system_info
     print(f"model {path.name}, {args.threads} threads, {args.tokens} tokens, greedy, {args.repeat} rounds")

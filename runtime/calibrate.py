@@ -256,7 +256,7 @@ def calibrate(
         raise CalibrationError(f"--ctx must be at least {_MIN_ROWS} tokens, got {ctx}")
     if chunks is not None and chunks < 1:
         raise CalibrationError(f"--chunks must be at least 1, got {chunks}")
-    L = engine._llama()
+    L = engine.llama_bindings()
     metadata = check_gguf(Path(model))
     arch = metadata.get("general.architecture", "")
     n_layer = int(metadata.get(f"{arch}.block_count", 0))

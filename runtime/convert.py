@@ -102,7 +102,7 @@ def convert(
         raise ConvertError(f"unknown search {search!r}; choose {' or '.join(kernels.SEARCHES)}")
     if search == "thorough" and backend == "ggml":
         raise ConvertError("--search thorough runs slim's numpy kernels; drop --backend ggml")
-    calibration = _load_imatrix(imatrix) if imatrix is not None else None
+    calibration = load_imatrix(imatrix) if imatrix is not None else None
     output = Path(output)
     if output.is_dir():
         raise ConvertError(f"{output} is a directory; give the output file name, e.g. {output / 'model.gguf'}")
@@ -124,7 +124,7 @@ def convert(
         writer.add_name(checkpoint.config.get("_name_or_path") or directory.name)
         writer.add_type("model")
         for key, value in arch.metadata().items():
-            _add_value(writer, key, value)
+            add_metadata_value(writer, key, value)
         writer.add_file_type(chosen.ftype)
         writer.add_quantization_version(GGML_QUANT_VERSION)
         write_to_gguf(tokenizer, writer, vocab_size=arch.vocab_size)
@@ -171,7 +171,8 @@ def resolve_source(source: str | os.PathLike[str]) -> Path:
     return download_checkpoint(text)
 
 
-def _load_imatrix(path: str | os.PathLike[str]) -> "Calibration":
+def load_imatrix(path: str | os.PathLike[str]) -> "Calibration":
+    """An importance matrix file, with convert's error for a missing one."""
     from slim.runtime.calibrate import Calibration
 
     if not Path(path).is_file():
@@ -258,7 +259,8 @@ def _quantized_in_order(planned: list[_Planned], backend: str, search: str, thre
             yield head, future.result()
 
 
-def _add_value(writer: gguf.GGUFWriter, key: str, value: object) -> None:
+def add_metadata_value(writer: gguf.GGUFWriter, key: str, value: object) -> None:
+    """One architecture metadata value, written with the GGUF type llama.cpp reads it as."""
     if isinstance(value, bool):
         writer.add_bool(key, value)
     elif isinstance(value, int):

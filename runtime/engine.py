@@ -370,7 +370,7 @@ _LOG_CALLBACK: Any = None  # kept alive for as long as llama.cpp may call it
 _BACKEND_READY = False
 
 
-def _llama() -> Any:
+def llama_bindings() -> Any:
     """The llama.cpp bindings, silenced and initialised once."""
     global _LOG_CALLBACK, _BACKEND_READY
     import llama_cpp.llama_cpp as L
@@ -460,7 +460,7 @@ class Model:
             raise ValueError("n_threads must be at least 1")
         if n_batch < 1 or n_seq_max < 1 or (n_ubatch is not None and n_ubatch < 1):
             raise ValueError("n_batch, n_ubatch and n_seq_max must be at least 1")
-        L = self._L = _llama()
+        L = self._L = llama_bindings()
 
         params = L.llama_model_default_params()
         params.n_gpu_layers = 0

@@ -753,7 +753,7 @@ def test_store_models_are_served_by_name(tiny_ggufs: list[Path], tmp_path: Path,
 
 def test_memory_estimate_matches_llama_cpp(smollm2_gguf: Path, tiny_ggufs: list[Path]) -> None:
     """The estimated KV cache and compute buffers are the sizes llama.cpp reports allocating."""
-    L = engine._llama()
+    L = engine.llama_bindings()
     lines: list[str] = []
     capture = L.llama_log_callback(lambda level, text, user_data: lines.append(text.decode(errors="replace")))
     L.llama_log_set(capture, None)
