@@ -24,6 +24,8 @@ COMMANDS = {
     "show": "Describe a model: architecture, size, tensor types, template.",
     "rm": "Remove models from the store.",
     "prune": "Prune a model: zero unused weights, or remove blocks, neurons and heads.",
+    "distill": "Train a student on a teacher's next-token distribution.",
+    "qat": "Quantization-aware training: a GGUF whose 4-bit weights were trained.",
 }
 
 

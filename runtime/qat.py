@@ -1,0 +1,195 @@
+"""slim qat: quantization-aware training, so the 4-bit weights lose less than post-training rounding.
+
+Each weight the --type mix quantizes is quantized once, post-training, by slim.kernels; its blocks
+fix a grid per group of weights (slim.kernels.grid: y = step * q + offset, q an integer in a range).
+The grid is frozen. Training keeps float weights w, and the forward pass uses them rounded onto it,
+
+    y = step * clamp(round((w - offset) / step), low, high) + offset
+
+with a straight-through gradient (dy/dw taken as 1), against the teacher distribution of the
+unquantized model (slim.runtime.distill, offline: top-k of an F16 GGUF of the source). At export the
+final codes go back into the same blocks, only the code bits changing, so the GGUF dequantizes to
+exactly the weights the last forward pass used: there is no second rounding.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from slim import kernels
+from slim.kernels import grid as grids
+from slim.runtime import mixes
+from slim.runtime import student as student_lib
+from slim.runtime.distill import (DistillError, Options, Summary, check_vocabulary, checkpoint_path, gguf_tokens,
+                                  summarize, teacher_targets, train)
+
+
+class _RoundToGrid(torch.autograd.Function):
+    """Forward: the weights rounded onto the grid. Backward: the gradient passes straight through."""
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, on_grid: "OnGrid") -> torch.Tensor:
+        return on_grid.values(on_grid.codes(w))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class OnGrid(nn.Module):
+    """A parametrization that puts a (rows, cols) weight onto a frozen quantization grid."""
+
+    def __init__(self, grid: grids.Grid):
+        super().__init__()
+        self.register_buffer("step", torch.from_numpy(grid.step)[:, :, None])
+        self.register_buffer("offset", torch.from_numpy(grid.offset)[:, :, None])
+        # a group whose step is 0 (an all-zero block) keeps its offset whatever the code
+        self.register_buffer("divisor", torch.where(self.step == 0, 1.0, self.step))
+        self.group, self.low, self.high = grid.group, grid.low, grid.high
+
+    def codes(self, w: torch.Tensor) -> torch.Tensor:
+        """The integer code of each weight (as float32), shaped (rows, groups, group)."""
+        grouped = w.detach().reshape(w.shape[0], -1, self.group)
+        return torch.round((grouped - self.offset) / self.divisor).clamp_(self.low, self.high)
+
+    def values(self, codes: torch.Tensor) -> torch.Tensor:
+        """step * q + offset, two float32 operations exactly as the dequantizers do them."""
+        return (self.step * codes + self.offset).reshape(codes.shape[0], -1)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return _RoundToGrid.apply(w, self)
+
+
+def quantized_tensors(model: student_lib.Decoder, mix_name: str, has_imatrix: bool = False
+                      ) -> dict[str, tuple[str, str]]:
+    """HF name -> (GGUF name, GGUF type) of each weight the mix quantizes (llama-quantize's rules)."""
+    arch = model.arch
+    shapes = {}
+    for name, tensor in model.hf_state().items():
+        gguf_name = arch.gguf_name(name)
+        if gguf_name is not None:
+            shapes[gguf_name] = (name, tuple(tensor.shape))
+    order = mixes.llama_order(list(shapes))
+    types = mixes.plan([(g, shapes[g][1]) for g in order], mix_name, arch.n_layer, has_imatrix=has_imatrix)
+    return {shapes[g][0]: (g, t) for g, t in types.items() if t in grids.TYPES}
+
+
+def attach_grids(model: student_lib.Decoder, mix_name: str, calibration: Any = None
+                 ) -> dict[str, tuple[str, str, np.ndarray]]:
+    """Quantize each weight the mix quantizes (post-training, importance-weighted where the
+    calibration, a slim.runtime.calibrate.Calibration, covers it), freeze its grid, and make the
+    forward pass use the weight rounded onto it. Returns HF name -> (GGUF name, type, initial blocks)."""
+    attached = {}
+    for name, (gguf_name, qtype) in quantized_tensors(model, mix_name, calibration is not None).items():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        weight = getattr(module, attr).detach().numpy()
+        importance = None
+        if calibration is not None and gguf_name in calibration.sums:
+            importance = calibration.mean_squares(gguf_name)
+        blocks = kernels.quantize(weight, qtype, importance=importance)
+        grid, codes = grids.grid(blocks, qtype, weight.shape)
+        on_grid = OnGrid(grid)
+        with torch.no_grad():
+            # The quantizer's codes are not always the nearest ones on the stored grid (its searches,
+            # the float16 rounding of the scales): a weight whose nearest code differs starts on the
+            # quantizer's grid point, so training starts from exactly the post-training model.
+            latent = getattr(module, attr)
+            initial = torch.from_numpy(codes.reshape(on_grid.step.shape[0], -1, grid.group).astype(np.float32))
+            differs = (on_grid.codes(latent) != initial).reshape(latent.shape)
+            latent[differs] = on_grid.values(initial)[differs]
+        parametrize.register_parametrization(module, attr, on_grid)
+        attached[name] = (gguf_name, qtype, blocks)
+    return attached
+
+
+def final_blocks(model: student_lib.Decoder, attached: dict[str, tuple[str, str, np.ndarray]]
+                 ) -> dict[str, np.ndarray]:
+    """GGUF name -> the blocks holding the codes the last forward pass used, in llama.cpp's row order."""
+    out = {}
+    for name, (gguf_name, qtype, blocks) in attached.items():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        on_grid = module.parametrizations[attr][0]
+        original = module.parametrizations[attr].original
+        codes = on_grid.codes(original).reshape(original.shape).to(torch.int16).numpy()
+        out[gguf_name] = model.arch.to_gguf(gguf_name, grids.with_codes(blocks, qtype, codes))
+    return out
+
+
+def write_gguf(model: student_lib.Decoder, source: Path, blocks: dict[str, np.ndarray], mix_name: str,
+               output: Path, imatrix: Path | None = None) -> None:
+    """The trained model as a GGUF of the mix: slim convert writes the file (metadata, tokenizer,
+    F32 tensors from the trained weights), then every quantized tensor's data is replaced by the
+    trained blocks, which have the same type and size."""
+    from slim.runtime.convert import convert
+    from slim.runtime.gguf_file import open_gguf
+
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
+        student_lib.save(model, source, Path(tmp) / "hf")
+        partial = Path(tmp) / "model.gguf"
+        convert(Path(tmp) / "hf", partial, mix_name, imatrix=imatrix)  # imatrix: the same type choices
+        placed = {t.name: (t.data_offset, t.n_bytes, t.tensor_type.name) for t in open_gguf(partial).tensors}
+        with open(partial, "r+b") as f:
+            for name, data in blocks.items():
+                offset, n_bytes, _ = placed[name]
+                assert data.nbytes == n_bytes, (name, data.nbytes, n_bytes)
+                f.seek(offset)
+                f.write(np.ascontiguousarray(data).tobytes())
+        os.replace(partial, output)
+
+
+def qat(source: str | os.PathLike[str], qtype: str, text: str, output: str | os.PathLike[str], *,
+        teacher: str | os.PathLike[str] | None = None, imatrix: str | os.PathLike[str] | None = None,
+        resume: bool = False,
+        cache_dir: str | os.PathLike[str] | None = None,
+        progress: Callable[[int, int, float], None] | None = None,
+        teacher_progress: Callable[[int, int], None] | None = None, **options: Any) -> Summary:
+    """Quantization-aware training of the HF checkpoint `source` for the --type mix `qtype`; writes
+    the GGUF `output`. teacher: a GGUF of the unquantized model (default: `source` converted to F16).
+    imatrix: an importance matrix (slim calibrate) for the initial quantization. options: see
+    slim.runtime.distill.Options."""
+    from slim.runtime.convert import convert, load_imatrix, resolve_source
+
+    started = time.perf_counter()
+    settings = Options(**options)
+    settings.check()
+    mix_name = mixes.mix(qtype).name
+    if mix_name in mixes.FLOAT_MIXES:
+        raise DistillError(f"{mix_name} is not quantized; QAT needs a quantized --type such as Q4_K_M")
+    output = Path(output)
+    if output.is_dir():
+        raise DistillError(f"{output} is a directory; give the output file name, e.g. {output / 'model.gguf'}")
+    if not output.parent.is_dir():
+        raise DistillError(f"output directory {output.parent} does not exist; create it first")
+    if resume and not checkpoint_path(output).is_file():
+        raise DistillError(f"--resume: there is no checkpoint {checkpoint_path(output)} to resume from")
+    source = resolve_source(source)
+    calibration = load_imatrix(imatrix) if imatrix is not None else None
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.teacher.") as tmp:
+        if teacher is None:
+            teacher = Path(tmp) / "teacher-f16.gguf"
+            convert(source, teacher, "F16")
+        teacher = Path(teacher)
+        check_vocabulary(source, gguf_tokens(teacher))
+        targets = teacher_targets(teacher, text, settings.seq_len, settings.top_k, threads=settings.threads,
+                                  cache_dir=Path(cache_dir) if cache_dir else None, progress=teacher_progress)
+
+    model = student_lib.load(source)
+    attached = attach_grids(model, mix_name, calibration)
+    losses = train(model, targets, settings, checkpoint_path(output), resume=resume, progress=progress)
+    write_gguf(model, source, final_blocks(model, attached), mix_name, output,
+               Path(imatrix) if imatrix is not None else None)
+    return summarize(output, settings, losses, started)

@@ -1,0 +1,162 @@
+"""slim qat: the grid read from blocks is the dequantizer's, new codes change only the code bits,
+and the exported GGUF holds exactly the weights the last forward pass used, for every type a mix
+can pick; llama.cpp runs it to the torch forward's logits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import llama_logits, make_llama_checkpoint
+from slim import kernels
+from slim.kernels import grid as grids
+from slim.runtime.gguf_file import open_gguf, tensor_array
+
+torch = pytest.importorskip("torch")
+
+from slim.runtime import distill as distill_lib  # noqa: E402  (needs torch)
+from slim.runtime import qat as qat_lib  # noqa: E402
+from slim.runtime import student as student_lib  # noqa: E402
+
+
+@pytest.mark.parametrize("qtype", grids.TYPES)
+def test_grid_is_the_dequantizer_and_new_codes_land_exactly(qtype: str) -> None:
+    rng = np.random.default_rng(0)
+    x = (rng.standard_t(5, size=(6, 512)) * 0.02).astype(np.float32)
+    x[0, :256] = 0  # an all-zero block: step 0 where the type stores it so
+    data = kernels.quantize(x, qtype, backend="numpy")
+    grid, codes = grids.grid(data, qtype, x.shape)
+    assert np.array_equal(grid.values(codes), kernels.dequantize(data, qtype, x.shape))
+    assert np.array_equal(grids.with_codes(data, qtype, codes), data)
+    new = rng.integers(grid.low, grid.high + 1, size=codes.shape)
+    rewritten = grids.with_codes(data, qtype, new)
+    assert np.array_equal(kernels.dequantize(rewritten, qtype, x.shape), grid.values(new))
+    assert np.array_equal(grids.grid(rewritten, qtype, x.shape)[1], new)
+    cls = kernels.qtype(qtype)
+    before, after = data.reshape(-1, cls.type_size), rewritten.reshape(-1, cls.type_size)
+    changed = (before != after).any(axis=0)
+    scale_bytes = {"Q8_0": slice(0, 2), "Q4_0": slice(0, 2), "Q5_0": slice(0, 2), "Q4_1": slice(0, 4),
+                   "Q5_1": slice(0, 4), "Q4_K": slice(0, 16), "Q5_K": slice(0, 16), "Q6_K": slice(192, 210)}[qtype]
+    assert not changed[scale_bytes].any()  # only code bits moved
+    with pytest.raises(ValueError, match="codes must lie in"):
+        grids.with_codes(data, qtype, new + grid.high + 1)
+
+
+def test_the_gradient_passes_straight_through() -> None:
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((4, 64)) * 0.05).astype(np.float32)
+    grid, _ = grids.grid(kernels.quantize(w, "Q4_0"), "Q4_0", w.shape)
+    on_grid = qat_lib.OnGrid(grid)
+    weight = torch.from_numpy(w).requires_grad_(True)
+    rounded = on_grid(weight)
+    assert np.array_equal(rounded.detach().numpy(), kernels.dequantize(kernels.quantize(w, "Q4_0"), "Q4_0", w.shape))
+    upstream = torch.randn(4, 64)
+    rounded.backward(upstream)
+    assert torch.equal(weight.grad, upstream)
+
+
+@pytest.fixture(scope="module")
+def tiny_256(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Rows of 256 and 512: the K-quants fit."""
+    return make_llama_checkpoint(tmp_path_factory.mktemp("tiny256") / "hf", smollm2_hf, hidden=256, n_layer=1,
+                                 ffn=512, tied=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_64(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Rows of 64 and 128, as SmolLM2's 576: the K-quants fall back to Q5_0 and Q8_0."""
+    return make_llama_checkpoint(tmp_path_factory.mktemp("tiny64") / "hf", smollm2_hf, hidden=64, n_layer=2,
+                                 ffn=128, tied=False)
+
+
+@pytest.mark.parametrize("mix_name, model, types", [
+    ("Q4_K_M", "tiny_256", {"Q4_K", "Q6_K"}),
+    ("Q5_K_M", "tiny_256", {"Q5_K", "Q6_K"}),
+    ("Q4_K_M", "tiny_64", {"Q5_0", "Q8_0"}),
+    ("Q4_0", "tiny_64", {"Q4_0", "Q8_0"}),
+    ("Q4_1", "tiny_64", {"Q4_1", "Q8_0"}),
+    ("Q5_1", "tiny_64", {"Q5_1", "Q8_0"}),
+])
+def test_exported_gguf_holds_exactly_the_trained_weights(mix_name: str, model: str, types: set[str],
+                                                         request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    source = request.getfixturevalue(model)
+    student = student_lib.load(source)
+    attached = qat_lib.attach_grids(student, mix_name)
+    rng = np.random.default_rng(0)
+    targets = distill_lib.Targets(rng.integers(0, 49152, (4, 32)))
+    teacher = student_lib.load(source).requires_grad_(False)  # online: the unquantized model
+    options = distill_lib.Options(steps=2, batch_size=2, seq_len=32, lr=1e-2, warmup=1, threads=1)
+    distill_lib.train(student, targets, options, tmp_path / "ckpt", teacher=teacher)
+    out = tmp_path / "qat.gguf"
+    qat_lib.write_gguf(student, source, qat_lib.final_blocks(student, attached), mix_name, out)
+
+    state = student.hf_state()
+    found = set()
+    moved = 0
+    for tensor in open_gguf(out).tensors:
+        name = student.arch.hf_name(tensor.name)
+        forward = student.arch.to_gguf(tensor.name, state[name].detach().numpy())
+        assert np.array_equal(tensor_array(tensor), forward), tensor.name  # exactly, in float32
+        found.add(tensor.tensor_type.name)
+        if name in attached:
+            initial = kernels.dequantize(attached[name][2], attached[name][1], forward.shape)
+            moved += int((student.arch.to_hf(tensor.name, forward) != initial).sum())
+    assert found - {"F32"} == types
+    assert moved > 0  # training changed codes: the file is not the post-training quantization
+
+    tokens = list(targets.tokens[0])
+    with torch.no_grad():
+        ours = student(torch.tensor([tokens]))[0].numpy()
+        unquantized = teacher(torch.tensor([tokens]))[0].numpy()
+    theirs = llama_logits(out, tokens, exact=True)
+    # llama.cpp rounds activations to 8 bits in quantized matmuls: close, and closer than the float model
+    assert np.abs(theirs - ours).max() < 0.03 * np.abs(ours).max()
+    assert np.abs(theirs - ours).mean() < np.abs(theirs - unquantized).mean()
+
+
+@pytest.mark.parametrize("model", ["tiny_256", "tiny_64"])
+def test_training_starts_from_exactly_the_post_training_quantization(model: str, request: pytest.FixtureRequest,
+                                                                     tmp_path: Path) -> None:
+    """Untrained, the grids give back slim convert's blocks byte for byte: QAT starts where
+    post-training quantization ends, even where the quantizer's codes are not the nearest ones."""
+    from slim.runtime.convert import convert
+
+    source = request.getfixturevalue(model)
+    student = student_lib.load(source)
+    blocks = qat_lib.final_blocks(student, qat_lib.attach_grids(student, "Q4_K_M"))
+    convert(source, tmp_path / "ptq.gguf", "Q4_K_M")
+    for tensor in open_gguf(tmp_path / "ptq.gguf").tensors:
+        if tensor.name in blocks:
+            assert np.array_equal(blocks[tensor.name].reshape(-1), np.asarray(tensor.data).reshape(-1).view(np.uint8))
+    assert len(blocks) == sum(t.tensor_type.name != "F32" for t in open_gguf(tmp_path / "ptq.gguf").tensors)
+
+
+def test_qat_cli_writes_a_gguf_of_the_mix(tiny_64: Path, tmp_path: Path) -> None:
+    from slim.runtime import assets
+    from slim.runtime.convert import convert
+
+    text = tmp_path / "train.txt"
+    text.write_text(assets.wiki_text("train").read_text(encoding="utf-8")[:8000], encoding="utf-8")
+    out = tmp_path / "qat.gguf"
+    run = subprocess.run([sys.executable, "-m", "slim.runtime.cli", "qat", str(tiny_64), "--type", "Q4_K_M",
+                          "--text", str(text), "-o", str(out), "--steps", "3", "--seq-len", "64", "--lr", "1e-3",
+                          "--threads", "1", "--json", "--cache-dir", str(tmp_path / "cache")],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    assert summary["steps"] == 3 and summary["output"] == str(out)
+    ptq = tmp_path / "ptq.gguf"
+    convert(tiny_64, ptq, "Q4_K_M")
+    assert out.stat().st_size == ptq.stat().st_size
+    ours = {t.name: t.tensor_type.name for t in open_gguf(out).tensors}
+    assert ours == {t.name: t.tensor_type.name for t in open_gguf(ptq).tensors}
+    assert not list(tmp_path.glob(".qat.gguf*"))  # no temporary files left behind
+
+    bad = subprocess.run([sys.executable, "-m", "slim.runtime.cli", "qat", str(tiny_64), "--type", "F16",
+                          "--text", str(text), "-o", str(tmp_path / "f16.gguf")], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr == "error: F16 is not quantized; QAT needs a quantized --type such as Q4_K_M\n"
