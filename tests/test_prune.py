@@ -282,3 +282,35 @@ def test_bad_input_is_one_error_line_and_no_output(tiny_hf: Path, calibration_fi
     result = slim_prune(str(tiny_hf), "-o", str(tmp_path / "dir"), "--method", "magnitude", "--sparsity", "0.5",
                         "--type", "Q8_0")
     assert result.returncode == 2 and "name the output file *.gguf" in result.stderr
+
+
+def test_heal_trains_the_pruned_model_towards_the_unpruned_one(tiny_hf: Path, calibration_file: Path,
+                                                                tmp_path: Path) -> None:
+    """--heal runs slim distill with the unpruned model as teacher; the written model is the trained one."""
+    pytest.importorskip("torch")
+    from slim.runtime.engine import load
+
+    plain, healed = tmp_path / "plain", tmp_path / "healed"
+    common = ["--method", "layers", "--remove", "1", "--text", str(calibration_file), "--ctx", "128", "--chunks", "2"]
+    assert slim_prune(str(tiny_hf), "-o", str(plain), *common).returncode == 0
+    run = slim_prune(str(tiny_hf), "-o", str(healed), *common, "--heal", "2", "--json")
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["healed"]["steps"] == 2 and np.isfinite(report["healed"]["loss_last"])
+    # the same blocks were removed, and training changed the weights that remain
+    assert report["removed"].startswith("layers: remove blocks")
+    before = Checkpoint(plain)
+    after = {ref.name: ref for ref in Checkpoint(healed)}
+    changed = [ref.name for ref in before if not np.array_equal(ref.load(), after[ref.name].load())]
+    assert any("mlp" in name for name in changed)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["healed", "plain"]  # no training checkpoint left
+
+    gguf = tmp_path / "healed.gguf"
+    run = slim_prune(str(tiny_hf), "-o", str(gguf), *common, "--heal", "1", "--type", "Q8_0")
+    assert run.returncode == 0, run.stderr
+    with load(gguf, n_ctx=64, n_threads=1) as model:
+        assert model.logits(model.tokenize("The capital of France is"))[-1].argmax() >= 0
+
+    run = slim_prune(str(tiny_hf), "-o", str(tmp_path / "x"), "--method", "magnitude", "--sparsity", "0.5",
+                     "--heal", "2")
+    assert run.returncode == 2 and "--heal trains on a text" in run.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -39,14 +40,17 @@ from slim.runtime.prune import LAYER_SCORES, METHODS
               help=f"GGUF output type: {', '.join(mixes.type_names())}.  [default: Q4_K_M]")
 @click.option("--eval-text", type=click.Path(dir_okay=False), default=None,
               help="Held-out text (UTF-8): report the pruned model's perplexity on it.")
+@click.option("--heal", type=click.IntRange(min=1), default=None, metavar="STEPS",
+              help="Heal the pruned model by self-distillation for STEPS training steps on --text, with the "
+                   "unpruned model as teacher (needs torch: pip install 'slim-llm[train]').")
 @click.option("--dry-run", is_flag=True, help="Print what would be removed and the expected size; write nothing.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for llama.cpp  [default: physical cores].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def command(source: str, output: str, method: str, sparsity: float | None, pattern: str | None, remove: int | None,
             score: str, ffn: float, heads: float, text_file: str | None, imatrix: str | None, ctx: int,
-            chunks: int | None, qtype: str | None, eval_text: str | None, dry_run: bool, threads: int | None,
-            as_json: bool, quiet: bool) -> None:
+            chunks: int | None, qtype: str | None, eval_text: str | None, heal: int | None, dry_run: bool,
+            threads: int | None, as_json: bool, quiet: bool) -> None:
     """Prune a model: zero the weights it barely uses, or remove whole blocks, neurons and heads.
 
     SRC is a Hugging Face checkpoint folder, a hub repo id, or a GGUF (exported internally).
@@ -66,12 +70,15 @@ def command(source: str, output: str, method: str, sparsity: float | None, patte
                  weights they feed); heads go in whole KV groups.
 
     The calibration pass is the one `slim calibrate` makes: pass --imatrix FILE to reuse it.
+    --heal STEPS then trains the pruned model on --text towards the unpruned model's next-token
+    distribution (slim distill with the source as teacher), which wins back much of what pruning lost.
 
     \b
     Examples:
       slim prune ./smollm2-hf -o smol-wanda --method wanda --sparsity 0.5 --text wiki.txt
       slim prune smollm2-135m -o smol-26.gguf --method layers --remove 4 --text wiki.txt --type Q8_0
       slim prune ./smollm2-hf -o smol-w.gguf --method width --ffn 0.75 --imatrix smol.imatrix --dry-run
+      slim prune smollm2-135m -o smol-26.gguf --method layers --remove 4 --text wiki.txt --heal 300
     """
     from tqdm import tqdm
 
@@ -80,7 +87,7 @@ def command(source: str, output: str, method: str, sparsity: float | None, patte
     to_gguf = output.endswith(".gguf")
     text, held_out = _read(text_file), _read(eval_text)
     try:
-        _check_options(method, to_gguf, qtype, text, imatrix, sparsity, pattern, remove)
+        _check_options(method, to_gguf, qtype, text, imatrix, sparsity, pattern, remove, heal)
         if to_gguf:
             qtype = mixes.mix(qtype or "Q4_K_M").name
         out = Path(output)
@@ -99,7 +106,7 @@ def command(source: str, output: str, method: str, sparsity: float | None, patte
             work = Path(tmp)
             report = _run(source, out, work, bar, method=method, sparsity=sparsity, pattern=pattern, remove=remove,
                           score=score, ffn=ffn, heads=heads, text=text, imatrix=imatrix, ctx=ctx, chunks=chunks,
-                          qtype=qtype, held_out=held_out, dry_run=dry_run, threads=threads)
+                          qtype=qtype, held_out=held_out, heal=heal, dry_run=dry_run, threads=threads)
     except (ValueError, RuntimeError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
@@ -119,16 +126,26 @@ def _read(path: str | None) -> str | None:
 
 
 def _check_options(method: str, to_gguf: bool, qtype: str | None, text: str | None, imatrix: str | None,
-                   sparsity: float | None, pattern: str | None, remove: int | None) -> None:
+                   sparsity: float | None, pattern: str | None, remove: int | None, heal: int | None) -> None:
     """Refuse flags that the method would silently ignore, before any work starts."""
     from slim.runtime.prune import UNSTRUCTURED, PruneError
+
+    if heal is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            raise PruneError("--heal trains the model and needs torch: pip install 'slim-llm[train]'")
+        if text is None:
+            raise PruneError("--heal trains on a text: give --text FILE")
 
     if qtype and not to_gguf:
         raise PruneError("--type applies to a GGUF output: name the output file *.gguf")
     if text is not None and imatrix:
         raise PruneError("give --text or --imatrix, not both")
-    if method == "magnitude" and (text is not None or imatrix):
-        raise PruneError("--method magnitude uses no calibration; drop --text/--imatrix (or use --method wanda)")
+    if method == "magnitude" and imatrix:
+        raise PruneError("--method magnitude uses no calibration; drop --imatrix (or use --method wanda)")
+    if method == "magnitude" and text is not None and heal is None:
+        raise PruneError("--method magnitude uses no calibration; drop --text (or use --method wanda, or --heal)")
     if method != "magnitude" and text is None and not imatrix:
         raise PruneError(f"--method {method} needs a calibration text: --text FILE (or --imatrix FILE)")
     if method == "layers" and imatrix:
@@ -142,8 +159,8 @@ def _check_options(method: str, to_gguf: bool, qtype: str | None, text: str | No
 
 
 def _run(source: str, out: Path, work: Path, bar: Any, *, method: str, text: str | None, imatrix: str | None,
-         ctx: int, chunks: int | None, qtype: str | None, held_out: str | None, dry_run: bool, threads: int | None,
-         **amounts: Any) -> dict[str, Any]:
+         ctx: int, chunks: int | None, qtype: str | None, held_out: str | None, heal: int | None, dry_run: bool,
+         threads: int | None, **amounts: Any) -> dict[str, Any]:
     from slim import models
     from slim.runtime.checkpoint import Checkpoint
     from slim.runtime.convert import convert
@@ -162,12 +179,12 @@ def _run(source: str, out: Path, work: Path, bar: Any, *, method: str, text: str
         from slim.runtime.calibrate import Calibration
 
         calibration = Calibration.load(imatrix)
-    elif text is not None:
+    if source_gguf is None and (heal is not None or (text is not None and not imatrix and method != "magnitude")):
+        source_gguf = work / "source-f16.gguf"  # llama.cpp runs the calibration and the healing teacher
+        convert(hf_source, source_gguf, "F16")
+    if calibration is None and text is not None and method != "magnitude":
         from slim.runtime.calibrate import calibrate
 
-        if source_gguf is None:
-            source_gguf = work / "source-f16.gguf"
-            convert(hf_source, source_gguf, "F16")
         with bar("calibrating", "chunk") as progress:
             calibration = calibrate(source_gguf, text, ctx=ctx, chunks=chunks, threads=threads,
                                     hidden_states=method == "layers", progress=_advance(progress))
@@ -187,11 +204,28 @@ def _run(source: str, out: Path, work: Path, bar: Any, *, method: str, text: str
         report["dry_run"] = True
         return report
 
-    hf_out = work / "pruned-hf" if qtype else out
+    hf_out = work / "pruned-hf" if qtype or heal else out
     with bar("pruning", "tensor") as progress:
         summary = prune_checkpoint(hf_source, hf_out, plan, progress=progress.update)
     if method in ("magnitude", "wanda"):
         report.update(zeroed=summary.zeroed, block_weights=summary.block_weights)
+    if heal is not None:
+        from slim.runtime.distill import distill
+
+        healed = work / "healed-hf"  # its training checkpoint (healed-hf.ckpt) stays in the work folder
+        with bar("teacher", "chunk") as teacher_bar, bar("healing", "step") as heal_bar:
+            def advance(step: int, total: int, loss: float) -> None:
+                heal_bar.total = total
+                heal_bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+                heal_bar.update(step - heal_bar.n)
+
+            healing = distill(source_gguf, hf_out, text, healed, steps=heal, threads=threads, progress=advance,
+                              teacher_progress=_advance(teacher_bar))
+        report["healed"] = {"steps": healing.steps, "loss_first": healing.first_loss, "loss_last": healing.last_loss}
+        hf_out = healed
+        if not qtype:
+            os.replace(healed, out)
+            hf_out = out
     evaluated = None
     if qtype:
         with bar("converting", "B") as progress:
@@ -244,6 +278,10 @@ def _lines(report: dict[str, Any]) -> str:
         lines.append(f"expected size: {report['expected_bytes'] / 1e6:.1f} MB of weights (source {report['source_bytes'] / 1e6:.1f} MB); "
                      "dry run, nothing written")
         return "\n".join(lines)
+    if "healed" in report:
+        healed = report["healed"]
+        lines.append(f"healed by self-distillation: {healed['steps']} steps, loss {healed['loss_first']:.4f} -> "
+                     f"{healed['loss_last']:.4f}")
     lines.append(f"wrote {report['output']}: {report['output_bytes'] / 1e6:.1f} MB (source {report['source_bytes'] / 1e6:.1f} MB)")
     if "perplexity" in report:
         lines.append(f"perplexity ({report['perplexity_of']}): {report['perplexity']:.4f} ± {report['perplexity_error']:.4f}")
