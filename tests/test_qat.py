@@ -120,20 +120,36 @@ def test_exported_gguf_holds_exactly_the_trained_weights(mix_name: str, model: s
 
 
 @pytest.mark.parametrize("model", ["tiny_256", "tiny_64"])
-def test_training_starts_from_exactly_the_post_training_quantization(model: str, request: pytest.FixtureRequest,
+@pytest.mark.parametrize("with_imatrix", [False, True])
+def test_training_starts_from_exactly_the_post_training_quantization(model: str, with_imatrix: bool,
+                                                                     request: pytest.FixtureRequest,
                                                                      tmp_path: Path) -> None:
     """Untrained, the grids give back slim convert's blocks byte for byte: QAT starts where
-    post-training quantization ends, even where the quantizer's codes are not the nearest ones."""
+    post-training quantization ends (with the importance matrix too), even where the quantizer's
+    codes are not the nearest ones."""
+    from slim.runtime import assets
+    from slim.runtime.calibrate import calibrate
     from slim.runtime.convert import convert
 
     source = request.getfixturevalue(model)
+    imatrix, calibration = None, None
+    if with_imatrix:
+        convert(source, tmp_path / "f32.gguf", "F32")
+        calibration = calibrate(tmp_path / "f32.gguf", assets.wiki_text("train").read_text(encoding="utf-8")[:3000],
+                                ctx=64, chunks=4, threads=1)
+        imatrix = tmp_path / "tiny.imatrix.gguf"
+        calibration.save(imatrix)
     student = student_lib.load(source)
-    blocks = qat_lib.final_blocks(student, qat_lib.attach_grids(student, "Q4_K_M"))
-    convert(source, tmp_path / "ptq.gguf", "Q4_K_M")
+    blocks = qat_lib.final_blocks(student, qat_lib.attach_grids(student, "Q4_K_M", calibration))
+    convert(source, tmp_path / "ptq.gguf", "Q4_K_M", imatrix=imatrix)
     for tensor in open_gguf(tmp_path / "ptq.gguf").tensors:
         if tensor.name in blocks:
             assert np.array_equal(blocks[tensor.name].reshape(-1), np.asarray(tensor.data).reshape(-1).view(np.uint8))
     assert len(blocks) == sum(t.tensor_type.name != "F32" for t in open_gguf(tmp_path / "ptq.gguf").tensors)
+    if with_imatrix:  # the importance matrix did change the starting point
+        plain_student = student_lib.load(source)
+        plain = qat_lib.final_blocks(plain_student, qat_lib.attach_grids(plain_student, "Q4_K_M"))
+        assert any(not np.array_equal(plain[name], blocks[name]) for name in blocks)
 
 
 def test_qat_cli_writes_a_gguf_of_the_mix(tiny_64: Path, tmp_path: Path) -> None:
