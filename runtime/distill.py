@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from slim.runtime import student as student_lib
-from slim.runtime.assets import slim_home
+from slim.runtime.assets import file_sha256, slim_home
 from slim.runtime.evaluate import chunk_tokens, log_softmax
 
 CACHE_VERSION = 1
@@ -112,17 +112,9 @@ class Targets:
     top_log_probs: np.ndarray | None = None
 
 
-def _file_identity(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cache_key(teacher: Path, text: str, seq_len: int, top_k: int) -> str:
     """sha256 of everything the cached top-k depends on: the teacher's bytes, the text, seq_len, k."""
-    parts = [f"v{CACHE_VERSION}", _file_identity(teacher), hashlib.sha256(text.encode()).hexdigest(),
+    parts = [f"v{CACHE_VERSION}", file_sha256(teacher), hashlib.sha256(text.encode()).hexdigest(),
              str(seq_len), str(top_k)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 

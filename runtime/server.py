@@ -1292,13 +1292,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(error)
             return
         except Exception as exc:  # a bug must not cost the client its answer
-            self.close_connection = True
-            self._error(APIError(500, f"internal error: {exc.__class__.__name__}: {exc}", "server_error"))
+            self._internal_error(exc)
             return
         try:
             self._answer(served, route, body)
         finally:
             self.app.pool.release(served)
+
+    def _internal_error(self, exc: Exception) -> None:
+        self.close_connection = True
+        self._error(APIError(500, f"internal error: {exc.__class__.__name__}: {exc}", "server_error"))
 
     def _answer(self, served: Served, route: str, body: dict[str, Any]) -> None:
         try:
@@ -1318,8 +1321,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(error)
             return
         except Exception as exc:  # a bug must not cost the client its answer
-            self.close_connection = True
-            self._error(APIError(500, f"internal error: {exc.__class__.__name__}: {exc}", "server_error"))
+            self._internal_error(exc)
             return
         try:
             if stream:

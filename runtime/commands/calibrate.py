@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from slim.runtime.cli import fail
+from slim.runtime.commands.options import read_text_file
 
 
 @click.command(name="calibrate")
@@ -48,13 +49,9 @@ def command(model: str, text_file: str, output: str, ctx: int, chunks: int | Non
     target = Path(output)
     if target.is_dir() or not target.parent.is_dir():
         fail(f"{output} is not a file path in an existing directory")
+    text = read_text_file(text_file)
     try:
-        text = Path(text_file).read_text(encoding="utf-8")
         path = store.resolve(model)
-    except UnicodeDecodeError:
-        fail(f"{text_file} is not UTF-8 text")
-    except OSError as exc:
-        fail(f"cannot read {text_file}: {exc.strerror}")
     except ValueError as exc:
         fail(str(exc))
     with tqdm(desc="calibrating", unit="chunk", disable=as_json or None, file=sys.stderr) as bar:

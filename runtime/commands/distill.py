@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 import click
 
 from slim.runtime import mixes
 from slim.runtime.cli import fail
+from slim.runtime.commands.options import read_text_file
 
 TORCH_MISSING = "training needs torch, which is an optional extra: pip install 'slim-llm[train]'"
 
@@ -60,12 +60,7 @@ def run_training(job: Callable[..., Any], text_file: str, quiet: bool, as_json: 
     """Read the text, run distill or qat with progress bars, report the summary or one error line."""
     from tqdm import tqdm
 
-    try:
-        text = Path(text_file).read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        fail(f"{text_file} is not UTF-8 text")
-    except OSError as exc:
-        fail(f"cannot read {text_file}: {exc.strerror}")
+    text = read_text_file(text_file)
     hide = quiet or as_json or None
     teacher_bar = tqdm(desc="teacher", unit="seq", disable=hide, file=sys.stderr)
     train_bar = tqdm(desc="training", unit="step", disable=hide, file=sys.stderr)

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from slim.runtime.cli import fail
+from slim.runtime.commands.options import read_text_file
 
 
 @click.command(name="eval")
@@ -43,14 +44,10 @@ def command(models: tuple[str, ...], text_file: str, ctx: int, reference: str | 
 
     if reference and reference_logits:
         fail("give --reference or --reference-logits, not both")
+    text = read_text_file(text_file)
     try:
-        text = Path(text_file).read_text(encoding="utf-8")
         paths = [store.resolve(m) for m in models]
         ref = Path(reference_logits) if reference_logits else (store.resolve(reference) if reference else None)
-    except UnicodeDecodeError:
-        fail(f"{text_file} is not UTF-8 text")
-    except OSError as exc:
-        fail(f"cannot read {text_file}: {exc.strerror}")
     except ValueError as exc:
         fail(str(exc))
     reports = []

@@ -31,6 +31,19 @@ _OPTIONS = [
 ]
 
 
+def read_text_file(path: str) -> str:
+    """A UTF-8 text file given on the command line, or the CLI's one-line error."""
+    from pathlib import Path
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        fail(f"{path} is not UTF-8 text")
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror}")
+    raise AssertionError("unreachable: fail() exits")
+
+
 def generation_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Add the sampling flags plus --ctx and --threads to a click command."""
     for option in reversed(_OPTIONS):

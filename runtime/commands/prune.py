@@ -13,6 +13,7 @@ import click
 
 from slim.runtime import mixes
 from slim.runtime.cli import fail
+from slim.runtime.commands.options import read_text_file
 from slim.runtime.prune import LAYER_SCORES, METHODS
 
 
@@ -117,12 +118,7 @@ def command(source: str, output: str, method: str, sparsity: float | None, patte
 def _read(path: str | None) -> str | None:
     if path is None:
         return None
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        fail(f"{path} is not UTF-8 text")
-    except OSError as exc:
-        fail(f"cannot read {path}: {exc.strerror}")
+    return read_text_file(path)
 
 
 def _check_options(method: str, to_gguf: bool, qtype: str | None, text: str | None, imatrix: str | None,
