@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from llama_cpp_source import source_dir  # noqa: E402
 
-from slim.runtime import assets  # noqa: E402
-from slim.runtime.mixes import mix  # noqa: E402
+from slim.runtime.store import assets  # noqa: E402
+from slim.runtime.formats.mixes import mix  # noqa: E402
 
 
 def measure(command: list[str]) -> tuple[float, float]:
@@ -50,7 +50,7 @@ def measure(command: list[str]) -> tuple[float, float]:
 def checkpoint() -> Path:
     target = assets.slim_home() / "bench" / "smollm2-135m-instruct-hf-bf16"
     if not (target / "model.safetensors").exists():
-        from slim.runtime.export import export
+        from slim.runtime.pipeline.export import export
 
         target.parent.mkdir(parents=True, exist_ok=True)
         export(assets.fetch("smollm2-135m-instruct-q4_1.gguf"), target, "BF16")
@@ -77,7 +77,7 @@ def main() -> None:
             results["llama-quantize"].append(measure([sys.executable, "-c", quantize, str(bf16), str(theirs)]))
             results["slim"].append(measure([sys.executable, "-m", "slim.runtime.cli", "convert", str(src),
                                             "-o", str(ours), "--type", args.type, "--quiet"]))
-        from slim.runtime.gguf_file import open_gguf
+        from slim.runtime.formats.gguf_file import open_gguf
 
         identical = all(
             a.name == b.name and a.tensor_type == b.tensor_type and bytes(a.data) == bytes(b.data)

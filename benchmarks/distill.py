@@ -20,13 +20,13 @@ import shutil
 import time
 from pathlib import Path
 
-from slim.runtime import assets
+from slim.runtime.store import assets
 
 
 def prepare(work: Path, threads: int) -> dict:
     """The HF export of the real model, its F16 GGUF (teacher and reference) and the texts."""
-    from slim.runtime.convert import convert
-    from slim.runtime.export import export
+    from slim.runtime.pipeline.convert import convert
+    from slim.runtime.pipeline.export import export
 
     work.mkdir(parents=True, exist_ok=True)
     hf, f16 = work / "smollm2-hf", work / "smollm2-f16.gguf"
@@ -44,7 +44,7 @@ def held_out(text: str, chunks: int) -> str:
 
 
 def score(model: Path, text: str, threads: int, reference: Path | None = None) -> dict:
-    from slim.runtime.evaluate import evaluate
+    from slim.runtime.inference.evaluate import evaluate
 
     report, _ = evaluate(model, text, n_ctx=512, reference=reference, n_threads=threads)
     row = {"model": model.name, "size_mb": report.size_bytes / 1e6, "ppl": report.perplexity,
@@ -57,11 +57,11 @@ def score(model: Path, text: str, threads: int, reference: Path | None = None) -
 
 def heal(work: Path, args: argparse.Namespace) -> dict:
     from slim import models
-    from slim.runtime.calibrate import calibrate
-    from slim.runtime.checkpoint import Checkpoint
-    from slim.runtime.convert import convert
-    from slim.runtime.distill import distill, teacher_targets
-    from slim.runtime.prune import plan_layers, prune_checkpoint
+    from slim.runtime.pipeline.calibrate import calibrate
+    from slim.runtime.formats.checkpoint import Checkpoint
+    from slim.runtime.pipeline.convert import convert
+    from slim.runtime.train.distill import distill, teacher_targets
+    from slim.runtime.pipeline.prune import plan_layers, prune_checkpoint
 
     data = prepare(work, args.threads)
     test = held_out(data["test"], args.eval_chunks)
@@ -101,10 +101,10 @@ def heal(work: Path, args: argparse.Namespace) -> dict:
 
 
 def qat_part(work: Path, args: argparse.Namespace) -> dict:
-    from slim.runtime.calibrate import calibrate
-    from slim.runtime.convert import convert
-    from slim.runtime.evaluate import ReferenceLogits
-    from slim.runtime.qat import qat
+    from slim.runtime.pipeline.calibrate import calibrate
+    from slim.runtime.pipeline.convert import convert
+    from slim.runtime.inference.evaluate import ReferenceLogits
+    from slim.runtime.train.qat import qat
 
     data = prepare(work, args.threads)
     test = held_out(data["test"], args.eval_chunks)
@@ -115,7 +115,7 @@ def qat_part(work: Path, args: argparse.Namespace) -> dict:
     convert(data["hf"], ptq, "Q4_K_M", threads=args.threads)
     convert(data["hf"], ptq_im, "Q4_K_M", imatrix=imatrix, threads=args.threads)
 
-    from slim.runtime.evaluate import evaluate
+    from slim.runtime.inference.evaluate import evaluate
     _, reference = evaluate(ptq, test, n_ctx=512, reference=data["f16"], n_threads=args.threads)
     assert isinstance(reference, ReferenceLogits)
     rows = [score(data["f16"], test, args.threads), score(ptq, test, args.threads, reference),

@@ -1,6 +1,6 @@
 """Generation speed of slim's engine against llama.cpp, on the same GGUF, threads and prompt, in one run.
 
-    slim:              slim.runtime.engine Model.complete (greedy, --tokens tokens)
+    slim:              slim.runtime.inference.engine Model.complete (greedy, --tokens tokens)
     llama-cpp-python:  Llama.create_completion, streamed (greedy, the same prompt and tokens)
     llama-bench:       tg<tokens> of llama.cpp's own benchmark, built from the sources llama-cpp-python
                        vendors (llama_cpp_source.build_tool, the first run builds it) and run on the
@@ -32,7 +32,7 @@ PROMPT = "Once upon a time, in a small village at the edge of a great forest, th
 
 
 def slim_side(path: Path, threads: int, n_ctx: int):
-    from slim.runtime import engine
+    from slim.runtime.inference import engine
 
     model = engine.load(path, n_threads=threads, n_ctx=n_ctx)
 
@@ -133,7 +133,8 @@ def main() -> None:
     parser.add_argument("--ttft-runs", type=int, default=5)
     args = parser.parse_args()
 
-    from slim.runtime import assets, engine
+    from slim.runtime.store import assets
+    from slim.runtime.inference import engine
 
     path = Path(args.model) if args.model else assets.fetch("smollm2-135m-instruct-q4_1.gguf")
     n_ctx = 1024

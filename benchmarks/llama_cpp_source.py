@@ -15,7 +15,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from slim.runtime.assets import slim_home
+from slim.runtime.store.assets import slim_home
 
 SDIST = "llama-cpp-python==0.3.36"
 # The same flags the Makefile builds llama-cpp-python with (portable AVX2, no AMX), so the tools

@@ -3,7 +3,7 @@
     calibration: the first --cal-chunks chunks of wiki_text("train"), one pass (column statistics
                  for Wanda and width, hidden-state similarities for layers), on the F16 GGUF
     held out:    the start of wiki_text("test"), --eval-chunks chunks of --ctx tokens, perplexity as
-                 llama-perplexity computes it (slim.runtime.evaluate), every model as a --type GGUF
+                 llama-perplexity computes it (slim.runtime.inference.evaluate), every model as a --type GGUF
 
 Tables: unstructured (magnitude against Wanda at 50% and 2:4); blocks removed (the chosen blocks
 against as many evenly spaced ones, with GGUF size and generation speed against the dense model,
@@ -53,13 +53,14 @@ def main() -> None:
     import gguf
 
     from slim import models
-    from slim.runtime import assets, engine
-    from slim.runtime.calibrate import calibrate
-    from slim.runtime.checkpoint import Checkpoint
-    from slim.runtime.convert import convert
-    from slim.runtime.evaluate import evaluate
-    from slim.runtime.export import export
-    from slim.runtime.prune import Plan, plan_layers, plan_unstructured, plan_width, prune_checkpoint
+    from slim.runtime.store import assets
+    from slim.runtime.inference import engine
+    from slim.runtime.pipeline.calibrate import calibrate
+    from slim.runtime.formats.checkpoint import Checkpoint
+    from slim.runtime.pipeline.convert import convert
+    from slim.runtime.inference.evaluate import evaluate
+    from slim.runtime.pipeline.export import export
+    from slim.runtime.pipeline.prune import Plan, plan_layers, plan_unstructured, plan_width, prune_checkpoint
 
     work = Path(args.work or tempfile.mkdtemp(prefix="slim-prune-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -191,7 +192,7 @@ def transformers_agreement(hf: Path, path: Path, text: str) -> str:
     import torch
     import transformers
 
-    from slim.runtime import engine
+    from slim.runtime.inference import engine
 
     with engine.load(path, n_ctx=512, n_threads=2) as model:
         tokens = model.tokenize(text, add_special=True, parse_special=False)[:256]

@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from llama_cpp_source import build_tool  # noqa: E402
 
-from slim.runtime import assets  # noqa: E402
-from slim.runtime.calibrate import Calibration, calibrate  # noqa: E402
-from slim.runtime.convert import convert  # noqa: E402
-from slim.runtime.evaluate import evaluate  # noqa: E402
-from slim.runtime.export import export  # noqa: E402
+from slim.runtime.store import assets  # noqa: E402
+from slim.runtime.pipeline.calibrate import Calibration, calibrate  # noqa: E402
+from slim.runtime.pipeline.convert import convert  # noqa: E402
+from slim.runtime.inference.evaluate import evaluate  # noqa: E402
+from slim.runtime.pipeline.export import export  # noqa: E402
 
 
 def main() -> None:

@@ -166,7 +166,7 @@ def run_server(name: str, command: list[str], model: str, args: argparse.Namespa
 
 def decode_steps(path: Path, steps: int = 24) -> None:
     """CPU ms per decode step by number of sequences and by their order in the batch (one thread)."""
-    from slim.runtime import engine
+    from slim.runtime.inference import engine
 
     def measure(order: list[int]) -> float:
         with engine.load(path, n_ctx=512 * len(order), n_seq_max=len(order), n_threads=1) as model:
@@ -217,7 +217,7 @@ def main() -> None:
     if args.model:
         path = Path(args.model)
     else:
-        from slim.runtime import assets
+        from slim.runtime.store import assets
 
         path = assets.fetch("smollm2-135m-instruct-q4_1.gguf")
     if args.decode_steps:

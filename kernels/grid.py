@@ -17,7 +17,7 @@ with one (step, offset) per group of weights, fixed by the block's scale fields:
   Q6_K   16     -32..31         d*scales[j]          0            (stored q - 32)
 
 step and offset are computed in float32 exactly as the dequantizers do, so step * q + offset equals
-`slim.kernels.dequantize` bit for bit. Quantization-aware training (slim.runtime.qat) freezes the
+`slim.kernels.dequantize` bit for bit. Quantization-aware training (slim.runtime.train.qat) freezes the
 grid, trains which code each weight takes, and `with_codes` writes the final codes back into the
 same blocks: only the code bits change, so the file dequantizes to exactly the trained weights.
 """

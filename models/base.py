@@ -1,7 +1,7 @@
 """What the Llama-family architectures share: hyperparameters, tensor names and their transforms.
 
 An architecture module subclasses `DecoderArchitecture` and sets a few class attributes; the
-conversion pipeline (slim.runtime.convert) and export (slim.runtime.export) only talk to this
+conversion pipeline (slim.runtime.pipeline.convert) and export (slim.runtime.pipeline.export) only talk to this
 interface, so adding an architecture touches one file in models/.
 """
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from slim.runtime import assets
+from slim.runtime.store import assets
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +21,7 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_hf(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real model as an F32 Hugging Face checkpoint, made by `slim export`."""
-    from slim.runtime.export import export
+    from slim.runtime.pipeline.export import export
 
     out = tmp_path_factory.mktemp("smollm2") / "hf"
     export(smollm2_gguf, out, "F32")

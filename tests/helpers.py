@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from slim.runtime.checkpoint import write_safetensors
-from slim.runtime.mixes import mix
+from slim.runtime.formats.checkpoint import write_safetensors
+from slim.runtime.formats.mixes import mix
 
 
 def llama_quantize(source: Path, target: Path, type_name: str, threads: int = 2) -> None:

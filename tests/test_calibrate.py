@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from slim.runtime.calibrate import Calibration, CalibrationError, calibrate
+from slim.runtime.pipeline.calibrate import Calibration, CalibrationError, calibrate
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 from llama_cpp_source import build_tool  # noqa: E402
@@ -20,7 +20,7 @@ CHUNKS = 3
 
 @pytest.fixture(scope="module")
 def calibration_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from slim.runtime import assets
+    from slim.runtime.store import assets
 
     path = tmp_path_factory.mktemp("calibrate") / "train.txt"
     path.write_text(assets.wiki_text("train").read_text(encoding="utf-8")[:8000], encoding="utf-8")
@@ -116,7 +116,7 @@ def imatrix_file(ours: Calibration, tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.fixture(scope="module")
 def smollm2_f32(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from slim.runtime.convert import convert
+    from slim.runtime.pipeline.convert import convert
 
     path = tmp_path_factory.mktemp("f32") / "smollm2-f32.gguf"
     convert(smollm2_hf, path, "F32")
@@ -133,7 +133,7 @@ def test_convert_with_imatrix_equals_llama_quantize(smollm2_hf: Path, smollm2_f3
     first ffn_down layers when it has an importance matrix."""
     from helpers import gguf_tensors
 
-    from slim.runtime.convert import convert
+    from slim.runtime.pipeline.convert import convert
 
     binary = build_tool("llama-quantize")
     theirs = tmp_path / "theirs.gguf"
@@ -151,7 +151,7 @@ def test_convert_with_imatrix_equals_llama_quantize(smollm2_hf: Path, smollm2_f3
 def test_convert_imatrix_c_path_equals_numpy(smollm2_hf: Path, imatrix_file: Path, tmp_path: Path) -> None:
     from helpers import gguf_tensors
 
-    from slim.runtime.convert import convert
+    from slim.runtime.pipeline.convert import convert
 
     convert(smollm2_hf, tmp_path / "c.gguf", "Q4_K_M", imatrix=imatrix_file, backend="ggml")
     convert(smollm2_hf, tmp_path / "plain.gguf", "Q4_K_M", backend="ggml")

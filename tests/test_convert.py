@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from helpers import gguf_tensors, llama_logits, llama_quantize, log_softmax, make_llama_checkpoint, tokenize
-from slim.runtime.convert import convert
+from slim.runtime.pipeline.convert import convert
 
 QUANTIZED = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M"]
 FLOATS = ["F16", "BF16"]
@@ -236,7 +236,7 @@ def test_float_types_match_convert_hf_to_gguf(tiny_hf: Path, type_name: str, tmp
 def test_sharded_checkpoint_with_index(tiny_hf: Path, tmp_path: Path) -> None:
     """Weights split over two safetensors files with their index convert to the same GGUF; a
     missing shard is named in the error."""
-    from slim.runtime.checkpoint import Checkpoint, write_safetensors
+    from slim.runtime.formats.checkpoint import Checkpoint, write_safetensors
 
     sharded = tmp_path / "sharded"
     shutil.copytree(tiny_hf, sharded)
@@ -260,7 +260,7 @@ def test_sharded_checkpoint_with_index(tiny_hf: Path, tmp_path: Path) -> None:
 
 def test_pickled_weights_with_explicit_opt_in(tiny_hf: Path, tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
-    from slim.runtime.checkpoint import Checkpoint
+    from slim.runtime.formats.checkpoint import Checkpoint
 
     pickled = tmp_path / "pickled"
     shutil.copytree(tiny_hf, pickled)

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 
 from helpers import llama_logits, log_softmax, make_llama_checkpoint
-from slim.runtime.convert import convert
+from slim.runtime.pipeline.convert import convert
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from slim.runtime import distill as distill_lib  # noqa: E402  (needs torch)
-from slim.runtime import student as student_lib  # noqa: E402
+from slim.runtime.train import distill as distill_lib  # noqa: E402  (needs torch)
+from slim.runtime.train import student as student_lib  # noqa: E402
 
 
 def slim(*args: str) -> subprocess.CompletedProcess[str]:
@@ -28,7 +28,7 @@ def slim(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from slim.runtime import assets
+    from slim.runtime.store import assets
 
     path = tmp_path_factory.mktemp("text") / "train.txt"
     path.write_text(assets.wiki_text("train").read_text(encoding="utf-8")[:12000], encoding="utf-8")
@@ -152,7 +152,7 @@ def test_teacher_top_k_is_llama_cpp_and_is_cached(teacher_gguf: Path, text: Path
     def no_llama(*args: object, **kwargs: object) -> None:
         raise AssertionError("the cached top-k should have been used")
 
-    monkeypatch.setattr("slim.runtime.engine.load", no_llama)
+    monkeypatch.setattr("slim.runtime.inference.engine.load", no_llama)
     again = distill_lib.teacher_targets(teacher_gguf, sample, 64, 8, threads=1, cache_dir=tmp_path)
     assert np.array_equal(again.top_ids, targets.top_ids) and np.array_equal(again.tokens, targets.tokens)
     with pytest.raises(AssertionError):  # another k is another cache entry
@@ -205,7 +205,7 @@ def test_distill_cli_moves_the_student_towards_the_teacher(teacher_gguf: Path, s
     assert summary["steps"] == 12 and summary["last_loss"] < summary["first_loss"]
     assert (tmp_path / "out.ckpt").is_file() and list((tmp_path / "cache").glob("*.npz"))
     assert Path(summary["gguf"]) == tmp_path / "out-q8_0.gguf"
-    from slim.runtime.engine import load
+    from slim.runtime.inference.engine import load
 
     with load(summary["gguf"], n_ctx=64, n_threads=1) as model:
         assert model.logits(model.tokenize("Paris is"))[-1].shape == (49152,)
@@ -220,7 +220,7 @@ def test_distill_cli_moves_the_student_towards_the_teacher(teacher_gguf: Path, s
 def test_healing_a_pruned_model_with_its_unpruned_self(teacher_hf: Path, teacher_gguf: Path, text: Path,
                                                        tmp_path: Path) -> None:
     """The teacher minus one block, distilled from the teacher, gets closer to it."""
-    from slim.runtime.prune import Plan, prune_checkpoint
+    from slim.runtime.pipeline.prune import Plan, prune_checkpoint
 
     pruned = tmp_path / "pruned"
     prune_checkpoint(teacher_hf, pruned, Plan("layers", removed_blocks=[1], block_scores={1: 0.0}))

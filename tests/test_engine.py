@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from slim.runtime import engine
-from slim.runtime.gguf_file import check_gguf
-from slim.runtime.engine import ContextError, SamplingParams, _TextAssembler
+from slim.runtime.inference import engine
+from slim.runtime.formats.gguf_file import check_gguf
+from slim.runtime.inference.engine import ContextError, SamplingParams, _TextAssembler
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16)
 STORY = [{"role": "user", "content": "Write a long story about a dragon."}]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from slim.runtime.convert import convert
-from slim.runtime.evaluate import evaluate
+from slim.runtime.pipeline.convert import convert
+from slim.runtime.inference.evaluate import evaluate
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 from llama_cpp_source import build_tool  # noqa: E402

@@ -205,7 +205,7 @@ def test_bad_row_length_is_a_value_error(qtype: str) -> None:
 @pytest.fixture(scope="module")
 def smollm2_weights() -> list[tuple[str, np.ndarray]]:
     """Every 2-D weight tensor of SmolLM2-135M-Instruct (Q4_1 GGUF), dequantized to float32 rows of 256."""
-    from slim.runtime.assets import fetch
+    from slim.runtime.store.assets import fetch
 
     reader = gguf.GGUFReader(fetch("smollm2-135m-instruct-q4_1.gguf"))
     weights = []

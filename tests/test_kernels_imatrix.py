@@ -276,7 +276,7 @@ def smollm2_tensors() -> list[np.ndarray]:
     not). Their values sit on Q4_1's grid, which a search judged by stored values can partly recover."""
     import gguf
 
-    from slim.runtime.assets import fetch
+    from slim.runtime.store.assets import fetch
 
     reader = gguf.GGUFReader(fetch("smollm2-135m-instruct-q4_1.gguf"))
     wanted = ("blk.0.ffn_down.weight", "blk.14.ffn_down.weight", "blk.29.ffn_down.weight")

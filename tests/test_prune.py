@@ -20,11 +20,11 @@ import pytest
 
 from helpers import llama_logits, make_llama_checkpoint, tokenize
 from slim import models
-from slim.runtime.calibrate import Calibration, calibrate
-from slim.runtime.checkpoint import Checkpoint, write_safetensors
-from slim.runtime.convert import convert
-from slim.runtime.export import export
-from slim.runtime.prune import (PruneError, check_amounts, choose_blocks, parse_pattern, plan_layers,
+from slim.runtime.pipeline.calibrate import Calibration, calibrate
+from slim.runtime.formats.checkpoint import Checkpoint, write_safetensors
+from slim.runtime.pipeline.convert import convert
+from slim.runtime.pipeline.export import export
+from slim.runtime.pipeline.prune import (PruneError, check_amounts, choose_blocks, parse_pattern, plan_layers,
                                 plan_unstructured, plan_width, prune_checkpoint, sparsify)
 
 SAMPLE = "The quick brown fox jumps over the lazy dog. Paris is the capital of France, and Rome of Italy. " * 3
@@ -49,7 +49,7 @@ def tiny_gguf(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def calibration_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from slim.runtime import assets
+    from slim.runtime.store import assets
 
     path = tmp_path_factory.mktemp("text") / "calibration.txt"
     path.write_text(assets.wiki_text("train").read_text(encoding="utf-8")[:6000], encoding="utf-8")
@@ -288,7 +288,7 @@ def test_heal_trains_the_pruned_model_towards_the_unpruned_one(tiny_hf: Path, ca
                                                                 tmp_path: Path) -> None:
     """--heal runs slim distill with the unpruned model as teacher; the written model is the trained one."""
     pytest.importorskip("torch")
-    from slim.runtime.engine import load
+    from slim.runtime.inference.engine import load
 
     plain, healed = tmp_path / "plain", tmp_path / "healed"
     common = ["--method", "layers", "--remove", "1", "--text", str(calibration_file), "--ctx", "128", "--chunks", "2"]

@@ -19,7 +19,7 @@ import pytest
 
 from helpers import make_llama_checkpoint
 from hubstub import HubStub
-from slim.runtime.gguf_file import open_gguf
+from slim.runtime.formats.gguf_file import open_gguf
 
 GGUF_REPO = "acme/SmolLM2-135M-Instruct-GGUF"
 GGUF_FILE = "SmolLM2-135M-Instruct-Q4_1.gguf"

@@ -15,13 +15,13 @@ import pytest
 from helpers import llama_logits, make_llama_checkpoint
 from slim import kernels
 from slim.kernels import grid as grids
-from slim.runtime.gguf_file import open_gguf, tensor_array
+from slim.runtime.formats.gguf_file import open_gguf, tensor_array
 
 torch = pytest.importorskip("torch")
 
-from slim.runtime import distill as distill_lib  # noqa: E402  (needs torch)
-from slim.runtime import qat as qat_lib  # noqa: E402
-from slim.runtime import student as student_lib  # noqa: E402
+from slim.runtime.train import distill as distill_lib  # noqa: E402  (needs torch)
+from slim.runtime.train import qat as qat_lib  # noqa: E402
+from slim.runtime.train import student as student_lib  # noqa: E402
 
 
 @pytest.mark.parametrize("qtype", grids.TYPES)
@@ -127,9 +127,9 @@ def test_training_starts_from_exactly_the_post_training_quantization(model: str,
     """Untrained, the grids give back slim convert's blocks byte for byte: QAT starts where
     post-training quantization ends (with the importance matrix too), even where the quantizer's
     codes are not the nearest ones."""
-    from slim.runtime import assets
-    from slim.runtime.calibrate import calibrate
-    from slim.runtime.convert import convert
+    from slim.runtime.store import assets
+    from slim.runtime.pipeline.calibrate import calibrate
+    from slim.runtime.pipeline.convert import convert
 
     source = request.getfixturevalue(model)
     imatrix, calibration = None, None
@@ -153,8 +153,8 @@ def test_training_starts_from_exactly_the_post_training_quantization(model: str,
 
 
 def test_qat_cli_writes_a_gguf_of_the_mix(tiny_64: Path, tmp_path: Path) -> None:
-    from slim.runtime import assets
-    from slim.runtime.convert import convert
+    from slim.runtime.store import assets
+    from slim.runtime.pipeline.convert import convert
 
     text = tmp_path / "train.txt"
     text.write_text(assets.wiki_text("train").read_text(encoding="utf-8")[:8000], encoding="utf-8")

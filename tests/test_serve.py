@@ -23,9 +23,10 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from helpers import make_llama_checkpoint
-from slim.runtime import engine, server
-from slim.runtime.convert import convert
-from slim.runtime.gguf_file import check_gguf
+from slim.runtime.inference import engine
+from slim.runtime.serve import server
+from slim.runtime.pipeline.convert import convert
+from slim.runtime.formats.gguf_file import check_gguf
 
 KEY = "test-key"
 MODEL = "smollm2-135m"

@@ -1,4 +1,4 @@
-"""slim.runtime.tokenizer: HF tokenizer files <-> GGUF tokenizer keys, checked against llama.cpp.
+"""slim.runtime.formats.tokenizer: HF tokenizer files <-> GGUF tokenizer keys, checked against llama.cpp.
 
 The real SmolLM2 GGUF is exported and read back; small tokenizers trained here cover the other
 pre-tokenizers and SentencePiece. Where llama-cpp-python is installed, token ids are compared with
@@ -20,7 +20,7 @@ from tokenizers import (
     AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers,
 )
 
-from slim.runtime.tokenizer import (
+from slim.runtime.formats.tokenizer import (
     BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, TokenizerError, read_gguf_tokenizer, read_hf_tokenizer,
     write_hf_tokenizer, write_to_gguf,
 )

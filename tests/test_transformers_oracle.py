@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from helpers import llama_logits, tokenize
-from slim.runtime.convert import convert
+from slim.runtime.pipeline.convert import convert
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

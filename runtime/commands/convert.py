@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from slim.runtime import mixes
+from slim.runtime.formats import mixes
 from slim.runtime.cli import fail
 
 
@@ -44,7 +44,7 @@ def command(source: str, output: str, qtype: str, backend: str, threads: int | N
     """
     from tqdm import tqdm
 
-    from slim.runtime.convert import convert
+    from slim.runtime.pipeline.convert import convert
 
     try:
         mixes.mix(qtype)

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import click
 
-from slim.runtime import mixes
+from slim.runtime.formats import mixes
 from slim.runtime.cli import fail
 from slim.runtime.commands.options import read_text_file
 
@@ -128,7 +128,7 @@ def command(teacher: str, student: str, output: str, online: bool, qtype: str | 
             fail(str(exc))
 
     def job(**kwargs: Any) -> Any:
-        from slim.runtime.distill import distill
+        from slim.runtime.train.distill import distill
 
         return distill(teacher, student, out_dir=output, online=online, qtype=qtype, **kwargs)
 

@@ -40,7 +40,7 @@ def command(models: tuple[str, ...], text_file: str, ctx: int, reference: str | 
     from tqdm import tqdm
 
     from slim.runtime import store
-    from slim.runtime.evaluate import evaluate, reports_json
+    from slim.runtime.inference.evaluate import evaluate, reports_json
 
     if reference and reference_logits:
         fail("give --reference or --reference-logits, not both")

@@ -25,7 +25,7 @@ def command(source: str, output: str, dtype: str, as_json: bool) -> None:
       slim export smollm2-135m -o ./smollm2-hf
     """
     from slim.runtime import store
-    from slim.runtime.export import export
+    from slim.runtime.pipeline.export import export
 
     try:
         summary = export(store.resolve(source), output, dtype)

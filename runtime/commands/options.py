@@ -53,7 +53,7 @@ def generation_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def sampling_params(options: dict[str, Any]) -> Any:
     """SamplingParams from the flags the user gave (None means: the engine's default)."""
-    from slim.runtime.engine import SamplingParams
+    from slim.runtime.inference.engine import SamplingParams
 
     chosen = {name: options.get(name) for name in SAMPLING_NAMES}
     chosen["stop"] = tuple(chosen["stop"] or ()) or None
@@ -63,7 +63,7 @@ def sampling_params(options: dict[str, Any]) -> Any:
 def load_model(path: Any, **options: Any) -> Any:
     """engine.load with the CLI's way of failing: one line, exit 2 for a file or option that will
     not do, 1 when llama.cpp itself refuses, 130 on Ctrl-C."""
-    from slim.runtime import engine
+    from slim.runtime.inference import engine
 
     try:
         return engine.load(path, **options)

@@ -11,10 +11,10 @@ from typing import Any
 
 import click
 
-from slim.runtime import mixes
+from slim.runtime.formats import mixes
 from slim.runtime.cli import fail
 from slim.runtime.commands.options import read_text_file
-from slim.runtime.prune import LAYER_SCORES, METHODS
+from slim.runtime.pipeline.prune import LAYER_SCORES, METHODS
 
 
 @click.command(name="prune")
@@ -83,7 +83,7 @@ def command(source: str, output: str, method: str, sparsity: float | None, patte
     """
     from tqdm import tqdm
 
-    from slim.runtime.prune import PruneError
+    from slim.runtime.pipeline.prune import PruneError
 
     to_gguf = output.endswith(".gguf")
     text, held_out = _read(text_file), _read(eval_text)
@@ -124,7 +124,7 @@ def _read(path: str | None) -> str | None:
 def _check_options(method: str, to_gguf: bool, qtype: str | None, text: str | None, imatrix: str | None,
                    sparsity: float | None, pattern: str | None, remove: int | None, heal: int | None) -> None:
     """Refuse flags that the method would silently ignore, before any work starts."""
-    from slim.runtime.prune import UNSTRUCTURED, PruneError
+    from slim.runtime.pipeline.prune import UNSTRUCTURED, PruneError
 
     if heal is not None:
         import importlib.util
@@ -158,9 +158,9 @@ def _run(source: str, out: Path, work: Path, bar: Any, *, method: str, text: str
          ctx: int, chunks: int | None, qtype: str | None, held_out: str | None, heal: int | None, dry_run: bool,
          threads: int | None, **amounts: Any) -> dict[str, Any]:
     from slim import models
-    from slim.runtime.checkpoint import Checkpoint
-    from slim.runtime.convert import convert
-    from slim.runtime.prune import (check_amounts, expected_size, parameter_count, parse_pattern, plan_layers,
+    from slim.runtime.formats.checkpoint import Checkpoint
+    from slim.runtime.pipeline.convert import convert
+    from slim.runtime.pipeline.prune import (check_amounts, expected_size, parameter_count, parse_pattern, plan_layers,
                                     plan_unstructured, plan_width, prune_checkpoint)
 
     hf_source, source_gguf, source_bytes = _source(source, work)
@@ -172,14 +172,14 @@ def _run(source: str, out: Path, work: Path, bar: Any, *, method: str, text: str
 
     calibration = None
     if imatrix:
-        from slim.runtime.calibrate import Calibration
+        from slim.runtime.pipeline.calibrate import Calibration
 
         calibration = Calibration.load(imatrix)
     if source_gguf is None and (heal is not None or (text is not None and not imatrix and method != "magnitude")):
         source_gguf = work / "source-f16.gguf"  # llama.cpp runs the calibration and the healing teacher
         convert(hf_source, source_gguf, "F16")
     if calibration is None and text is not None and method != "magnitude":
-        from slim.runtime.calibrate import calibrate
+        from slim.runtime.pipeline.calibrate import calibrate
 
         with bar("calibrating", "chunk") as progress:
             calibration = calibrate(source_gguf, text, ctx=ctx, chunks=chunks, threads=threads,
@@ -206,7 +206,7 @@ def _run(source: str, out: Path, work: Path, bar: Any, *, method: str, text: str
     if method in ("magnitude", "wanda"):
         report.update(zeroed=summary.zeroed, block_weights=summary.block_weights)
     if heal is not None:
-        from slim.runtime.distill import distill
+        from slim.runtime.train.distill import distill
 
         healed = work / "healed-hf"  # its training checkpoint (healed-hf.ckpt) stays in the work folder
         with bar("teacher", "chunk") as teacher_bar, bar("healing", "step") as heal_bar:
@@ -229,7 +229,7 @@ def _run(source: str, out: Path, work: Path, bar: Any, *, method: str, text: str
         report["type"], evaluated = qtype, out
     report["output_bytes"] = out.stat().st_size if qtype else summary.size_bytes
     if held_out is not None:
-        from slim.runtime.evaluate import evaluate
+        from slim.runtime.inference.evaluate import evaluate
 
         if evaluated is None:
             evaluated = work / "pruned-f16.gguf"
@@ -244,8 +244,8 @@ def _run(source: str, out: Path, work: Path, bar: Any, *, method: str, text: str
 def _source(source: str, work: Path) -> tuple[Path, Path | None, int]:
     """(HF folder, GGUF of the same model or None, bytes of the source's weights)."""
     from slim.runtime import store
-    from slim.runtime.convert import resolve_source
-    from slim.runtime.export import export
+    from slim.runtime.pipeline.convert import resolve_source
+    from slim.runtime.pipeline.export import export
 
     path = Path(source).expanduser()
     if path.is_dir() or (source.count("/") == 1 and not path.exists() and not source.endswith(".gguf")):

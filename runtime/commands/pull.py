@@ -47,7 +47,7 @@ def command(source: str, qtype: str | None, name: str | None, as_json: bool, qui
       slim pull HuggingFaceTB/SmolLM2-360M-Instruct --type Q8_0
     """
     from slim.runtime import store
-    from slim.runtime.hub import HubError, HubInputError, is_repo_id
+    from slim.runtime.store.hub import HubError, HubInputError, is_repo_id
 
     try:
         if name is not None:
@@ -79,7 +79,8 @@ def command(source: str, qtype: str | None, name: str | None, as_json: bool, qui
 
 
 def _pull_catalog(source: str, qtype: str | None, name: str | None):
-    from slim.runtime import assets, store
+    from slim.runtime.store import assets
+    from slim.runtime import store
 
     catalog = store.CATALOG[source]
     if qtype is not None:
@@ -96,7 +97,8 @@ def default_name(repo_id: str, qtype: str | None) -> str:
 
 
 def _pull_hub(repo_id: str, qtype: str | None, name: str | None, progress: bool):
-    from slim.runtime import hub, store
+    from slim.runtime.store import hub
+    from slim.runtime import store
 
     name = name or default_name(repo_id, qtype)
     try:
@@ -119,8 +121,8 @@ def _download_gguf(listing, qtype: str | None, target: Path, progress: bool) -> 
     """Download the chosen GGUF to `target` (checked before it is moved there); its file type."""
     from tqdm import tqdm
 
-    from slim.runtime import hub
-    from slim.runtime.gguf_file import open_gguf
+    from slim.runtime.store import hub
+    from slim.runtime.formats.gguf_file import open_gguf
 
     filename = hub.pick_gguf(listing, qtype)
     remote = hub.remote_file(listing.repo_id, filename, listing.sha)
@@ -152,8 +154,9 @@ def _convert_checkpoint(repo_id: str, qtype: str, target: Path, progress: bool) 
     file next to it and renames it into place when complete); the type it was converted to."""
     from tqdm import tqdm
 
-    from slim.runtime import hub, mixes
-    from slim.runtime.convert import convert
+    from slim.runtime.store import hub
+    from slim.runtime.formats import mixes
+    from slim.runtime.pipeline.convert import convert
 
     mixes.mix(qtype)  # an unknown type fails before any download
     if not progress:

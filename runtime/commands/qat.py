@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from slim.runtime import mixes
+from slim.runtime.formats import mixes
 from slim.runtime.cli import fail
 from slim.runtime.commands.distill import require_torch, run_training, training_options
 
@@ -47,7 +47,7 @@ def command(source: str, qtype: str, output: str, teacher: str | None, imatrix: 
         fail(str(exc))
 
     def job(**kwargs: Any) -> Any:
-        from slim.runtime.qat import qat
+        from slim.runtime.train.qat import qat
 
         return qat(source, qtype, output=output, teacher=teacher, imatrix=imatrix, **kwargs)
 

@@ -48,7 +48,7 @@ def command(model: str, prompt: str, system: str | None, ctx: int | None, thread
     if raw and system is not None:
         fail("--system needs the chat template; it cannot be combined with --raw")
 
-    from slim.runtime import engine  # imports llama.cpp: only when a model is run
+    from slim.runtime.inference import engine  # imports llama.cpp: only when a model is run
 
     try:
         params = sampling_params(sampling)

@@ -12,12 +12,12 @@ import click
 from slim.runtime.cli import fail
 
 if TYPE_CHECKING:
-    from slim.runtime.server import ModelSpec
+    from slim.runtime.serve.server import ModelSpec
 
 
 def model_spec(name: str, path: Path, keep_loaded: bool = False) -> ModelSpec:
     """A server.ModelSpec: a store name and its file name, or a path's file name and stem."""
-    from slim.runtime.server import ModelSpec
+    from slim.runtime.serve.server import ModelSpec
 
     names = [name, path.name] if os.sep not in name and not name.endswith(".gguf") else [path.name, path.stem]
     return ModelSpec(list(dict.fromkeys(names)), path, keep_loaded)
@@ -49,7 +49,7 @@ class MemorySize(click.ParamType):
                 share = -1.0
             if not 0 < share <= 100:
                 self.fail(f"{value!r} is not a percentage of the RAM between 0 and 100", param, ctx)
-            from slim.runtime.server import ram_bytes
+            from slim.runtime.serve.server import ram_bytes
 
             return int(ram_bytes() * share / 100)
         match = _SIZE.match(text)
@@ -105,8 +105,10 @@ def command(models: tuple[str, ...], host: str, port: int, parallel: int, queue_
       slim serve smollm2-135m --port 8000 --parallel 8 --api-key s3cret
       slim serve small.gguf large.gguf --memory-budget 6G --keep-alive 600
     """
-    from slim.runtime import engine, server, store
-    from slim.runtime.gguf_file import check_gguf
+    from slim.runtime.inference import engine
+    from slim.runtime.serve import server
+    from slim.runtime import store
+    from slim.runtime.formats.gguf_file import check_gguf
 
     try:
         named = list(dict.fromkeys(models or [store.DEFAULT_MODEL]))

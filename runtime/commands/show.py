@@ -19,7 +19,7 @@ def command(model: str | None, template: bool, as_json: bool) -> None:
     MODEL is a store name, a catalog name or a path to a .gguf [default: smollm2-135m].
     """
     from slim.runtime import store
-    from slim.runtime.model_info import describe
+    from slim.runtime.formats.model_info import describe
 
     try:
         info = describe(store.resolve(model))

@@ -248,9 +248,9 @@ def calibrate(
     block i - 1, so removing blocks i..i+k-1 turns the stream by arccos(C[i, i + k]).
     include_output also collects output.weight (llama-imatrix --process-output).
     """
-    from slim.runtime import engine
-    from slim.runtime.evaluate import chunk_tokens
-    from slim.runtime.gguf_file import check_gguf
+    from slim.runtime.inference import engine
+    from slim.runtime.inference.evaluate import chunk_tokens
+    from slim.runtime.formats.gguf_file import check_gguf
 
     if ctx < _MIN_ROWS:
         raise CalibrationError(f"--ctx must be at least {_MIN_ROWS} tokens, got {ctx}")

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from slim.runtime.gguf_file import fields, open_gguf
+from slim.runtime.formats.gguf_file import fields, open_gguf
 
 
 @dataclass

@@ -7,7 +7,7 @@ The grid is frozen. Training keeps float weights w, and the forward pass uses th
     y = step * clamp(round((w - offset) / step), low, high) + offset
 
 with a straight-through gradient (dy/dw taken as 1), against the teacher distribution of the
-unquantized model (slim.runtime.distill, offline: top-k of an F16 GGUF of the source). At export the
+unquantized model (slim.runtime.train.distill, offline: top-k of an F16 GGUF of the source). At export the
 final codes go back into the same blocks, only the code bits changing, so the GGUF dequantizes to
 exactly the weights the last forward pass used: there is no second rounding.
 """
@@ -27,9 +27,9 @@ from torch.nn.utils import parametrize
 
 from slim import kernels
 from slim.kernels import grid as grids
-from slim.runtime import mixes
-from slim.runtime import student as student_lib
-from slim.runtime.distill import (DistillError, Options, Summary, check_vocabulary, checkpoint_path, gguf_tokens,
+from slim.runtime.formats import mixes
+from slim.runtime.train import student as student_lib
+from slim.runtime.train.distill import (DistillError, Options, Summary, check_vocabulary, checkpoint_path, gguf_tokens,
                                   summarize, teacher_targets, train)
 
 
@@ -86,7 +86,7 @@ def quantized_tensors(model: student_lib.Decoder, mix_name: str, has_imatrix: bo
 def attach_grids(model: student_lib.Decoder, mix_name: str, calibration: Any = None
                  ) -> dict[str, tuple[str, str, np.ndarray]]:
     """Quantize each weight the mix quantizes (post-training, importance-weighted where the
-    calibration, a slim.runtime.calibrate.Calibration, covers it), freeze its grid, and make the
+    calibration, a slim.runtime.pipeline.calibrate.Calibration, covers it), freeze its grid, and make the
     forward pass use the weight rounded onto it. Returns HF name -> (GGUF name, type, initial blocks)."""
     attached = {}
     for name, (gguf_name, qtype) in quantized_tensors(model, mix_name, calibration is not None).items():
@@ -131,8 +131,8 @@ def write_gguf(model: student_lib.Decoder, source: Path, blocks: dict[str, np.nd
     """The trained model as a GGUF of the mix: slim convert writes the file (metadata, tokenizer,
     F32 tensors from the trained weights), then every quantized tensor's data is replaced by the
     trained blocks, which have the same type and size."""
-    from slim.runtime.convert import convert
-    from slim.runtime.gguf_file import open_gguf
+    from slim.runtime.pipeline.convert import convert
+    from slim.runtime.formats.gguf_file import open_gguf
 
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
         student_lib.save(model, source, Path(tmp) / "hf")
@@ -157,8 +157,8 @@ def qat(source: str | os.PathLike[str], qtype: str, text: str, output: str | os.
     """Quantization-aware training of the HF checkpoint `source` for the --type mix `qtype`; writes
     the GGUF `output`. teacher: a GGUF of the unquantized model (default: `source` converted to F16).
     imatrix: an importance matrix (slim calibrate) for the initial quantization. options: see
-    slim.runtime.distill.Options."""
-    from slim.runtime.convert import convert, load_imatrix, resolve_source
+    slim.runtime.train.distill.Options."""
+    from slim.runtime.pipeline.convert import convert, load_imatrix, resolve_source
 
     started = time.perf_counter()
     settings = Options(**options)

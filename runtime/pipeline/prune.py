@@ -33,9 +33,9 @@ import numpy as np
 from slim import models
 from slim.kernels import QTYPES
 from slim.models.base import IGNORED
-from slim.runtime import mixes
-from slim.runtime.calibrate import Calibration
-from slim.runtime.checkpoint import Checkpoint, TensorRef, write_safetensors
+from slim.runtime.formats import mixes
+from slim.runtime.pipeline.calibrate import Calibration
+from slim.runtime.formats.checkpoint import Checkpoint, TensorRef, write_safetensors
 
 UNSTRUCTURED = ("magnitude", "wanda")
 METHODS = UNSTRUCTURED + ("layers", "width")

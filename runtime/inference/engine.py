@@ -1,6 +1,6 @@
 """slim's inference engine: llama.cpp's C API driven directly, one token at a time.
 
-    from slim.runtime import engine
+    from slim.runtime.inference import engine
 
     model = engine.load("smollm2.gguf")                       # threads and context chosen for the machine
     reply = model.chat([{"role": "user", "content": "Hi!"}], temperature=0)
@@ -18,7 +18,7 @@
 The public API is `load`, `Model` (`chat`, `complete`, `session`, `tokenize`, `detokenize`,
 `render_chat`), `ChatSession` (`send`, `messages`, `last_result`), `SamplingParams`, `Stream`,
 `Result`, `Timings`, and the errors `ContextError` (the prompt does not fit), `TemplateError`,
-`EngineError` (llama.cpp refused) and `slim.runtime.gguf_file.GGUFError` (not a usable GGUF).
+`EngineError` (llama.cpp refused) and `slim.runtime.formats.gguf_file.GGUFError` (not a usable GGUF).
 
 Design. One `Model` holds one llama.cpp model and one context whose KV cache has `n_seq_max`
 sequences ("slots"). Each slot records exactly which tokens its KV cache holds; every request
@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 
-from slim.runtime.gguf_file import GGUFError, check_gguf
+from slim.runtime.formats.gguf_file import GGUFError, check_gguf
 
 __all__ = [
     "ChatSession", "ContextError", "EngineError", "GGUFError", "Model", "Result", "SamplingParams",
@@ -433,7 +433,7 @@ def load(model_path: str | os.PathLike[str], **options: Any) -> "Model":
     (default n_batch: tokens per compute pass), n_seq_max (1: KV-cache sequences, sharing n_ctx),
     extra_buffers (weight repacking; default on unless llama.cpp was built with its AMX kernels,
     whose multi-token batches crash: extra_buffers=True with n_ubatch=1 uses them safely),
-    eval_callback (llama.cpp's cb_eval, to observe intermediate tensors: slim.runtime.calibrate).
+    eval_callback (llama.cpp's cb_eval, to observe intermediate tensors: slim.runtime.pipeline.calibrate).
     Raises GGUFError for a file that is not a usable GGUF, EngineError if llama.cpp refuses it."""
     return Model(model_path, **options)
 
@@ -630,7 +630,7 @@ class Model:
     def logits(self, tokens: Sequence[int], first: int = 0) -> Any:
         """Logits at positions first..len(tokens)-1 of `tokens` evaluated as one fresh sequence
         (the first slot's cache is cleared): a float32 array (len(tokens) - first, n_vocab).
-        This is what perplexity and KL divergence are computed from (slim.runtime.evaluate)."""
+        This is what perplexity and KL divergence are computed from (slim.runtime.inference.evaluate)."""
         import numpy as np
 
         if len(tokens) > self.n_ctx:

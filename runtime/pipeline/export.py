@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from slim import models
-from slim.runtime.checkpoint import write_safetensors
-from slim.runtime.gguf_file import fields, open_gguf, tensor_array
+from slim.runtime.formats.checkpoint import write_safetensors
+from slim.runtime.formats.gguf_file import fields, open_gguf, tensor_array
 
 DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
@@ -41,7 +41,7 @@ class ExportSummary:
 
 
 def export(source: str | os.PathLike[str], output: str | os.PathLike[str], dtype: str = "F32") -> ExportSummary:
-    from slim.runtime.tokenizer import TokenizerError, write_hf_tokenizer
+    from slim.runtime.formats.tokenizer import TokenizerError, write_hf_tokenizer
 
     started = time.perf_counter()
     dtype = dtype.upper()

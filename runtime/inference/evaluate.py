@@ -113,8 +113,8 @@ def evaluate(
     Returns the report and, when a reference GGUF was evaluated, its logits (for reuse across
     several models). progress(done, total) is called after each chunk.
     """
-    from slim.runtime import engine
-    from slim.runtime.model_info import describe
+    from slim.runtime.inference import engine
+    from slim.runtime.formats.model_info import describe
 
     if n_ctx < 16 or n_ctx % 2:
         raise EvalError(f"--ctx must be an even number of at least 16, got {n_ctx}")

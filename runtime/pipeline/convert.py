@@ -23,11 +23,11 @@ import numpy as np
 
 from slim import kernels, models
 from slim.kernels import QTYPES
-from slim.runtime import mixes
-from slim.runtime.checkpoint import Checkpoint, CheckpointError, TensorRef
+from slim.runtime.formats import mixes
+from slim.runtime.formats.checkpoint import Checkpoint, CheckpointError, TensorRef
 
 if TYPE_CHECKING:
-    from slim.runtime.calibrate import Calibration
+    from slim.runtime.pipeline.calibrate import Calibration
 
 GGML_QUANT_VERSION = 2
 
@@ -94,7 +94,7 @@ def convert(
     scale search, byte-identical) or "thorough" (a wider search; standard blocks, lower error).
     progress(n_bytes) is called as each tensor is written; on_plan(total_bytes) once before.
     """
-    from slim.runtime.tokenizer import TokenizerError, read_hf_tokenizer, write_to_gguf
+    from slim.runtime.formats.tokenizer import TokenizerError, read_hf_tokenizer, write_to_gguf
 
     started = time.perf_counter()
     chosen = mixes.mix(qtype)
@@ -166,14 +166,14 @@ def resolve_source(source: str | os.PathLike[str]) -> Path:
     text = str(source)
     if text.count("/") != 1 or text.startswith((".", "/")):
         raise CheckpointError(f"{text} does not exist; pass a local model folder or a hub repo id like owner/name")
-    from slim.runtime.hub import download_checkpoint
+    from slim.runtime.store.hub import download_checkpoint
 
     return download_checkpoint(text)
 
 
 def load_imatrix(path: str | os.PathLike[str]) -> "Calibration":
     """An importance matrix file, with convert's error for a missing one."""
-    from slim.runtime.calibrate import Calibration
+    from slim.runtime.pipeline.calibrate import Calibration
 
     if not Path(path).is_file():
         raise ConvertError(f"importance matrix {path} does not exist; make one with `slim calibrate`")
