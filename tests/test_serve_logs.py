@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-httpx = pytest.importorskip("httpx")
-
 from slim.runtime import inference, serve
 from slim.runtime.serve.logs import logger
+
+httpx = pytest.importorskip("httpx")
 
 MODEL = "smollm2-135m"
 

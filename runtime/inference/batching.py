@@ -313,7 +313,7 @@ def _token_logprobs(model: Model, log_probs: Any, token: int, data: bytes, top: 
     import numpy as np
 
     entry = _token_entry(model, token, data, log_probs[token])
-    best = np.argpartition(-log_probs, top)[:top] if top else []
-    best = sorted(best, key=lambda t: -log_probs[t])
+    candidates: Any = np.argpartition(-log_probs, top)[:top] if top else []
+    best = sorted(candidates, key=lambda t: -log_probs[t])
     entry["top_logprobs"] = [_token_entry(model, int(t), None, log_probs[t]) for t in best]
     return entry

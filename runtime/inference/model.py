@@ -6,7 +6,7 @@ from __future__ import annotations
 import ctypes
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from slim.runtime.formats.gguf_file import check_gguf
 from slim.runtime.inference.batching import Batch, Batcher, Done, Failed, Piece, Slot
 from slim.runtime.inference.chat_template import FALLBACK_STOPS, FALLBACK_TEMPLATE, compile_template, render_chat
-from slim.runtime.inference.errors import ContextError, EngineError, TemplateError
+from slim.runtime.inference.errors import ContextError, EngineError
 from slim.runtime.inference.llama import llama_bindings, physical_cores
 from slim.runtime.inference.sampling import SamplingParams
 
@@ -63,7 +63,7 @@ class Stream:
     """An iterator over the text pieces of one request. Once it is exhausted, `result` holds the
     Result. close() (or leaving a `with` block) stops generation early."""
 
-    def __init__(self, generator: Iterator[str]) -> None:
+    def __init__(self, generator: Generator[str, None, Result]) -> None:
         self._generator = generator
         self.result: Result | None = None
 
@@ -402,14 +402,15 @@ class Model:
 
     # ---- the core loop: one sequence through the Batcher ------------------------------------
 
-    def _generate(self, slot: Slot, prompt: list[int], params: SamplingParams) -> Iterator[str]:
+    def _generate(self, slot: Slot, prompt: list[int], params: SamplingParams) -> Generator[str, None, Result]:
         """Yields text pieces; returns the Result. At every yield the slot's KV cache holds exactly
         slot.tokens, so a consumer may abandon the stream at any point."""
         t_start = time.perf_counter()
         batcher = Batcher(self, [slot])
         pieces: list[str] = []
-        finish = None
-        t_first = t_last = None
+        finish: str | None = None
+        t_first: float | None = None
+        t_last = t_start
         try:
             sequence = batcher.add(prompt, params)
             epoch = slot.epoch
@@ -433,6 +434,7 @@ class Model:
         finally:
             batcher.close()
         t_end = time.perf_counter()
+        assert finish is not None and t_first is not None
         t_prompt = sequence.prompt_done_s or t_first
         n_eval = len(prompt) - sequence.cached_tokens
         prompt_s = t_prompt - t_start

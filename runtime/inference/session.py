@@ -3,7 +3,7 @@ each turn evaluates only the tokens it adds."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,7 +64,7 @@ class ChatSession:
         reply = Stream(self._follow(turn, inner, dropped))
         return reply if stream else reply.collect()
 
-    def _follow(self, turn: _Turn, inner: Stream, dropped: int) -> Iterator[str]:
+    def _follow(self, turn: _Turn, inner: Stream, dropped: int) -> Generator[str, None, Result]:
         try:
             for piece in inner:
                 turn.text += piece

@@ -51,7 +51,8 @@ class Server:
     def bind(self, host: str = "127.0.0.1", port: int = 8080) -> tuple[str, int]:
         handler = type("Handler", (_Handler,), {"app": self})
         self.httpd = _HTTPServer((host, port), handler)
-        return self.httpd.server_address[:2]
+        bound_host, bound_port = self.httpd.server_address[:2]
+        return str(bound_host), int(bound_port)
 
     def serve(self, host: str = "127.0.0.1", port: int = 8080) -> None:
         """Bind and serve until shutdown() or KeyboardInterrupt."""
@@ -364,7 +365,7 @@ class _Handler(BaseHTTPRequestHandler):
         started = False
 
         def send(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> None:
-            chunk = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+            chunk: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                      "created": created, "model": model_id, "system_fingerprint": "slim", "choices": choices}
             if include_usage:
                 chunk["usage"] = usage

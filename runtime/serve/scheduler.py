@@ -97,7 +97,7 @@ class Scheduler:
                     self._cond.wait()
                 if self._stopping:
                     break
-                admitted = []
+                admitted: list[Job] = []
                 while self._pending and len(admitted) < self._batcher.free:
                     job = self._pending.popleft()
                     if not job.cancelled.is_set():
