@@ -1,6 +1,6 @@
 """Generation speed of slim's engine against llama.cpp, on the same GGUF, threads and prompt, in one run.
 
-    slim:              slim.runtime.inference.engine Model.complete (greedy, --tokens tokens)
+    slim:              slim.runtime.inference Model.complete (greedy, --tokens tokens)
     llama-cpp-python:  Llama.create_completion, streamed (greedy, the same prompt and tokens)
     llama-bench:       tg<tokens> of llama.cpp's own benchmark, built from the sources llama-cpp-python
                        vendors (llama_cpp_source.build_tool, the first run builds it) and run on the
@@ -32,9 +32,9 @@ PROMPT = "Once upon a time, in a small village at the edge of a great forest, th
 
 
 def slim_side(path: Path, threads: int, n_ctx: int):
-    from slim.runtime.inference import engine
+    from slim.runtime import inference
 
-    model = engine.load(path, n_threads=threads, n_ctx=n_ctx)
+    model = inference.load(path, n_threads=threads, n_ctx=n_ctx)
 
     def run(prompt: str, tokens: int) -> tuple[int, float]:
         model.clear_cache()
@@ -48,7 +48,7 @@ def llama_cpp_python_side(path: Path, threads: int, n_ctx: int, extra_buffers: b
     import llama_cpp
     import llama_cpp.llama as high_level
 
-    # Same weight placement as slim's engine (see engine.Model: the AMX path crashes).
+    # Same weight placement as slim's engine (see inference.Model: the AMX path crashes).
     defaults = high_level.llama_cpp.llama_model_default_params
 
     def model_params():
@@ -89,7 +89,7 @@ def llama_bench(binary: Path, path: Path, threads: int, tokens: int, repeat: int
     """llama-bench's tg<tokens> average (tokens/s) and the options it ran with. With library_dir,
     its libllama/libggml come from there (LD_LIBRARY_PATH beats the binary's RUNPATH): the same
     build slim and llama-cpp-python run on. Retried with --repack 0 if it fails (a build with
-    ggml's AMX kernels can crash in them, see engine.Model)."""
+    ggml's AMX kernels can crash in them, see inference.Model)."""
     command = [str(binary), "-m", str(path), "-t", str(threads), "-p", "0", "-n", str(tokens),
                "-r", str(repeat), "-o", "json"]
     env = dict(os.environ)
@@ -134,11 +134,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from slim.runtime.store import assets
-    from slim.runtime.inference import engine
+    from slim.runtime import inference
 
     path = Path(args.model) if args.model else assets.fetch("smollm2-135m-instruct-q4_1.gguf")
     n_ctx = 1024
-    L = engine.llama_bindings()
+    L = inference.llama_bindings()
     system_info = L.llama_print_system_info().decode().strip()
     extra_buffers = "AMX_INT8 = 1" not in system_info
     print(f"model {path.name}, {args.threads} threads, {args.tokens} tokens, greedy, {args.repeat} rounds")

@@ -54,7 +54,7 @@ def main() -> None:
 
     from slim import models
     from slim.runtime.store import assets
-    from slim.runtime.inference import engine
+    from slim.runtime import inference
     from slim.runtime.pipeline.calibrate import calibrate
     from slim.runtime.formats.checkpoint import Checkpoint
     from slim.runtime.pipeline.convert import convert
@@ -132,7 +132,7 @@ def main() -> None:
             timed[f"K={k}"] = chosen
             lines.append(cells)
             print("| " + " | ".join(cells) + " |", flush=True)
-        speeds = generation_speeds(engine, timed, args.speed_threads, args.tokens, args.repeat)
+        speeds = generation_speeds(inference, timed, args.speed_threads, args.tokens, args.repeat)
         print(f"\nwith sizes and generation speeds ({args.speed_threads} thread(s), {args.tokens} tokens, "
               f"median of {args.repeat}):")
         dense_mb = dense.stat().st_size / 1e6
@@ -166,9 +166,9 @@ def block_bytes(path: Path, block: int) -> int:
     return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors if t.name.startswith(f"blk.{block}."))
 
 
-def generation_speeds(engine, paths: dict[str, Path], threads: int, tokens: int, repeat: int) -> dict[str, float]:
+def generation_speeds(inference, paths: dict[str, Path], threads: int, tokens: int, repeat: int) -> dict[str, float]:
     """Median greedy generation speed (tokens/s) of each model, the models taking turns each round."""
-    loaded = {label: engine.load(path, n_threads=threads, n_ctx=512) for label, path in paths.items()}
+    loaded = {label: inference.load(path, n_threads=threads, n_ctx=512) for label, path in paths.items()}
     runs: dict[str, list[float]] = {label: [] for label in paths}
     try:
         for model in loaded.values():
@@ -192,9 +192,9 @@ def transformers_agreement(hf: Path, path: Path, text: str) -> str:
     import torch
     import transformers
 
-    from slim.runtime.inference import engine
+    from slim.runtime import inference
 
-    with engine.load(path, n_ctx=512, n_threads=2) as model:
+    with inference.load(path, n_ctx=512, n_threads=2) as model:
         tokens = model.tokenize(text, add_special=True, parse_special=False)[:256]
         ours = model.logits(tokens)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)

@@ -166,18 +166,17 @@ def run_server(name: str, command: list[str], model: str, args: argparse.Namespa
 
 def decode_steps(path: Path, steps: int = 24) -> None:
     """CPU ms per decode step by number of sequences and by their order in the batch (one thread)."""
-    from slim.runtime.inference import engine
+    from slim.runtime import inference
 
     def measure(order: list[int]) -> float:
-        with engine.load(path, n_ctx=512 * len(order), n_seq_max=len(order), n_threads=1) as model:
-            L, batch = model._L, model._batch
+        with inference.load(path, n_ctx=512 * len(order), n_seq_max=len(order), n_threads=1) as model:
+            batch = inference.Batch(model.n_batch)
             prompts = [model.tokenize(PROMPTS[s % len(PROMPTS)]) for s in order]
             batch.clear()
             for s, tokens in zip(order, prompts):
                 for i, token in enumerate(tokens):
                     batch.add(token, i, s, i == len(tokens) - 1)
-            batch.raw.n_tokens = batch.n
-            L.llama_decode(model._ctx, batch.raw)
+            model.decode(batch)
             positions = {s: len(tokens) for s, tokens in zip(order, prompts)}
             start = time.thread_time()
             for step in range(steps):
@@ -185,8 +184,8 @@ def decode_steps(path: Path, steps: int = 24) -> None:
                 for s in order:
                     batch.add(100 + step, positions[s], s, True)
                     positions[s] += 1
-                batch.raw.n_tokens = batch.n
-                L.llama_decode(model._ctx, batch.raw)
+                model.decode(batch)
+            batch.free()
             return (time.thread_time() - start) / steps * 1000
 
     print(f"{'sequences':<22}{'CPU ms/step':>12}{'tokens per CPU s':>18}")

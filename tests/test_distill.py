@@ -152,7 +152,7 @@ def test_teacher_top_k_is_llama_cpp_and_is_cached(teacher_gguf: Path, text: Path
     def no_llama(*args: object, **kwargs: object) -> None:
         raise AssertionError("the cached top-k should have been used")
 
-    monkeypatch.setattr("slim.runtime.inference.engine.load", no_llama)
+    monkeypatch.setattr("slim.runtime.inference.load", no_llama)
     again = distill_lib.teacher_targets(teacher_gguf, sample, 64, 8, threads=1, cache_dir=tmp_path)
     assert np.array_equal(again.top_ids, targets.top_ids) and np.array_equal(again.tokens, targets.tokens)
     with pytest.raises(AssertionError):  # another k is another cache entry
@@ -205,7 +205,7 @@ def test_distill_cli_moves_the_student_towards_the_teacher(teacher_gguf: Path, s
     assert summary["steps"] == 12 and summary["last_loss"] < summary["first_loss"]
     assert (tmp_path / "out.ckpt").is_file() and list((tmp_path / "cache").glob("*.npz"))
     assert Path(summary["gguf"]) == tmp_path / "out-q8_0.gguf"
-    from slim.runtime.inference.engine import load
+    from slim.runtime.inference import load
 
     with load(summary["gguf"], n_ctx=64, n_threads=1) as model:
         assert model.logits(model.tokenize("Paris is"))[-1].shape == (49152,)

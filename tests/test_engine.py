@@ -13,21 +13,22 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from slim.runtime.inference import engine
+from slim.runtime import inference
 from slim.runtime.formats.gguf_file import check_gguf
-from slim.runtime.inference.engine import ContextError, SamplingParams, _TextAssembler
+from slim.runtime.inference import ContextError, SamplingParams, TextAssembler
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16)
 STORY = [{"role": "user", "content": "Write a long story about a dragon."}]
 
 
 @pytest.fixture(scope="module")
-def model(smollm2_gguf: Path) -> engine.Model:
-    with engine.load(smollm2_gguf, n_ctx=1024, n_threads=1) as m:
+def model(smollm2_gguf: Path) -> inference.Model:
+    with inference.load(smollm2_gguf, n_ctx=1024, n_threads=1) as m:
         yield m
 
 
@@ -56,14 +57,14 @@ def slim_run(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
 
 def test_utf8_split_across_pieces_is_reassembled() -> None:
     data = "héllo 日本 🐉!".encode()
-    text = _TextAssembler([])
+    text = TextAssembler([])
     out = [text.push(data[i:i + 1]) for i in range(len(data))] + [text.finish()]
     assert "".join(out) == "héllo 日本 🐉!"
     assert "\ufffd" not in "".join(out)
 
 
 def test_stop_string_prefix_is_held_back_and_never_leaks() -> None:
-    text = _TextAssembler(["STOP"])
+    text = TextAssembler(["STOP"])
     assert text.push(b"abc S") == "abc "  # "S" could start STOP
     assert text.push(b"T") == ""
     assert text.push(b"x") == "STx"  # it was not STOP after all
@@ -73,7 +74,7 @@ def test_stop_string_prefix_is_held_back_and_never_leaks() -> None:
 
 
 def test_held_text_is_released_at_the_end() -> None:
-    text = _TextAssembler(["\n\n"])
+    text = TextAssembler(["\n\n"])
     assert text.push(b"one\n") == "one"
     assert text.finish() == "\n"
 
@@ -90,7 +91,7 @@ def test_sampling_params_are_checked() -> None:
 
 # ---- generation ----------------------------------------------------------------------------
 
-def test_greedy_is_deterministic(model: engine.Model) -> None:
+def test_greedy_is_deterministic(model: inference.Model) -> None:
     first = model.chat(STORY, params=GREEDY)
     model.clear_cache()
     second = model.chat(STORY, params=GREEDY)
@@ -99,13 +100,13 @@ def test_greedy_is_deterministic(model: engine.Model) -> None:
     assert third.cached_tokens == third.prompt_tokens - 1 and third.prompt_eval_tokens == 1
 
 
-def test_seeded_sampling_is_reproducible(model: engine.Model) -> None:
+def test_seeded_sampling_is_reproducible(model: inference.Model) -> None:
     a = model.complete("My favourite animal is", temperature=1.0, seed=7, max_tokens=12)
     b = model.complete("My favourite animal is", temperature=1.0, seed=7, max_tokens=12)
     assert a.text == b.text
 
 
-def test_streamed_pieces_join_to_the_text(model: engine.Model) -> None:
+def test_streamed_pieces_join_to_the_text(model: inference.Model) -> None:
     whole = model.chat(STORY, params=GREEDY)
     stream = model.chat(STORY, params=GREEDY, stream=True)
     pieces = list(stream)
@@ -114,7 +115,7 @@ def test_streamed_pieces_join_to_the_text(model: engine.Model) -> None:
     assert stream.result.completion_tokens == whole.completion_tokens
 
 
-def test_max_tokens_ends_with_length(model: engine.Model) -> None:
+def test_max_tokens_ends_with_length(model: inference.Model) -> None:
     result = model.chat(STORY, params=GREEDY.with_options(max_tokens=5))
     assert result.finish_reason == "length" and result.completion_tokens == 5
     timings = result.timings
@@ -122,13 +123,13 @@ def test_max_tokens_ends_with_length(model: engine.Model) -> None:
     assert timings.generation_tokens_per_s > 0 and timings.prompt_eval_s > 0
 
 
-def test_end_of_generation_ends_with_stop(model: engine.Model) -> None:
+def test_end_of_generation_ends_with_stop(model: inference.Model) -> None:
     result = model.chat([{"role": "user", "content": "Hi!"}], params=GREEDY.with_options(max_tokens=48))
     assert result.finish_reason == "stop" and result.completion_tokens < 48
     assert "<|im_end|>" not in result.text
 
 
-def test_stop_strings_cut_the_text_and_do_not_leak(model: engine.Model) -> None:
+def test_stop_strings_cut_the_text_and_do_not_leak(model: inference.Model) -> None:
     full = model.chat(STORY, params=GREEDY.with_options(max_tokens=24)).text
     words = full.split()
     stop = f"{words[3]} {words[4]}"  # spans several tokens
@@ -140,9 +141,9 @@ def test_stop_strings_cut_the_text_and_do_not_leak(model: engine.Model) -> None:
     assert all(stop not in piece for piece in pieces)
 
 
-def test_non_ascii_round_trips_through_the_token_pieces(model: engine.Model) -> None:
+def test_non_ascii_round_trips_through_the_token_pieces(model: inference.Model) -> None:
     text = "Drachen über 日本の山 🐉 café"
-    assembler = _TextAssembler([])
+    assembler = TextAssembler([])
     pieces = [assembler.push(model.token_bytes(t)) for t in model.tokenize(text, add_special=False)]
     assert "".join(pieces) + assembler.finish() == text
 
@@ -158,7 +159,7 @@ def test_non_ascii_round_trips_through_the_token_pieces(model: engine.Model) -> 
 
 # ---- chat templates ------------------------------------------------------------------------
 
-def test_chat_template_renders_chatml(model: engine.Model) -> None:
+def test_chat_template_renders_chatml(model: inference.Model) -> None:
     assert model.has_chat_template and model.template_warning is None
     prompt = model.render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
     assert prompt == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
@@ -167,20 +168,20 @@ def test_chat_template_renders_chatml(model: engine.Model) -> None:
 
 
 def test_render_chat_sandbox_and_errors() -> None:
-    text = engine.render_chat(engine.FALLBACK_TEMPLATE, [{"role": "user", "content": "Hi"}])
+    text = inference.render_chat(inference.FALLBACK_TEMPLATE, [{"role": "user", "content": "Hi"}])
     assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     refusing = "{{ raise_exception('no system messages') }}"
-    with pytest.raises(engine.TemplateError, match="no system messages"):
-        engine.render_chat(refusing, [{"role": "user", "content": "Hi"}])
-    with pytest.raises(engine.TemplateError):  # the sandbox refuses attribute tricks
-        engine.render_chat("{{ messages.__class__.__mro__ }}{{ ''.__class__.__subclasses__() }}",
+    with pytest.raises(inference.TemplateError, match="no system messages"):
+        inference.render_chat(refusing, [{"role": "user", "content": "Hi"}])
+    with pytest.raises(inference.TemplateError):  # the sandbox refuses attribute tricks
+        inference.render_chat("{{ messages.__class__.__mro__ }}{{ ''.__class__.__subclasses__() }}",
                            [{"role": "user", "content": "x"}])
-    with pytest.raises(engine.TemplateError, match="content"):
-        engine.render_chat(engine.FALLBACK_TEMPLATE, [{"role": "user"}])
+    with pytest.raises(inference.TemplateError, match="content"):
+        inference.render_chat(inference.FALLBACK_TEMPLATE, [{"role": "user"}])
 
 
 def test_a_model_without_template_falls_back_with_a_warning(no_template_gguf: Path) -> None:
-    with engine.load(no_template_gguf, n_ctx=512, n_threads=1) as bare:
+    with inference.load(no_template_gguf, n_ctx=512, n_threads=1) as bare:
         assert not bare.has_chat_template
         assert "no chat template" in bare.template_warning
         assert bare.render_chat([{"role": "user", "content": "Hi"}]).startswith("<|im_start|>user\nHi")
@@ -188,7 +189,7 @@ def test_a_model_without_template_falls_back_with_a_warning(no_template_gguf: Pa
         assert result.completion_tokens > 0 and "<|im_" not in result.text
         stream = bare.complete("Once upon a time", stream=True, params=GREEDY)
         next(stream)
-    with pytest.raises(engine.EngineError, match="closed"):  # the model went away under the stream
+    with pytest.raises(inference.EngineError, match="closed"):  # the model went away under the stream
         next(stream)
     run = slim_run(str(no_template_gguf), "Hi", "--temperature", "0", "-n", "4", "--threads", "1")
     assert run.returncode == 0, run.stderr
@@ -197,7 +198,7 @@ def test_a_model_without_template_falls_back_with_a_warning(no_template_gguf: Pa
 
 # ---- multi-turn and the KV cache ----------------------------------------------------------
 
-def test_second_turn_evaluates_only_what_it_adds(model: engine.Model) -> None:
+def test_second_turn_evaluates_only_what_it_adds(model: inference.Model) -> None:
     model.clear_cache()
     chat = model.session(system="You are a helpful assistant.", params=GREEDY)
     first = chat.send("What is the capital of France?")
@@ -219,7 +220,7 @@ def test_second_turn_evaluates_only_what_it_adds(model: engine.Model) -> None:
     assert fresh.text == second.text
 
 
-def test_context_error_names_the_numbers(model: engine.Model) -> None:
+def test_context_error_names_the_numbers(model: inference.Model) -> None:
     prompt = "alpha beta gamma delta " * 100
     n_prompt = len(model.tokenize(prompt))
     with pytest.raises(ContextError) as caught:
@@ -231,7 +232,7 @@ def test_context_error_names_the_numbers(model: engine.Model) -> None:
 
 
 def test_drop_oldest_policy(smollm2_gguf: Path) -> None:
-    with engine.load(smollm2_gguf, n_ctx=256, n_threads=1) as small:
+    with inference.load(smollm2_gguf, n_ctx=256, n_threads=1) as small:
         filler = "Tell me something about the sea, the sky, the mountains and the rivers of the world. "
         strict = small.session(system="Be brief.", params=GREEDY.with_options(max_tokens=8))
         kept = []
@@ -261,11 +262,11 @@ def test_drop_oldest_policy(smollm2_gguf: Path) -> None:
 
 # ---- interruption ---------------------------------------------------------------------------
 
-def _kv_positions(model: engine.Model, seq_id: int) -> int:
+def _kv_positions(model: inference.Model, seq_id: int) -> int:
     return model._L.llama_memory_seq_pos_max(model._memory, seq_id) + 1
 
 
-def test_interrupt_from_the_consumer_keeps_the_session_usable(model: engine.Model) -> None:
+def test_interrupt_from_the_consumer_keeps_the_session_usable(model: inference.Model) -> None:
     chat = model.session(params=GREEDY.with_options(max_tokens=24))
     stream = chat.send("Write a poem about the moon.", stream=True)
     seen = []
@@ -276,7 +277,7 @@ def test_interrupt_from_the_consumer_keeps_the_session_usable(model: engine.Mode
                 raise KeyboardInterrupt
     stream.close()
     assert chat.messages[-1] == {"role": "assistant", "content": "".join(seen)}  # the partial reply is kept
-    assert _kv_positions(model, chat._slot.seq_id) == len(chat._slot.tokens)
+    assert _kv_positions(model, chat.slot.seq_id) == len(chat.slot.tokens)
 
     after = chat.send("Thanks!", max_tokens=8)
     assert after.cached_tokens > 0 and after.completion_tokens > 0
@@ -285,7 +286,7 @@ def test_interrupt_from_the_consumer_keeps_the_session_usable(model: engine.Mode
     assert model.chat(history, params=GREEDY.with_options(max_tokens=8)).text == after.text
 
 
-def test_abandoned_stream_is_settled_by_the_next_turn(model: engine.Model) -> None:
+def test_abandoned_stream_is_settled_by_the_next_turn(model: inference.Model) -> None:
     chat = model.session(params=GREEDY)
     stream = chat.send("Count to ten.", stream=True)
     first = next(stream)
@@ -297,35 +298,31 @@ def test_abandoned_stream_is_settled_by_the_next_turn(model: engine.Model) -> No
     assert len(chat.messages) == 4
 
 
-class _InterruptingLlama:
-    """The llama.cpp bindings, except that one llama_decode call is followed by a Ctrl-C: Python
-    raises KeyboardInterrupt right after the C call returns, before the engine records it."""
+class _InterruptingDecode:
+    """Model.decode, except that one call is followed by a Ctrl-C: Python raises
+    KeyboardInterrupt right after llama_decode returns, before the engine records it."""
 
-    def __init__(self, real: object, at_call: int) -> None:
+    def __init__(self, real: Callable[[object], None], at_call: int) -> None:
         self._real, self._at, self.calls = real, at_call, 0
 
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._real, name)
-
-    def llama_decode(self, ctx: object, batch: object) -> int:
-        rc = self._real.llama_decode(ctx, batch)
+    def __call__(self, batch: object) -> None:
+        self._real(batch)
         self.calls += 1
         if self.calls == self._at:
             raise KeyboardInterrupt
-        return rc
 
 
 @pytest.mark.parametrize("at_call", [1, 4])  # during the prompt, during generation
-def test_interrupt_inside_llama_decode_keeps_the_cache_consistent(model: engine.Model, at_call: int,
+def test_interrupt_inside_llama_decode_keeps_the_cache_consistent(model: inference.Model, at_call: int,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     model.clear_cache()
     chat = model.session(params=GREEDY)
     chat.send("Hello there!", max_tokens=4)
-    monkeypatch.setattr(model, "_L", _InterruptingLlama(model._L, at_call))
+    monkeypatch.setattr(model, "decode", _InterruptingDecode(model.decode, at_call))
     with pytest.raises(KeyboardInterrupt):
         chat.send("Tell me about whales.")
     monkeypatch.undo()
-    slot = chat._slot
+    slot = chat.slot
     assert _kv_positions(model, slot.seq_id) == len(slot.tokens)  # nothing unrecorded stays cached
     if at_call == 1:
         assert [m["role"] for m in chat.messages] == ["user", "assistant"]  # the empty turn is undone
@@ -337,11 +334,11 @@ def test_interrupt_inside_llama_decode_keeps_the_cache_consistent(model: engine.
     assert model.chat(history, params=GREEDY.with_options(max_tokens=8)).text == again.text
 
 
-def test_sessions_on_separate_sequences_keep_their_own_cache(smollm2_gguf: Path, model: engine.Model) -> None:
-    with engine.load(smollm2_gguf, n_ctx=1024, n_threads=1, n_seq_max=2) as two:
+def test_sessions_on_separate_sequences_keep_their_own_cache(smollm2_gguf: Path, model: inference.Model) -> None:
+    with inference.load(smollm2_gguf, n_ctx=1024, n_threads=1, n_seq_max=2) as two:
         assert two.n_ctx == 512  # the context is shared out between the sequences
         a, b = two.session(params=GREEDY.with_options(max_tokens=6)), two.session(params=GREEDY.with_options(max_tokens=6))
-        assert a._slot.seq_id != b._slot.seq_id
+        assert a.slot.seq_id != b.slot.seq_id
         a1, b1 = a.send("Hi!"), b.send("What is 2+2?")
         a2, b2 = a.send("How are you?"), b.send("And 3+3?")
         assert a2.cached_tokens >= a1.prompt_tokens and b2.cached_tokens >= b1.prompt_tokens
@@ -352,7 +349,7 @@ def test_sessions_on_separate_sequences_keep_their_own_cache(smollm2_gguf: Path,
 
 # ---- slim run ------------------------------------------------------------------------------
 
-def test_slim_run_streams_a_reply(smollm2_gguf: Path, model: engine.Model) -> None:
+def test_slim_run_streams_a_reply(smollm2_gguf: Path, model: inference.Model) -> None:
     run = slim_run(str(smollm2_gguf), "Write a long story about a dragon.", "--temperature", "0",
                    "-n", "16", "--threads", "1")
     assert run.returncode == 0, run.stderr
@@ -428,12 +425,12 @@ def test_check_gguf_reads_metadata_and_catches_what_would_abort_llama_cpp(tmp_pa
     good = _tiny_gguf(tmp_path / "good.gguf", ["a", "b", "c"])
     metadata = check_gguf(good)
     assert metadata["general.architecture"] == "llama" and metadata["llama.context_length"] == 64
-    with pytest.raises(engine.GGUFError, match="same token twice"):  # llama.cpp: GGML_ASSERT, abort
+    with pytest.raises(inference.GGUFError, match="same token twice"):  # llama.cpp: GGML_ASSERT, abort
         check_gguf(_tiny_gguf(tmp_path / "dup.gguf", ["a", "b", "a"]))
     data = good.read_bytes()
     for cut in (len(data) - 1, len(data) - 4 * 32 * 4, 40, 30, 23):
         (tmp_path / "cut.gguf").write_bytes(data[:cut])
-        with pytest.raises(engine.GGUFError, match="truncated"):
+        with pytest.raises(inference.GGUFError, match="truncated"):
             check_gguf(tmp_path / "cut.gguf")
 
 

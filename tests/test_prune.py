@@ -288,7 +288,7 @@ def test_heal_trains_the_pruned_model_towards_the_unpruned_one(tiny_hf: Path, ca
                                                                 tmp_path: Path) -> None:
     """--heal runs slim distill with the unpruned model as teacher; the written model is the trained one."""
     pytest.importorskip("torch")
-    from slim.runtime.inference.engine import load
+    from slim.runtime.inference import load
 
     plain, healed = tmp_path / "plain", tmp_path / "healed"
     common = ["--method", "layers", "--remove", "1", "--text", str(calibration_file), "--ctx", "128", "--chunks", "2"]

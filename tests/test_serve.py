@@ -23,8 +23,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from helpers import make_llama_checkpoint
-from slim.runtime.inference import engine
-from slim.runtime.serve import server
+from slim.runtime import inference, serve
 from slim.runtime.pipeline.convert import convert
 from slim.runtime.formats.gguf_file import check_gguf
 
@@ -36,8 +35,8 @@ PARALLEL = 4
 @pytest.fixture(scope="module")
 def app(smollm2_gguf: Path):
     # n_batch 64: prompts longer than that are fed in chunks over several steps
-    model = engine.load(smollm2_gguf, n_ctx=512 * PARALLEL, n_seq_max=PARALLEL, n_threads=1, n_batch=64)
-    srv = server.Server(model, [MODEL, smollm2_gguf.name], api_key=KEY, queue_size=32, max_body_bytes=64 * 1024)
+    model = inference.load(smollm2_gguf, n_ctx=512 * PARALLEL, n_seq_max=PARALLEL, n_threads=1, n_batch=64)
+    srv = serve.Server(model, [MODEL, smollm2_gguf.name], api_key=KEY, queue_size=32, max_body_bytes=64 * 1024)
     host, port = srv.start("127.0.0.1", 0)
     srv.base = f"http://{host}:{port}"
     yield srv
@@ -210,17 +209,13 @@ def test_concurrent_streaming_clients_match_serial(app, client, served) -> None:
 def test_batches_go_in_ascending_sequence_order(client, served) -> None:
     """llama.cpp evaluates a batch in one pass only while its sequence ids ascend one by one (with
     a KV stream per sequence): requests running in the opposite order still reach it so."""
-    scheduler = served.scheduler
-    L = scheduler._L
+    model = served.model
+    decode = model.decode
     batches: list[list[int]] = []
 
-    class Recording:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(L, name)
-
-        def llama_decode(self, ctx: Any, batch: Any) -> int:
-            batches.append([batch.seq_id[i][0] for i in range(batch.n_tokens)])
-            return L.llama_decode(ctx, batch)
+    def recording(batch: Any) -> None:
+        batches.append([batch.raw.seq_id[i][0] for i in range(batch.n)])
+        decode(batch)
 
     def overlapping(first: str, second: str) -> None:
         """`second` arrives while `first` is generating."""
@@ -231,14 +226,14 @@ def test_batches_go_in_ascending_sequence_order(client, served) -> None:
 
     prompts = ["Zebras graze by the river", "Yaks climb the mountain"]
     overlapping(*prompts)  # two sequences, each holding one prompt
-    held = {p: next(s.seq_id for s in served.model._slots if s.tokens[:3] == served.model.tokenize(p)[:3])
+    held = {p: next(s.seq_id for s in served.model.slots if s.tokens[:3] == served.model.tokenize(p)[:3])
             for p in prompts}
     low, high = sorted(prompts, key=held.get)
-    scheduler._L = Recording()
+    model.decode = recording
     try:  # each continuation goes back to its prompt's sequence: the higher one is running first
         overlapping(high + " every day", low + " every day")
     finally:
-        scheduler._L = L
+        del model.decode
     assert any(seqs[:1] != seqs[-1:] for seqs in batches)
     assert all(seqs == sorted(seqs) for seqs in batches)
 
@@ -250,7 +245,7 @@ def test_long_prompts_fed_in_chunks_match_the_engine(smollm2_gguf: Path, client)
                ("Apple", "River", "Cloud")]
     # the same n_batch as the server: llama.cpp's results for a prompt fed 512 tokens at a time and
     # 64 at a time differ in the last bits, enough to flip a near-tie (this prompt set has one)
-    with engine.load(smollm2_gguf, n_ctx=512, n_threads=1, n_batch=64) as alone:
+    with inference.load(smollm2_gguf, n_ctx=512, n_threads=1, n_batch=64) as alone:
         expected = [alone.complete(p, max_tokens=8, temperature=0).text for p in prompts]
         assert all(len(alone.tokenize(p)) > 3 * 64 for p in prompts)
     got: list[str | None] = [None] * len(prompts)
@@ -342,7 +337,7 @@ def test_client_dropping_mid_stream_frees_its_sequence(app, client, served) -> N
     assert load["running"] == 0 and load["waiting"] == 0
     # the sequence stopped early: its slot's KV cache holds nothing near the 480 tokens asked for
     prompt = served.model.tokenize("Once upon a time")
-    held = [len(slot.tokens) for slot in served.model._slots if slot.tokens[:len(prompt)] == prompt]
+    held = [len(slot.tokens) for slot in served.model.slots if slot.tokens[:len(prompt)] == prompt]
     assert held and max(held) < 200
     _still_serving(app, client)
 
@@ -354,7 +349,7 @@ def test_client_giving_up_on_a_whole_reply_frees_its_sequence(app, client, serve
     load = _wait_idle(app, 10)
     assert load["running"] == 0 and load["waiting"] == 0
     prompt = served.model.tokenize(body["prompt"])
-    held = [len(slot.tokens) for slot in served.model._slots if slot.tokens[:len(prompt)] == prompt]
+    held = [len(slot.tokens) for slot in served.model.slots if slot.tokens[:len(prompt)] == prompt]
     assert held and max(held) < 200
     _still_serving(app, client)
 
@@ -495,8 +490,8 @@ def tools_client(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory):
     path = tmp_path_factory.mktemp("tools") / "smollm2-tools.gguf"
     subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(smollm2_gguf), str(path),
                     "--chat-template", TOOLS_TEMPLATE, "--force"], check=True, capture_output=True, timeout=120)
-    model = engine.load(path, n_ctx=512, n_threads=1)
-    srv = server.Server(model, ["tools-model"])
+    model = inference.load(path, n_ctx=512, n_threads=1)
+    srv = serve.Server(model, ["tools-model"])
     host, port = srv.start("127.0.0.1", 0)
     yield openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key="unused", max_retries=0, timeout=120)
     srv.shutdown()
@@ -543,10 +538,10 @@ def test_tool_errors(client, tools_client) -> None:
 
 
 def test_parse_tool_calls() -> None:
-    content, calls = server.parse_tool_calls('Sure.\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>')
+    content, calls = serve.parse_tool_calls('Sure.\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>')
     assert content == "Sure." and calls[0]["function"] == {"name": "f", "arguments": '{"x": 1}'}
-    assert server.parse_tool_calls('{"name": "g", "parameters": {}}')[1][0]["function"]["name"] == "g"
-    assert server.parse_tool_calls("just text") == ("just text", [])
+    assert serve.parse_tool_calls('{"name": "g", "parameters": {}}')[1][0]["function"]["name"] == "g"
+    assert serve.parse_tool_calls("just text") == ("just text", [])
 
 
 # ---- several models, loaded on demand within a memory budget ----------------------------------------
@@ -569,23 +564,23 @@ def tiny_ggufs(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> li
     return paths
 
 
-def _specs(smollm2_gguf: Path, tiny_ggufs: list[Path]) -> list[server.ModelSpec]:
-    return [server.ModelSpec([MODEL, smollm2_gguf.name], smollm2_gguf),
-            server.ModelSpec([TINY, tiny_ggufs[0].name], tiny_ggufs[0]),
-            server.ModelSpec([TINY + "2"], tiny_ggufs[1])]
+def _specs(smollm2_gguf: Path, tiny_ggufs: list[Path]) -> list[serve.ModelSpec]:
+    return [serve.ModelSpec([MODEL, smollm2_gguf.name], smollm2_gguf),
+            serve.ModelSpec([TINY, tiny_ggufs[0].name], tiny_ggufs[0]),
+            serve.ModelSpec([TINY + "2"], tiny_ggufs[1])]
 
 
 def _cost(path: Path) -> int:
-    return server.estimate_memory(path, check_gguf(path), POOL_OPTIONS["ctx"] * POOL_OPTIONS["parallel"],
+    return serve.estimate_memory(path, check_gguf(path), POOL_OPTIONS["ctx"] * POOL_OPTIONS["parallel"],
                                   POOL_OPTIONS["n_batch"]).total
 
 
 class _Running:
     """A Server over a ModelPool on a free port, with an openai client."""
 
-    def __init__(self, specs: list[server.ModelSpec], **options: Any) -> None:
-        self.pool = server.ModelPool(specs, **{**POOL_OPTIONS, **options})
-        self.app = server.Server(self.pool)
+    def __init__(self, specs: list[serve.ModelSpec], **options: Any) -> None:
+        self.pool = serve.ModelPool(specs, **{**POOL_OPTIONS, **options})
+        self.app = serve.Server(self.pool)
         host, port = self.app.start("127.0.0.1", 0)
         self.base = f"http://{host}:{port}"
         self.client = openai.OpenAI(base_url=self.base + "/v1", api_key="unused", max_retries=0, timeout=120)
@@ -690,7 +685,7 @@ def test_model_that_fails_to_load(smollm2_gguf: Path, tiny_ggufs: list[Path], tm
     """A damaged file is a 500 in OpenAI's shape for its requests; the other models go on."""
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(tiny_ggufs[0].read_bytes()[:1_000_000])  # the header is whole, the tensors are not
-    specs = _specs(smollm2_gguf, tiny_ggufs) + [server.ModelSpec(["broken"], broken)]
+    specs = _specs(smollm2_gguf, tiny_ggufs) + [serve.ModelSpec(["broken"], broken)]
     with _Running(specs, keep_alive=-1) as running:
         for _ in range(2):  # and again: a failed load leaves nothing behind
             with pytest.raises(openai.InternalServerError) as info:
@@ -754,20 +749,20 @@ def test_store_models_are_served_by_name(tiny_ggufs: list[Path], tmp_path: Path,
 
 def test_memory_estimate_matches_llama_cpp(smollm2_gguf: Path, tiny_ggufs: list[Path]) -> None:
     """The estimated KV cache and compute buffers are the sizes llama.cpp reports allocating."""
-    L = engine.llama_bindings()
+    L = inference.llama_bindings()
     lines: list[str] = []
     capture = L.llama_log_callback(lambda level, text, user_data: lines.append(text.decode(errors="replace")))
     L.llama_log_set(capture, None)
     try:
         for path in (smollm2_gguf, tiny_ggufs[0]):
             lines.clear()
-            engine.load(path, n_ctx=512, n_seq_max=2, n_threads=1, n_batch=64).close()
+            inference.load(path, n_ctx=512, n_seq_max=2, n_threads=1, n_batch=64).close()
             log = "".join(lines)
             kv_mib = float(re.search(r"KV buffer size = +([\d.]+) MiB", log).group(1))
             compute_mib = float(re.search(r"compute buffer size = +([\d.]+) MiB", log).group(1))
-            estimate = server.estimate_memory(path, check_gguf(path), 512, 64)
+            estimate = serve.estimate_memory(path, check_gguf(path), 512, 64)
             assert estimate.kv_cache / 2 ** 20 == pytest.approx(kv_mib, abs=0.01)
             assert estimate.compute / 2 ** 20 == pytest.approx(compute_mib, rel=0.02)
             assert estimate.weights == path.stat().st_size
     finally:
-        L.llama_log_set(engine._LOG_CALLBACK, None)
+        inference.silence_logs()

@@ -44,7 +44,7 @@ def command(model: str, text_file: str, output: str, ctx: int, chunks: int | Non
 
     from slim.runtime import store
     from slim.runtime.pipeline.calibrate import CalibrationError, calibrate
-    from slim.runtime.inference.engine import EngineError
+    from slim.runtime.inference import EngineError
 
     target = Path(output)
     if target.is_dir() or not target.parent.is_dir():

@@ -85,7 +85,7 @@ class Chat:
                 self.reply(line)
 
     def reply(self, text: str) -> None:
-        from slim.runtime.inference.engine import ContextError, EngineError
+        from slim.runtime.inference import ContextError, EngineError
 
         stream = None
         try:

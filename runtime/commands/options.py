@@ -53,7 +53,7 @@ def generation_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def sampling_params(options: dict[str, Any]) -> Any:
     """SamplingParams from the flags the user gave (None means: the engine's default)."""
-    from slim.runtime.inference.engine import SamplingParams
+    from slim.runtime.inference import SamplingParams
 
     chosen = {name: options.get(name) for name in SAMPLING_NAMES}
     chosen["stop"] = tuple(chosen["stop"] or ()) or None
@@ -61,13 +61,13 @@ def sampling_params(options: dict[str, Any]) -> Any:
 
 
 def load_model(path: Any, **options: Any) -> Any:
-    """engine.load with the CLI's way of failing: one line, exit 2 for a file or option that will
+    """inference.load with the CLI's way of failing: one line, exit 2 for a file or option that will
     not do, 1 when llama.cpp itself refuses, 130 on Ctrl-C."""
-    from slim.runtime.inference import engine
+    from slim.runtime import inference
 
     try:
-        return engine.load(path, **options)
-    except engine.EngineError as exc:
+        return inference.load(path, **options)
+    except inference.EngineError as exc:
         fail(str(exc), 1)
     except ValueError as exc:  # GGUFError and bad options
         fail(str(exc))

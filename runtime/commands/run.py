@@ -48,7 +48,7 @@ def command(model: str, prompt: str, system: str | None, ctx: int | None, thread
     if raw and system is not None:
         fail("--system needs the chat template; it cannot be combined with --raw")
 
-    from slim.runtime.inference import engine  # imports llama.cpp: only when a model is run
+    from slim.runtime import inference  # imports llama.cpp: only when a model is run
 
     try:
         params = sampling_params(sampling)
@@ -65,9 +65,9 @@ def command(model: str, prompt: str, system: str | None, ctx: int | None, thread
             messages = ([{"role": "system", "content": system}] if system is not None else [])
             messages.append({"role": "user", "content": prompt})
             stream = llm.chat(messages, stream=True, params=params)
-    except engine.ContextError as exc:
+    except inference.ContextError as exc:
         fail(f"{exc} (see --ctx and --max-tokens)")
-    except (engine.TemplateError, ValueError) as exc:
+    except (inference.TemplateError, ValueError) as exc:
         fail(str(exc))
 
     out = sys.stdout
@@ -96,5 +96,5 @@ def command(model: str, prompt: str, system: str | None, ctx: int | None, thread
         stream.close()
         os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
         sys.exit(0)
-    except engine.EngineError as exc:
+    except inference.EngineError as exc:
         fail(str(exc), 1)

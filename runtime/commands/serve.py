@@ -12,12 +12,12 @@ import click
 from slim.runtime.cli import fail
 
 if TYPE_CHECKING:
-    from slim.runtime.serve.server import ModelSpec
+    from slim.runtime.serve import ModelSpec
 
 
 def model_spec(name: str, path: Path, keep_loaded: bool = False) -> ModelSpec:
-    """A server.ModelSpec: a store name and its file name, or a path's file name and stem."""
-    from slim.runtime.serve.server import ModelSpec
+    """A serve.ModelSpec: a store name and its file name, or a path's file name and stem."""
+    from slim.runtime.serve import ModelSpec
 
     names = [name, path.name] if os.sep not in name and not name.endswith(".gguf") else [path.name, path.stem]
     return ModelSpec(list(dict.fromkeys(names)), path, keep_loaded)
@@ -49,7 +49,7 @@ class MemorySize(click.ParamType):
                 share = -1.0
             if not 0 < share <= 100:
                 self.fail(f"{value!r} is not a percentage of the RAM between 0 and 100", param, ctx)
-            from slim.runtime.serve.server import ram_bytes
+            from slim.runtime.serve import ram_bytes
 
             return int(ram_bytes() * share / 100)
         match = _SIZE.match(text)
@@ -88,9 +88,12 @@ class MemorySize(click.ParamType):
               help="Allow browser pages from ORIGIN (e.g. http://localhost:3000) to call the server.")
 @click.option("--max-body", type=click.IntRange(min=1024), default=4 * 1024 * 1024, show_default=True,
               help="Largest request body accepted, in bytes.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="The log on stderr (a line per request, every internal error's traceback): text, or one "
+                   "JSON object per line.")
 def command(models: tuple[str, ...], host: str, port: int, parallel: int, queue_size: int, ctx: int | None,
             threads: int | None, keep_alive: float, memory_budget: int | None, api_key: str | None,
-            cors_origin: str | None, max_body: int) -> None:
+            cors_origin: str | None, max_body: int, log_format: str) -> None:
     """Serve models through an OpenAI-compatible API on http://HOST:PORT/v1.
 
     Each MODEL is a store name, a catalog name or a .gguf path. Requests pick one with "model" (its
@@ -105,9 +108,8 @@ def command(models: tuple[str, ...], host: str, port: int, parallel: int, queue_
       slim serve smollm2-135m --port 8000 --parallel 8 --api-key s3cret
       slim serve small.gguf large.gguf --memory-budget 6G --keep-alive 600
     """
-    from slim.runtime.inference import engine
-    from slim.runtime.serve import server
-    from slim.runtime import store
+    from slim.runtime import serve, store
+    from slim.runtime.inference import physical_cores
     from slim.runtime.formats.gguf_file import check_gguf
 
     try:
@@ -125,20 +127,21 @@ def command(models: tuple[str, ...], host: str, port: int, parallel: int, queue_
 
     # llama.cpp's threads spin while they wait for work: leave a core to the HTTP threads and the
     # scheduler, or they starve each other (on 2 cores, 2 threads serve several times slower than 1)
-    threads = threads or max(1, engine.physical_cores() - 1)
-    pool = server.ModelPool(specs, parallel=parallel, ctx=ctx, memory_budget=memory_budget, keep_alive=keep_alive,
-                            queue_size=queue_size, discover=None if models else store_specs, n_threads=threads)
+    threads = threads or max(1, physical_cores() - 1)
+    serve.configure_logging(log_format)
+    pool = serve.ModelPool(specs, parallel=parallel, ctx=ctx, memory_budget=memory_budget, keep_alive=keep_alive,
+                           queue_size=queue_size, discover=None if models else store_specs, n_threads=threads)
     try:
         with pool.use(specs[0].id) as served:  # the default model is ready before the first request
             model = served.model
-    except server.APIError as error:
+    except serve.APIError as error:
         pool.close()
         fail(error.message, 2 if error.status < 500 else 1)
     except KeyboardInterrupt:
         pool.close()
         fail("interrupted", 130)
 
-    app = server.Server(pool, api_key=api_key, cors_origin=cors_origin, max_body_bytes=max_body)
+    app = serve.Server(pool, api_key=api_key, cors_origin=cors_origin, max_body_bytes=max_body)
     try:
         bound_host, bound_port = app.bind(host, port)
     except OSError as exc:
@@ -149,7 +152,7 @@ def command(models: tuple[str, ...], host: str, port: int, parallel: int, queue_
     more = len(pool.listing()) - 1
     click.echo(f"slim serve: {specs[0].id}{f' (and {more} more on demand)' if more else ''} on "
                f"http://{bound_host}:{bound_port}/v1 ({parallel} parallel, {model.n_ctx} tokens each, "
-               f"{model.n_threads} threads; memory budget {server.format_bytes(pool.memory_budget)}, keep-alive "
+               f"{model.n_threads} threads; memory budget {serve.format_bytes(pool.memory_budget)}, keep-alive "
                f"{'never' if keep_alive < 0 else f'{keep_alive:g} s'})" + ("" if api_key else "; no API key"), err=True)
     try:
         app.serve()

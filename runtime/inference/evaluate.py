@@ -113,12 +113,12 @@ def evaluate(
     Returns the report and, when a reference GGUF was evaluated, its logits (for reuse across
     several models). progress(done, total) is called after each chunk.
     """
-    from slim.runtime.inference import engine
+    from slim.runtime import inference
     from slim.runtime.formats.model_info import describe
 
     if n_ctx < 16 or n_ctx % 2:
         raise EvalError(f"--ctx must be an even number of at least 16, got {n_ctx}")
-    model = engine.load(model_path, n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=n_threads)
+    model = inference.load(model_path, n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=n_threads)
     ref_model = None
     try:
         tokens = model.tokenize(text, add_special=True, parse_special=False)
@@ -127,7 +127,7 @@ def evaluate(
             raise EvalError(f"the text is {len(tokens)} tokens, shorter than one chunk of --ctx {n_ctx}; "
                             "give a longer text or a smaller --ctx")
         if isinstance(reference, (str, Path)) and Path(reference).suffix != ".npz":
-            ref_model = engine.load(reference, n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=n_threads)
+            ref_model = inference.load(reference, n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=n_threads)
             if ref_model.tokenize(text, add_special=True, parse_special=False) != tokens:
                 raise EvalError(f"{reference} tokenizes the text differently: it is not the same model's reference")
             reference = ReferenceLogits(tokens, n_ctx, [])

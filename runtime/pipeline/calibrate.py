@@ -248,7 +248,7 @@ def calibrate(
     block i - 1, so removing blocks i..i+k-1 turns the stream by arccos(C[i, i + k]).
     include_output also collects output.weight (llama-imatrix --process-output).
     """
-    from slim.runtime.inference import engine
+    from slim.runtime import inference
     from slim.runtime.inference.evaluate import chunk_tokens
     from slim.runtime.formats.gguf_file import check_gguf
 
@@ -256,13 +256,13 @@ def calibrate(
         raise CalibrationError(f"--ctx must be at least {_MIN_ROWS} tokens, got {ctx}")
     if chunks is not None and chunks < 1:
         raise CalibrationError(f"--chunks must be at least 1, got {chunks}")
-    L = engine.llama_bindings()
+    L = inference.llama_bindings()
     metadata = check_gguf(Path(model))
     arch = metadata.get("general.architecture", "")
     n_layer = int(metadata.get(f"{arch}.block_count", 0))
     collector = _Collector(n_layer, hidden_states, include_output)
     callback = L.ggml_backend_sched_eval_callback(collector)
-    llm = engine.load(model, n_ctx=ctx, n_batch=ctx, n_threads=threads, eval_callback=callback)
+    llm = inference.load(model, n_ctx=ctx, n_batch=ctx, n_threads=threads, eval_callback=callback)
     try:
         tokens = llm.tokenize(text, add_special=True, parse_special=False)
         pieces = chunk_tokens(tokens, ctx, llm.prompt_bos)
@@ -273,7 +273,7 @@ def calibrate(
         for done, piece in enumerate(pieces, 1):
             try:
                 llm.logits(piece, first=0)
-            except engine.EngineError as exc:
+            except inference.EngineError as exc:
                 raise CalibrationError(collector.error or str(exc)) from None
             if collector.error:
                 raise CalibrationError(collector.error)

@@ -125,14 +125,14 @@ def teacher_targets(teacher: Path, text: str, seq_len: int, top_k: int, *, threa
     """The text tokenized by the teacher GGUF and cut into seq_len windows (BOS first where the
     model uses one), with the teacher's top-k log-probabilities per position, from the cache
     when present."""
-    from slim.runtime.inference import engine
+    from slim.runtime import inference
 
     cache_dir = Path(cache_dir) if cache_dir is not None else slim_home() / "distill-cache"
     path = cache_dir / f"{cache_key(teacher, text, seq_len, top_k)}.npz"
     if path.is_file():
         with np.load(path) as data:
             return Targets(data["tokens"], data["top_ids"], data["top_log_probs"])
-    with engine.load(teacher, n_ctx=seq_len, n_batch=min(seq_len, 512), n_threads=threads) as model:
+    with inference.load(teacher, n_ctx=seq_len, n_batch=min(seq_len, 512), n_threads=threads) as model:
         tokens = model.tokenize(text, add_special=True, parse_special=False)
         chunks = chunk_tokens(tokens, seq_len, model.prompt_bos)
         if not chunks:
@@ -403,7 +403,7 @@ def hf_tokens(model_dir: Path, text: str, seq_len: int) -> np.ndarray:
 
 
 def _vocab_only_tokenize(path: Path, text: str) -> tuple[list[int], int | None]:
-    from slim.runtime.inference.engine import llama_bindings
+    from slim.runtime.inference import llama_bindings
 
     L = llama_bindings()
     params = L.llama_model_default_params()
