@@ -52,15 +52,18 @@ def estimate_memory(path: Path, metadata: dict[str, Any], n_ctx: int, n_ubatch: 
     """The memory a context of `n_ctx` tokens (all sequences) over this GGUF takes, from its
     metadata: f16 K and V for every layer and cell, and 4 bytes x n_ubatch x (n_vocab + 2 n_embd)."""
     arch = metadata.get("general.architecture", "")
-    get = lambda key, default: metadata.get(f"{arch}.{key}", default)  # noqa: E731
-    n_embd = int(get("embedding_length", 0))
-    n_head = int(get("attention.head_count", 1)) or 1
-    n_head_kv = int(get("attention.head_count_kv", n_head))
-    head_k = int(get("attention.key_length", n_embd // n_head))
-    head_v = int(get("attention.value_length", n_embd // n_head))
+
+    def get(key: str, default: int) -> int:
+        return int(metadata.get(f"{arch}.{key}", default))
+
+    n_embd = get("embedding_length", 0)
+    n_head = get("attention.head_count", 1) or 1
+    n_head_kv = get("attention.head_count_kv", n_head)
+    head_k = get("attention.key_length", n_embd // n_head)
+    head_v = get("attention.value_length", n_embd // n_head)
     cells = -(-n_ctx // 256) * 256  # llama.cpp pads the cache to 256 cells
-    kv_cache = int(get("block_count", 0)) * cells * n_head_kv * (head_k + head_v) * 2
-    compute = 4 * n_ubatch * (int(get("vocab_size", FALLBACK_VOCAB)) + 2 * n_embd)
+    kv_cache = get("block_count", 0) * cells * n_head_kv * (head_k + head_v) * 2
+    compute = 4 * n_ubatch * (get("vocab_size", FALLBACK_VOCAB) + 2 * n_embd)
     return MemoryEstimate(path.stat().st_size, kv_cache, compute)
 
 
