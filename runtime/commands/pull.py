@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -121,13 +120,16 @@ def _download_gguf(listing, qtype: str | None, target: Path, progress: bool) -> 
     """Download the chosen GGUF to `target` (checked before it is moved there); its file type."""
     from tqdm import tqdm
 
-    from slim.runtime.store import hub
+    from slim.runtime.files import file_sha256, move_into_place
     from slim.runtime.formats.gguf_file import open_gguf
+    from slim.runtime.store import hub
 
     filename = hub.pick_gguf(listing, qtype)
     remote = hub.remote_file(listing.repo_id, filename, listing.sha)
-    if remote.sha256 and target.exists() and hub.sha256_of(target) == remote.sha256:
+    if remote.sha256 and target.exists() and file_sha256(target) == remote.sha256:
         return _file_type_name(open_gguf(target))  # already here, byte for byte
+    # Not a temporary of files.atomic_path: an interrupted download must outlive the run that began
+    # it, under a name the next run finds again (the file's ETag), so that the pull resumes there.
     partial = target.parent / ".downloads" / f"{re.sub(r'[^0-9A-Za-z]', '', remote.etag)[:64]}.part"
     bar = tqdm(unit="B", unit_scale=True, desc=filename.rsplit("/", 1)[-1], disable=not progress or None,
                file=sys.stderr)
@@ -145,7 +147,7 @@ def _download_gguf(listing, qtype: str | None, target: Path, progress: bool) -> 
     except ValueError as exc:
         partial.unlink(missing_ok=True)
         raise hub.HubError(f"{filename} from {listing.repo_id} is not a usable GGUF: {exc}") from None
-    os.replace(partial, target)
+    move_into_place(partial, target)
     return type_name
 
 

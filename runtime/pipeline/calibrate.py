@@ -22,6 +22,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from slim.runtime.files import atomic_path
+
 IMATRIX_TYPE = "imatrix"
 # llama-imatrix skips matmuls over fewer rows than this (warm-up and single-token batches)
 _MIN_ROWS = 16
@@ -86,24 +88,22 @@ class Calibration:
         """Write llama.cpp's imatrix GGUF (llama-quantize --imatrix reads it), atomically."""
         import gguf
 
-        path = Path(path)
-        partial = path.with_name(f".{path.name}.partial")
-        writer = gguf.GGUFWriter(partial, arch=IMATRIX_TYPE)
-        writer.add_type(IMATRIX_TYPE)
-        # llama.cpp needs the key to be present; gguf-py leaves an empty array out
-        writer.add_array("imatrix.datasets", self.datasets or ["unnamed"])
-        writer.add_uint32("imatrix.chunk_count", self.chunk_count)
-        writer.add_uint32("imatrix.chunk_size", self.chunk_size)
-        for name in sorted(self.sums):
-            writer.add_tensor(f"{name}.in_sum2", self.sums[name].astype(np.float32).reshape(1, -1))
-            writer.add_tensor(f"{name}.counts", np.array([[self.counts[name]]], dtype=np.float32))
-        try:
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
-        os.replace(partial, path)
+        with atomic_path(path) as partial:
+            writer = gguf.GGUFWriter(partial, arch=IMATRIX_TYPE)
+            writer.add_type(IMATRIX_TYPE)
+            # llama.cpp needs the key to be present; gguf-py leaves an empty array out
+            writer.add_array("imatrix.datasets", self.datasets or ["unnamed"])
+            writer.add_uint32("imatrix.chunk_count", self.chunk_count)
+            writer.add_uint32("imatrix.chunk_size", self.chunk_size)
+            for name in sorted(self.sums):
+                writer.add_tensor(f"{name}.in_sum2", self.sums[name].astype(np.float32).reshape(1, -1))
+                writer.add_tensor(f"{name}.counts", np.array([[self.counts[name]]], dtype=np.float32))
+            try:
+                writer.write_header_to_file()
+                writer.write_kv_data_to_file()
+                writer.write_tensors_to_file()
+            finally:
+                writer.close()
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Calibration:

@@ -24,6 +24,7 @@ import numpy as np
 from slim import kernels, models
 from slim.kernels import QTYPES
 from slim.runtime.formats import mixes
+from slim.runtime.files import atomic_path
 from slim.runtime.formats.checkpoint import Checkpoint, CheckpointError, TensorRef
 
 if TYPE_CHECKING:
@@ -118,8 +119,7 @@ def convert(
         raise ConvertError(str(exc)) from None
     planned = _plan(checkpoint, arch, chosen.name, calibration)
 
-    partial = output.with_name(f".{output.name}.partial")
-    try:
+    with atomic_path(output) as partial:
         writer = gguf.GGUFWriter(partial, arch.gguf_arch)
         writer.add_name(checkpoint.config.get("_name_or_path") or directory.name)
         writer.add_type("model")
@@ -141,9 +141,6 @@ def convert(
             if progress:
                 progress(data.nbytes)
         writer.close()
-        os.replace(partial, output)
-    finally:
-        partial.unlink(missing_ok=True)
 
     n_params = sum(int(np.prod(item.shape, dtype=np.int64)) for item in planned)
     counts: dict[str, int] = {}

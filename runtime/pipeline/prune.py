@@ -33,6 +33,7 @@ import numpy as np
 from slim import models
 from slim.kernels import QTYPES
 from slim.models.base import IGNORED
+from slim.runtime.files import atomic_folder
 from slim.runtime.formats import mixes
 from slim.runtime.pipeline.calibrate import Calibration
 from slim.runtime.formats.checkpoint import Checkpoint, TensorRef, write_safetensors
@@ -279,20 +280,12 @@ def prune_checkpoint(source: str | os.PathLike[str], output: str | os.PathLike[s
             if progress:
                 progress(1)
 
-    partial = output.with_name(f".{output.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    try:
+    with atomic_folder(output) as partial:
         for item in checkpoint.directory.iterdir():
             if item.is_file() and not _is_weights(item.name) and item.name != "config.json":
                 shutil.copy2(item, partial / item.name)
         (partial / "config.json").write_text(json.dumps(pruned_config(checkpoint.config, arch, plan), indent=2) + "\n")
         write_safetensors(partial / "model.safetensors", tensors(), shapes)
-        if output.exists():
-            output.rmdir()
-        os.replace(partial, output)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
     return PruneSummary(
         output=str(output), method=plan.method, removed=plan.describe(arch),
         parameters_before=parameter_count(checkpoint),

@@ -33,8 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from slim.runtime.files import atomic_open, file_sha256
 from slim.runtime.train import student as student_lib
-from slim.runtime.store.assets import file_sha256, slim_home
+from slim.runtime.store.assets import slim_home
 from slim.runtime.inference.evaluate import chunk_tokens, log_softmax
 
 CACHE_VERSION = 1
@@ -149,9 +150,8 @@ def teacher_targets(teacher: Path, text: str, seq_len: int, top_k: int, *, threa
                 progress(index + 1, len(chunks))
     targets = Targets(np.array(chunks, dtype=np.int64), ids, values)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=cache_dir, prefix=path.stem, suffix=".partial.npz", delete=False) as partial:
+    with atomic_open(path) as partial:  # two runs may fill the same entry at once: each has its own temporary
         np.savez(partial, tokens=targets.tokens, top_ids=ids, top_log_probs=values)
-    os.replace(partial.name, path)  # a unique partial name: two runs may fill the same entry at once
     return targets
 
 
@@ -282,9 +282,8 @@ def _save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
                 options: Options) -> None:
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "rng": torch.get_rng_state(), "options": json.dumps(options.resumable(), sort_keys=True)}
-    partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)
+    with atomic_open(path) as partial:
+        torch.save(state, partial)
 
 
 def _load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, options: Options) -> int:

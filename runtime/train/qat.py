@@ -27,6 +27,7 @@ from torch.nn.utils import parametrize
 
 from slim import kernels
 from slim.kernels import grid as grids
+from slim.runtime.files import atomic_path
 from slim.runtime.formats import mixes
 from slim.runtime.train import student as student_lib
 from slim.runtime.train.distill import (DistillError, Options, Summary, check_vocabulary, checkpoint_path, gguf_tokens,
@@ -134,9 +135,9 @@ def write_gguf(model: student_lib.Decoder, source: Path, blocks: dict[str, np.nd
     from slim.runtime.pipeline.convert import convert
     from slim.runtime.formats.gguf_file import open_gguf
 
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp, \
+            atomic_path(output) as partial:
         student_lib.save(model, source, Path(tmp) / "hf")
-        partial = Path(tmp) / "model.gguf"
         convert(Path(tmp) / "hf", partial, mix_name, imatrix=imatrix)  # imatrix: the same type choices
         placed = {t.name: (t.data_offset, t.n_bytes, t.tensor_type.name) for t in open_gguf(partial).tensors}
         with open(partial, "r+b") as f:
@@ -145,7 +146,6 @@ def write_gguf(model: student_lib.Decoder, source: Path, blocks: dict[str, np.nd
                 assert data.nbytes == n_bytes, (name, data.nbytes, n_bytes)
                 f.seek(offset)
                 f.write(np.ascontiguousarray(data).tobytes())
-        os.replace(partial, output)
 
 
 def qat(source: str | os.PathLike[str], qtype: str, text: str, output: str | os.PathLike[str], *,
