@@ -246,9 +246,10 @@ def _source(source: str, work: Path) -> tuple[Path, Path | None, int]:
     from slim.runtime import store
     from slim.runtime.pipeline.convert import resolve_source
     from slim.runtime.pipeline.export import export
+    from slim.runtime.store.hub import is_repo_id
 
     path = Path(source).expanduser()
-    if path.is_dir() or (source.count("/") == 1 and not path.exists() and not source.endswith(".gguf")):
+    if path.is_dir() or (not path.exists() and is_repo_id(source)):
         directory = resolve_source(source)
         return directory, None, sum(f.stat().st_size for f in directory.glob("*.safetensors"))
     gguf_path = store.resolve(source)

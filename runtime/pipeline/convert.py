@@ -156,16 +156,15 @@ def convert(
 
 
 def resolve_source(source: str | os.PathLike[str]) -> Path:
-    """A local directory as is; anything else that looks like `owner/name` is fetched from the hub."""
+    """A local directory as is; a hub repo id (owner/name) is fetched from the hub."""
+    from slim.runtime.store.hub import download_checkpoint, is_repo_id
+
     path = Path(source)
     if path.exists():
         return path
-    text = str(source)
-    if text.count("/") != 1 or text.startswith((".", "/")):
-        raise CheckpointError(f"{text} does not exist; pass a local model folder or a hub repo id like owner/name")
-    from slim.runtime.store.hub import download_checkpoint
-
-    return download_checkpoint(text)
+    if not is_repo_id(str(source)):
+        raise CheckpointError(f"{source} does not exist; pass a local model folder or a hub repo id like owner/name")
+    return download_checkpoint(str(source))
 
 
 def load_imatrix(path: str | os.PathLike[str]) -> "Calibration":

@@ -53,7 +53,9 @@ def endpoint() -> str:
 
 
 def is_repo_id(text: str) -> bool:
-    return bool(_REPO_ID.match(text))
+    """Whether `text` is written as a hub repo id (owner/name) rather than a file path; a name
+    ending in .gguf is a file. Callers that also take local paths look for the path first."""
+    return bool(_REPO_ID.match(text)) and not text.lower().endswith(".gguf")
 
 
 @dataclass(frozen=True)
