@@ -180,7 +180,7 @@ def _file_type_name(reader) -> str | None:
     """Q4_K_M, Q8_0, F16, ... from general.file_type, when the GGUF records it."""
     import gguf
 
-    field = reader.fields.get("general.file_type")
+    field = reader.fields.get(gguf.Keys.General.FILE_TYPE)
     try:
         return gguf.LlamaFileType(int(field.contents())).name.removeprefix("MOSTLY_").removeprefix("ALL_")
     except (AttributeError, TypeError, ValueError):

@@ -11,32 +11,34 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from gguf import LlamaFileType
+
 from slim.kernels import QTYPES
 
 
 @dataclass(frozen=True)
 class Mix:
     name: str
-    ftype: int  # llama.cpp's LLAMA_FTYPE, written as general.file_type
-    base: str  # the type most weights get
+    ftype: LlamaFileType  # llama.cpp's LLAMA_FTYPE, written as general.file_type
+    base: str  # the GGML type most weights get
 
 
 MIXES: dict[str, Mix] = {
     mix.name: mix
     for mix in (
-        Mix("F32", 0, "F32"),
-        Mix("F16", 1, "F16"),
-        Mix("BF16", 32, "BF16"),
-        Mix("Q8_0", 7, "Q8_0"),
-        Mix("Q4_0", 2, "Q4_0"),
-        Mix("Q4_1", 3, "Q4_1"),
-        Mix("Q5_0", 8, "Q5_0"),
-        Mix("Q5_1", 9, "Q5_1"),
-        Mix("Q4_K_S", 14, "Q4_K"),
-        Mix("Q4_K_M", 15, "Q4_K"),
-        Mix("Q5_K_S", 16, "Q5_K"),
-        Mix("Q5_K_M", 17, "Q5_K"),
-        Mix("Q6_K", 18, "Q6_K"),
+        Mix("F32", LlamaFileType.ALL_F32, "F32"),
+        Mix("F16", LlamaFileType.MOSTLY_F16, "F16"),
+        Mix("BF16", LlamaFileType.MOSTLY_BF16, "BF16"),
+        Mix("Q8_0", LlamaFileType.MOSTLY_Q8_0, "Q8_0"),
+        Mix("Q4_0", LlamaFileType.MOSTLY_Q4_0, "Q4_0"),
+        Mix("Q4_1", LlamaFileType.MOSTLY_Q4_1, "Q4_1"),
+        Mix("Q5_0", LlamaFileType.MOSTLY_Q5_0, "Q5_0"),
+        Mix("Q5_1", LlamaFileType.MOSTLY_Q5_1, "Q5_1"),
+        Mix("Q4_K_S", LlamaFileType.MOSTLY_Q4_K_S, "Q4_K"),
+        Mix("Q4_K_M", LlamaFileType.MOSTLY_Q4_K_M, "Q4_K"),
+        Mix("Q5_K_S", LlamaFileType.MOSTLY_Q5_K_S, "Q5_K"),
+        Mix("Q5_K_M", LlamaFileType.MOSTLY_Q5_K_M, "Q5_K"),
+        Mix("Q6_K", LlamaFileType.MOSTLY_Q6_K, "Q6_K"),
     )
 }
 ALIASES = {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}  # as llama-quantize reads them

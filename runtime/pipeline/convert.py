@@ -30,9 +30,6 @@ from slim.runtime.formats.checkpoint import Checkpoint, CheckpointError, TensorR
 if TYPE_CHECKING:
     from slim.runtime.pipeline.calibrate import Calibration
 
-GGML_QUANT_VERSION = 2
-
-
 class ConvertError(ValueError):
     """A conversion that cannot go ahead; the message says what to do."""
 
@@ -122,15 +119,15 @@ def convert(
     with atomic_path(output) as partial:
         writer = gguf.GGUFWriter(partial, arch.gguf_arch)
         writer.add_name(checkpoint.config.get("_name_or_path") or directory.name)
-        writer.add_type("model")
+        writer.add_type(gguf.GGUFType.MODEL)
         for key, value in arch.metadata().items():
             add_metadata_value(writer, key, value)
         writer.add_file_type(chosen.ftype)
-        writer.add_quantization_version(GGML_QUANT_VERSION)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         write_to_gguf(tokenizer, writer, vocab_size=arch.vocab_size)
         for item in planned:
             writer.add_tensor_info(item.gguf_name, item.shape, np.dtype(np.float32), item.nbytes,
-                                   raw_dtype=gguf.GGMLQuantizationType(QTYPES[item.qtype].ggml_type))
+                                   raw_dtype=gguf.GGMLQuantizationType[item.qtype])
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()

@@ -12,6 +12,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import gguf
+
 from slim import models
 from slim.runtime.files import atomic_folder
 from slim.runtime.formats.checkpoint import write_safetensors
@@ -55,7 +57,7 @@ def export(source: str | os.PathLike[str], output: str | os.PathLike[str], dtype
 
     reader = open_gguf(source)
     meta = fields(reader)
-    arch_cls = models.for_gguf_arch(str(meta.get("general.architecture")))
+    arch_cls = models.for_gguf_arch(str(meta.get(gguf.Keys.General.ARCHITECTURE)))
     names = [t.name for t in reader.tensors]
     config = arch_cls.config_from_gguf(meta, has_output="output.weight" in names)
     config["torch_dtype"] = DTYPES[dtype]
