@@ -86,11 +86,12 @@ def command(source: str, output: str, method: str, sparsity: float | None, patte
     from slim.runtime.pipeline.prune import PruneError
 
     to_gguf = output.endswith(".gguf")
+    mix = None
     text, held_out = _read(text_file), _read(eval_text)
     try:
         _check_options(method, to_gguf, qtype, text, imatrix, sparsity, pattern, remove, heal)
         if to_gguf:
-            qtype = mixes.mix(qtype or "Q4_K_M").name
+            mix = mixes.mix(qtype or "Q4_K_M")
         out = Path(output)
         if not out.parent.is_dir():
             raise PruneError(f"output's parent folder {out.parent} does not exist; create it first")
@@ -107,7 +108,7 @@ def command(source: str, output: str, method: str, sparsity: float | None, patte
             work = Path(tmp)
             report = _run(source, out, work, bar, method=method, sparsity=sparsity, pattern=pattern, remove=remove,
                           score=score, ffn=ffn, heads=heads, text=text, imatrix=imatrix, ctx=ctx, chunks=chunks,
-                          qtype=qtype, held_out=held_out, heal=heal, dry_run=dry_run, threads=threads)
+                          mix=mix, held_out=held_out, heal=heal, dry_run=dry_run, threads=threads)
     except (ValueError, RuntimeError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
@@ -155,7 +156,7 @@ def _check_options(method: str, to_gguf: bool, qtype: str | None, text: str | No
 
 
 def _run(source: str, out: Path, work: Path, bar: Any, *, method: str, text: str | None, imatrix: str | None,
-         ctx: int, chunks: int | None, qtype: str | None, held_out: str | None, heal: int | None, dry_run: bool,
+         ctx: int, chunks: int | None, mix: mixes.Mix | None, held_out: str | None, heal: int | None, dry_run: bool,
          threads: int | None, **amounts: Any) -> dict[str, Any]:
     from slim import models
     from slim.runtime.formats.checkpoint import Checkpoint
@@ -177,7 +178,7 @@ def _run(source: str, out: Path, work: Path, bar: Any, *, method: str, text: str
         calibration = Calibration.load(imatrix)
     if source_gguf is None and (heal is not None or (text is not None and not imatrix and method != "magnitude")):
         source_gguf = work / "source-f16.gguf"  # llama.cpp runs the calibration and the healing teacher
-        convert(hf_source, source_gguf, "F16")
+        convert(hf_source, source_gguf, mixes.MIXES["F16"])
     if calibration is None and text is not None and method != "magnitude":
         from slim.runtime.pipeline.calibrate import calibrate
 
@@ -193,14 +194,14 @@ def _run(source: str, out: Path, work: Path, bar: Any, *, method: str, text: str
         plan = plan_width(checkpoint, arch, calibration, amounts["ffn"], amounts["heads"])
 
     report: dict[str, Any] = {"source": source, "output": str(out), "method": method, "removed": plan.describe(arch)}
-    n_after, size_after = expected_size(checkpoint, plan, qtype)
+    n_after, size_after = expected_size(checkpoint, plan, mix)
     report.update(parameters_before=parameter_count(checkpoint), parameters_after=n_after, source_bytes=source_bytes)
     if dry_run:
         report["expected_bytes"] = size_after
         report["dry_run"] = True
         return report
 
-    hf_out = work / "pruned-hf" if qtype or heal else out
+    hf_out = work / "pruned-hf" if mix or heal else out
     with bar("pruning", "tensor") as progress:
         summary = prune_checkpoint(hf_source, hf_out, plan, progress=progress.update)
     if method in ("magnitude", "wanda"):
@@ -219,21 +220,21 @@ def _run(source: str, out: Path, work: Path, bar: Any, *, method: str, text: str
                               teacher_progress=_advance(teacher_bar))
         report["healed"] = {"steps": healing.steps, "loss_first": healing.first_loss, "loss_last": healing.last_loss}
         hf_out = healed
-        if not qtype:
+        if not mix:
             os.replace(healed, out)
             hf_out = out
     evaluated = None
-    if qtype:
+    if mix:
         with bar("converting", "B") as progress:
-            convert(hf_out, out, qtype, threads=threads, progress=progress.update)
-        report["type"], evaluated = qtype, out
-    report["output_bytes"] = out.stat().st_size if qtype else summary.size_bytes
+            convert(hf_out, out, mix, threads=threads, progress=progress.update)
+        report["type"], evaluated = mix.name, out
+    report["output_bytes"] = out.stat().st_size if mix else summary.size_bytes
     if held_out is not None:
         from slim.runtime.inference.evaluate import evaluate
 
         if evaluated is None:
             evaluated = work / "pruned-f16.gguf"
-            convert(hf_out, evaluated, "F16")
+            convert(hf_out, evaluated, mixes.MIXES["F16"])
         with bar("perplexity", "chunk") as progress:
             result, _ = evaluate(evaluated, held_out, n_ctx=ctx, n_threads=threads, progress=_advance(progress))
         report["perplexity"], report["perplexity_error"] = result.perplexity, result.perplexity_error

@@ -160,7 +160,7 @@ def _convert_checkpoint(repo_id: str, qtype: str, target: Path, progress: bool) 
     from slim.runtime.formats import mixes
     from slim.runtime.pipeline.convert import convert
 
-    mixes.mix(qtype)  # an unknown type fails before any download
+    mix = mixes.mix(qtype)  # an unknown type fails before any download
     if not progress:
         from huggingface_hub.utils import disable_progress_bars
 
@@ -169,7 +169,7 @@ def _convert_checkpoint(repo_id: str, qtype: str, target: Path, progress: bool) 
     target.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(unit="B", unit_scale=True, desc="converting", disable=not progress or None, file=sys.stderr)
     try:
-        summary = convert(directory, target, qtype, on_plan=lambda total: setattr(bar, "total", total),
+        summary = convert(directory, target, mix, on_plan=lambda total: setattr(bar, "total", total),
                           progress=bar.update)
     finally:
         bar.close()

@@ -9,6 +9,7 @@ whose row length does not fit the chosen block size falls back to a 32-weight ty
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gguf import LlamaFileType
@@ -50,7 +51,8 @@ _LAYER = re.compile(r"^blk\.(\d+)\.")
 
 
 def mix(name: str) -> Mix:
-    """The mix for a --type name (case-insensitive); ValueError lists the choices."""
+    """The mix for a --type name (case-insensitive): the one place a name is parsed, at the edge
+    (the CLI, a benchmark's arguments); everything below takes the Mix. ValueError lists the choices."""
     key = ALIASES.get(name.upper(), name.upper())
     if key not in MIXES:
         raise ValueError(f"unknown --type {name!r}; choose one of {', '.join(type_names())}")
@@ -72,17 +74,25 @@ def use_more_bits(i_layer: int, n_layer: int) -> bool:
     return i_layer < n_layer // 8 or i_layer >= 7 * n_layer // 8 or (i_layer - n_layer // 8) % 3 == 2
 
 
-def plan(tensors: list[tuple[str, tuple[int, ...]]], mix_name: str, n_layer: int,
-         has_imatrix: bool = False) -> dict[str, str]:
-    """GGUF type name for each (gguf name, numpy shape), listed in llama.cpp's tensor order.
+@dataclass(frozen=True)
+class TypePlan:
+    """A mix resolved for one model: the GGUF type name of every tensor, in llama.cpp's tensor order.
+    Made once and handed on, so every step that needs the types (QAT's grids, convert) uses the same."""
+
+    mix: Mix
+    types: dict[str, str]
+
+
+def plan(shapes: Mapping[str, tuple[int, ...]], chosen: Mix, n_layer: int, has_imatrix: bool = False) -> TypePlan:
+    """The GGUF type of each tensor (GGUF name -> numpy shape) under the mix, as llama-quantize picks it.
     has_imatrix: quantizing with an importance matrix, which changes one rule (Q4_0/Q5_0)."""
-    chosen = mix(mix_name)
-    names = [name for name, _ in tensors]
-    tied = "output.weight" not in names
+    names = llama_order(list(shapes))
+    tied = "output.weight" not in shapes
     n_attn_v = sum(name.endswith("attn_v.weight") for name in names)
     i_attn_v = i_ffn_down = 0
     types: dict[str, str] = {}
-    for name, shape in tensors:
+    for name in names:
+        shape = shapes[name]
         if stays_f32(name, shape):
             types[name] = "F32"
             continue
@@ -112,7 +122,7 @@ def plan(tensors: list[tuple[str, tuple[int, ...]]], mix_name: str, n_layer: int
                 qtype = "Q4_1" if chosen.name == "Q4_0" else "Q5_1"
             i_ffn_down += 1
         types[name] = fit_row_length(qtype, shape[-1])
-    return types
+    return TypePlan(chosen, types)
 
 
 def fit_row_length(qtype: str, n_per_row: int) -> str:

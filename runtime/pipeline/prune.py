@@ -372,20 +372,20 @@ def pruned_config(config: dict[str, Any], arch: models.DecoderArchitecture, plan
     return config
 
 
-def expected_size(checkpoint: Checkpoint, plan: Plan, qtype: str | None) -> tuple[int, int]:
-    """(parameters, bytes) of the pruned model: as a GGUF of `qtype` (tensor data only), or as
-    safetensors when qtype is None."""
+def expected_size(checkpoint: Checkpoint, plan: Plan, mix: mixes.Mix | None) -> tuple[int, int]:
+    """(parameters, bytes) of the pruned model: as a GGUF of the mix (tensor data only), or as
+    safetensors when mix is None."""
     arch = models.for_hf_config(checkpoint.config)
     pruned = pruned_tensors(checkpoint, arch, plan)
     n_params = sum(_numel(shape) for shape, _, _ in pruned.values())
-    if qtype is None:
+    if mix is None:
         return n_params, sum(_numel(shape) * (4 if dtype == "F32" else 2) for shape, dtype, _ in pruned.values())
     smaller = models.for_hf_config(pruned_config(checkpoint.config, arch, plan))
     shapes = {smaller.gguf_name(name): shape for name, (shape, _, _) in pruned.items()}
     shapes.pop(None, None)
-    order = mixes.llama_order(list(shapes))
-    types = mixes.plan([(name, shapes[name]) for name in order], qtype, smaller.n_layer)
-    return n_params, sum(_numel(shapes[name][:-1]) * QTYPES[types[name]].row_bytes(shapes[name][-1]) for name in order)
+    types = mixes.plan(shapes, mix, smaller.n_layer).types
+    return n_params, sum(_numel(shapes[name][:-1]) * QTYPES[qtype].row_bytes(shapes[name][-1])
+                         for name, qtype in types.items())
 
 
 def parameter_count(checkpoint: Checkpoint) -> int:
