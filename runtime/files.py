@@ -77,8 +77,9 @@ def atomic_folder(target: str | os.PathLike[str], *, replace: bool = False) -> I
 
 
 def move_into_place(finished: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
-    """Flush a complete file written under another name in the same file system (a resumable
-    download) to the disk and rename it to `target`, replacing what was there."""
+    """Flush a complete file or folder written under another name in the same file system (a
+    resumable download, a finished work folder) to the disk and rename it to `target`, replacing
+    a file or an empty folder there."""
     _fsync(Path(finished))
     os.replace(finished, target)
     _fsync_folder(Path(target).parent)

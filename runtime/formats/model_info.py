@@ -48,3 +48,12 @@ def describe(path: Path) -> ModelInfo:
         chat_template=meta.get(keys.Tokenizer.CHAT_TEMPLATE),
         license=meta.get(keys.General.LICENSE),
     )
+
+
+def file_type_name(reader: gguf.GGUFReader) -> str | None:
+    """Q4_K_M, Q8_0, F16, ... from general.file_type, when the GGUF records it."""
+    field = reader.fields.get(gguf.Keys.General.FILE_TYPE)
+    try:
+        return gguf.LlamaFileType(int(field.contents())).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except (AttributeError, TypeError, ValueError):
+        return None

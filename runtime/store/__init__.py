@@ -136,8 +136,9 @@ def resolve(model: str | None) -> Path:
     raise StoreError(f"no model named {model!r}; known: {', '.join(known)} (or give a path to a .gguf)")
 
 
-def pull_catalog(name: str) -> StoreEntry:
-    """Fetch a catalog model (sha256-checked) and register it; the asset cache file is the store file."""
+def pull_catalog(name: str, store_name: str | None = None) -> StoreEntry:
+    """Fetch a catalog model (sha256-checked) and register it, under its catalog name unless
+    `store_name` is given; the asset cache file is the store file."""
     entry = CATALOG[name]
     path = assets.fetch(entry.asset)
-    return add(name, path, f"catalog:{entry.asset}", entry.license)
+    return add(store_name or name, path, f"catalog:{entry.asset}", entry.license)
