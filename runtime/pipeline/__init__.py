@@ -1,5 +1,6 @@
 """The offline pipeline: HF -> GGUF (convert), GGUF -> HF (export), the importance matrix
-(calibrate) and pruning (prune). Each is a library function the CLI only wraps.
+(calibrate), pruning (prune) and fetching a model into the store (pull). Each is a library
+function the CLI only wraps; the long ones report through a `Progress` callback.
 
 Imports: formats, store, inference and train (pruning's healing distils); kernels and models.
 """
