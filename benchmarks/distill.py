@@ -26,6 +26,7 @@ from slim.runtime.store import assets
 def prepare(work: Path, threads: int) -> dict:
     """The HF export of the real model, its F16 GGUF (teacher and reference) and the texts."""
     from slim.runtime.pipeline.convert import convert
+    from slim.runtime.formats.mixes import mix
     from slim.runtime.pipeline.export import export
 
     work.mkdir(parents=True, exist_ok=True)
@@ -33,7 +34,7 @@ def prepare(work: Path, threads: int) -> dict:
     if not hf.exists():
         export(assets.fetch("smollm2-135m-instruct-q4_1.gguf"), hf, "F32")
     if not f16.exists():
-        convert(hf, f16, "F16", threads=threads)
+        convert(hf, f16, mix("F16"), threads=threads)
     return {"hf": hf, "f16": f16, "train": assets.wiki_text("train").read_text(encoding="utf-8"),
             "test": assets.wiki_text("test").read_text(encoding="utf-8")}
 
@@ -60,6 +61,7 @@ def heal(work: Path, args: argparse.Namespace) -> dict:
     from slim.runtime.pipeline.calibrate import calibrate
     from slim.runtime.formats.checkpoint import Checkpoint
     from slim.runtime.pipeline.convert import convert
+    from slim.runtime.formats.mixes import mix
     from slim.runtime.train.distill import distill, teacher_targets
     from slim.runtime.pipeline.prune import plan_layers, prune_checkpoint
 
@@ -74,7 +76,7 @@ def heal(work: Path, args: argparse.Namespace) -> dict:
         prune_checkpoint(data["hf"], pruned, plan)
         (work / "pruned-blocks.json").write_text(json.dumps(plan.removed_blocks))
     removed = json.loads((work / "pruned-blocks.json").read_text())
-    convert(pruned, work / "pruned-hf-f16.gguf", "F16", threads=args.threads)
+    convert(pruned, work / "pruned-hf-f16.gguf", mix("F16"), threads=args.threads)
     full = score(data["f16"], test, args.threads)
     before = score(work / "pruned-hf-f16.gguf", test, args.threads)
 
@@ -87,7 +89,7 @@ def heal(work: Path, args: argparse.Namespace) -> dict:
     summary = distill(data["f16"], pruned, train_text, healed, steps=args.heal_steps,
                       lr=args.lr, seq_len=args.seq_len, batch_size=args.batch_size, alpha=args.alpha,
                       temperature=1.0, threads=args.threads, time_limit=budget,
-                      cache_dir=work / "cache", qtype="F16",
+                      cache_dir=work / "cache", mix=mix("F16"),
                       progress=lambda step, total, loss: print(f"heal step {step}/{total} loss {loss:.4f}",
                                                                flush=True))
     wall = time.perf_counter() - started
@@ -103,6 +105,7 @@ def heal(work: Path, args: argparse.Namespace) -> dict:
 def qat_part(work: Path, args: argparse.Namespace) -> dict:
     from slim.runtime.pipeline.calibrate import calibrate
     from slim.runtime.pipeline.convert import convert
+    from slim.runtime.formats.mixes import mix
     from slim.runtime.inference.evaluate import ReferenceLogits
     from slim.runtime.train.qat import qat
 
@@ -112,8 +115,8 @@ def qat_part(work: Path, args: argparse.Namespace) -> dict:
     if not imatrix.exists():
         calibrate(data["f16"], data["train"][:200_000], ctx=512, chunks=12, threads=args.threads).save(imatrix)
     ptq, ptq_im = work / "ptq-q4_k_m.gguf", work / "ptq-q4_k_m-imatrix.gguf"
-    convert(data["hf"], ptq, "Q4_K_M", threads=args.threads)
-    convert(data["hf"], ptq_im, "Q4_K_M", imatrix=imatrix, threads=args.threads)
+    convert(data["hf"], ptq, mix("Q4_K_M"), threads=args.threads)
+    convert(data["hf"], ptq_im, mix("Q4_K_M"), imatrix=imatrix, threads=args.threads)
 
     from slim.runtime.inference.evaluate import evaluate
     _, reference = evaluate(ptq, test, n_ctx=512, reference=data["f16"], n_threads=args.threads)
@@ -123,7 +126,7 @@ def qat_part(work: Path, args: argparse.Namespace) -> dict:
     out = work / "qat-q4_k_m.gguf"
     out.unlink(missing_ok=True)
     started = time.perf_counter()
-    summary = qat(data["hf"], "Q4_K_M", data["train"][: args.train_chars], out, teacher=data["f16"],
+    summary = qat(data["hf"], mix("Q4_K_M"), data["train"][: args.train_chars], out, teacher=data["f16"],
                   imatrix=imatrix, steps=args.qat_steps, lr=args.qat_lr, seq_len=args.seq_len,
                   batch_size=args.batch_size, alpha=args.qat_alpha, temperature=1.0, threads=args.threads,
                   time_limit=args.qat_minutes * 60, cache_dir=work / "cache",

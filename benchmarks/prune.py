@@ -58,6 +58,7 @@ def main() -> None:
     from slim.runtime.pipeline.calibrate import calibrate
     from slim.runtime.formats.checkpoint import Checkpoint
     from slim.runtime.pipeline.convert import convert
+    from slim.runtime.formats.mixes import mix
     from slim.runtime.inference.evaluate import evaluate
     from slim.runtime.pipeline.export import export
     from slim.runtime.pipeline.prune import Plan, plan_layers, plan_unstructured, plan_width, prune_checkpoint
@@ -73,10 +74,10 @@ def main() -> None:
     arch = models.for_hf_config(checkpoint.config)
     dense = work / f"dense-{args.type}.gguf"
     if not dense.exists():
-        convert(source, dense, args.type)
+        convert(source, dense, mix(args.type))
     f16 = work / "dense-F16.gguf"
     if not f16.exists():
-        convert(source, f16, "F16")
+        convert(source, f16, mix("F16"))
 
     started = time.perf_counter()
     calibration = calibrate(f16, assets.wiki_text("train").read_text(encoding="utf-8"), ctx=args.ctx,
@@ -93,7 +94,7 @@ def main() -> None:
         if not gguf_path.exists():
             shutil.rmtree(hf, ignore_errors=True)
             prune_checkpoint(source, hf, plan)
-            convert(hf, gguf_path, args.type)
+            convert(hf, gguf_path, mix(args.type))
         return hf, gguf_path
 
     def row(label: str, path: Path) -> None:

@@ -26,6 +26,7 @@ from llama_cpp_source import build_tool  # noqa: E402
 from slim.runtime.store import assets  # noqa: E402
 from slim.runtime.pipeline.calibrate import Calibration, calibrate  # noqa: E402
 from slim.runtime.pipeline.convert import convert  # noqa: E402
+from slim.runtime.formats.mixes import mix  # noqa: E402
 from slim.runtime.inference.evaluate import evaluate  # noqa: E402
 from slim.runtime.pipeline.export import export  # noqa: E402
 
@@ -45,7 +46,7 @@ def main() -> None:
         work = Path(tmp)
         export(assets.fetch("smollm2-135m-instruct-q4_1.gguf"), work / "hf", "F32")
         f16 = work / "f16.gguf"
-        convert(work / "hf", f16, "F16")
+        convert(work / "hf", f16, mix("F16"))
 
         start = time.perf_counter()
         cal = calibrate(f16, train.read_text(encoding="utf-8"), ctx=512, chunks=args.chunks, threads=args.threads,
@@ -72,7 +73,7 @@ def main() -> None:
         reference_logits = None
         for label, matrix, search in variants:
             out = work / f"{label.replace(' + ', '-')}.gguf"
-            summary = convert(work / "hf", out, args.type, imatrix=matrix, search=search)
+            summary = convert(work / "hf", out, mix(args.type), imatrix=matrix, search=search)
             report, ref = evaluate(out, heldout, n_ctx=512, reference=reference_logits or f16, n_threads=args.threads)
             reference_logits = reference_logits or ref
             rows.append((label, summary, report))

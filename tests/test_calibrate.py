@@ -117,9 +117,10 @@ def imatrix_file(ours: Calibration, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="module")
 def smollm2_f32(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from slim.runtime.pipeline.convert import convert
+    from slim.runtime.formats.mixes import mix
 
     path = tmp_path_factory.mktemp("f32") / "smollm2-f32.gguf"
-    convert(smollm2_hf, path, "F32")
+    convert(smollm2_hf, path, mix("F32"))
     return path
 
 
@@ -134,13 +135,14 @@ def test_convert_with_imatrix_equals_llama_quantize(smollm2_hf: Path, smollm2_f3
     from helpers import gguf_tensors
 
     from slim.runtime.pipeline.convert import convert
+    from slim.runtime.formats.mixes import mix
 
     binary = build_tool("llama-quantize")
     theirs = tmp_path / "theirs.gguf"
     subprocess.run([str(binary), "--imatrix", str(imatrix_file), str(smollm2_f32), str(theirs), mix_name, "1"],
                    capture_output=True, text=True, check=True)
     mine = tmp_path / "mine.gguf"
-    summary = convert(smollm2_hf, mine, mix_name, imatrix=imatrix_file, backend="numpy", threads=1)
+    summary = convert(smollm2_hf, mine, mix(mix_name), imatrix=imatrix_file, backend="numpy", threads=1)
     assert summary.imatrix == str(imatrix_file)
     expected, got = gguf_tensors(theirs), gguf_tensors(mine)
     assert list(got) == list(expected)
@@ -152,9 +154,10 @@ def test_convert_imatrix_c_path_equals_numpy(smollm2_hf: Path, imatrix_file: Pat
     from helpers import gguf_tensors
 
     from slim.runtime.pipeline.convert import convert
+    from slim.runtime.formats.mixes import mix
 
-    convert(smollm2_hf, tmp_path / "c.gguf", "Q4_K_M", imatrix=imatrix_file, backend="ggml")
-    convert(smollm2_hf, tmp_path / "plain.gguf", "Q4_K_M", backend="ggml")
+    convert(smollm2_hf, tmp_path / "c.gguf", mix("Q4_K_M"), imatrix=imatrix_file, backend="ggml")
+    convert(smollm2_hf, tmp_path / "plain.gguf", mix("Q4_K_M"), backend="ggml")
     with_imatrix, plain = gguf_tensors(tmp_path / "c.gguf"), gguf_tensors(tmp_path / "plain.gguf")
     # the importance changes the quantized weights it covers, and only those
     assert with_imatrix["blk.0.ffn_down.weight"] != plain["blk.0.ffn_down.weight"]

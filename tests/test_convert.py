@@ -19,6 +19,7 @@ import pytest
 
 from helpers import gguf_tensors, llama_logits, llama_quantize, log_softmax, make_llama_checkpoint, tokenize
 from slim.runtime.pipeline.convert import convert
+from slim.runtime.formats.mixes import mix
 
 QUANTIZED = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M"]
 FLOATS = ["F16", "BF16"]
@@ -34,21 +35,21 @@ def tiny_hf(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_f32(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny-f32") / "f32.gguf"
-    convert(tiny_hf, out, "F32")
+    convert(tiny_hf, out, mix("F32"))
     return out
 
 
 @pytest.fixture(scope="module")
 def smollm2_f32(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("smol-f32") / "f32.gguf"
-    convert(smollm2_hf, out, "F32")
+    convert(smollm2_hf, out, mix("F32"))
     return out
 
 
 @pytest.mark.parametrize("type_name", QUANTIZED + FLOATS)
 def test_tiny_model_matches_llama_quantize(tiny_hf: Path, tiny_f32: Path, type_name: str, tmp_path: Path) -> None:
     ours = tmp_path / "slim.gguf"
-    summary = convert(tiny_hf, ours, type_name)
+    summary = convert(tiny_hf, ours, mix(type_name))
     reference = tmp_path / "llama.gguf"
     llama_quantize(tiny_f32, reference, type_name)
     assert gguf_tensors(ours) == gguf_tensors(reference)
@@ -56,7 +57,7 @@ def test_tiny_model_matches_llama_quantize(tiny_hf: Path, tiny_f32: Path, type_n
 
 
 def test_mixes_use_the_k_quants_on_fitting_rows(tiny_hf: Path, tmp_path: Path) -> None:
-    convert(tiny_hf, tmp_path / "m.gguf", "Q4_K_M")
+    convert(tiny_hf, tmp_path / "m.gguf", mix("Q4_K_M"))
     types = {name: t for name, (t, _, _) in gguf_tensors(tmp_path / "m.gguf").items()}
     assert types["output.weight"] == "Q6_K"
     assert types["blk.0.attn_v.weight"] == "Q6_K" and types["blk.2.attn_v.weight"] == "Q4_K"
@@ -66,16 +67,16 @@ def test_mixes_use_the_k_quants_on_fitting_rows(tiny_hf: Path, tmp_path: Path) -
 
 
 def test_numpy_backend_writes_the_same_file(tiny_hf: Path, tmp_path: Path) -> None:
-    convert(tiny_hf, tmp_path / "c.gguf", "Q4_K_M", backend="ggml")
-    convert(tiny_hf, tmp_path / "np.gguf", "Q4_K_M", backend="numpy")
+    convert(tiny_hf, tmp_path / "c.gguf", mix("Q4_K_M"), backend="ggml")
+    convert(tiny_hf, tmp_path / "np.gguf", mix("Q4_K_M"), backend="numpy")
     assert (tmp_path / "c.gguf").read_bytes() == (tmp_path / "np.gguf").read_bytes()
 
 
 def test_bf16_checkpoint_matches(smollm2_hf: Path, tmp_path: Path) -> None:
     """A bf16 checkpoint is quantized straight from bf16, as llama.cpp does after --outtype bf16."""
     hf = make_llama_checkpoint(tmp_path / "hf", smollm2_hf, dtype="BF16", n_layer=2, tied=True)
-    convert(hf, tmp_path / "bf16.gguf", "BF16")
-    convert(hf, tmp_path / "q.gguf", "Q4_K_M")
+    convert(hf, tmp_path / "bf16.gguf", mix("BF16"))
+    convert(hf, tmp_path / "q.gguf", mix("Q4_K_M"))
     llama_quantize(tmp_path / "bf16.gguf", tmp_path / "ref.gguf", "Q4_K_M")
     assert gguf_tensors(tmp_path / "q.gguf") == gguf_tensors(tmp_path / "ref.gguf")
     assert gguf_tensors(tmp_path / "q.gguf")["token_embd.weight"][0] == "Q6_K"  # tied: plays the output
@@ -84,7 +85,7 @@ def test_bf16_checkpoint_matches(smollm2_hf: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q5_0", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "F16"])
 def test_real_model_matches_llama_quantize(smollm2_hf: Path, smollm2_f32: Path, type_name: str, tmp_path: Path) -> None:
-    convert(smollm2_hf, tmp_path / "slim.gguf", type_name)
+    convert(smollm2_hf, tmp_path / "slim.gguf", mix(type_name))
     llama_quantize(smollm2_f32, tmp_path / "llama.gguf", type_name)
     assert gguf_tensors(tmp_path / "slim.gguf") == gguf_tensors(tmp_path / "llama.gguf")
 
@@ -106,7 +107,7 @@ def test_export_round_trip_keeps_the_distribution(smollm2_gguf: Path, smollm2_hf
     though the weights are the same numbers (measured: mean KL 0.0032, top-1 96.6%, and the same
     for F32). The exact proof is test_export_round_trip_is_lossless.
     """
-    convert(smollm2_hf, tmp_path / "f16.gguf", "F16")
+    convert(smollm2_hf, tmp_path / "f16.gguf", mix("F16"))
     tokens = tokenize(smollm2_gguf, heldout_text[:20000])[:2000]
     assert len(tokens) == 2000
     assert tokenize(tmp_path / "f16.gguf", heldout_text[:20000])[:2000] == tokens
@@ -229,7 +230,7 @@ def test_float_types_match_convert_hf_to_gguf(tiny_hf: Path, type_name: str, tmp
     theirs = tmp_path / "theirs.gguf"
     subprocess.run([sys.executable, str(script), str(tiny_hf), "--outtype", type_name.lower(), "--outfile", str(theirs)],
                    check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    convert(tiny_hf, tmp_path / "ours.gguf", type_name)
+    convert(tiny_hf, tmp_path / "ours.gguf", mix(type_name))
     assert gguf_tensors(tmp_path / "ours.gguf") == gguf_tensors(theirs)
 
 
@@ -249,8 +250,8 @@ def test_sharded_checkpoint_with_index(tiny_hf: Path, tmp_path: Path) -> None:
                           {r.name: (r.shape, "F32") for r in part})
     index = {"metadata": {}, "weight_map": {r.name: f for f, part in halves.items() for r in part}}
     (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
-    convert(tiny_hf, tmp_path / "one.gguf", "Q4_K_M")
-    convert(sharded, tmp_path / "two.gguf", "Q4_K_M")
+    convert(tiny_hf, tmp_path / "one.gguf", mix("Q4_K_M"))
+    convert(sharded, tmp_path / "two.gguf", mix("Q4_K_M"))
     assert gguf_tensors(tmp_path / "one.gguf") == gguf_tensors(tmp_path / "two.gguf")
 
     (sharded / "model-00002-of-00002.safetensors").unlink()
@@ -268,5 +269,5 @@ def test_pickled_weights_with_explicit_opt_in(tiny_hf: Path, tmp_path: Path) -> 
     torch.save({r.name: torch.from_numpy(np.array(r.load())) for r in Checkpoint(tiny_hf)}, pickled / "pytorch_model.bin")
     result = run_slim("convert", str(pickled), "-o", str(tmp_path / "p.gguf"), "--type", "Q8_0", "--allow-pickle")
     assert result.returncode == 0, result.stderr
-    convert(tiny_hf, tmp_path / "s.gguf", "Q8_0")
+    convert(tiny_hf, tmp_path / "s.gguf", mix("Q8_0"))
     assert gguf_tensors(tmp_path / "p.gguf") == gguf_tensors(tmp_path / "s.gguf")

@@ -14,6 +14,7 @@ import pytest
 
 from helpers import llama_logits, log_softmax, make_llama_checkpoint
 from slim.runtime.pipeline.convert import convert
+from slim.runtime.formats.mixes import mix
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -44,7 +45,7 @@ def teacher_hf(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 @pytest.fixture(scope="module")
 def teacher_gguf(teacher_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("teacher-gguf") / "f32.gguf"
-    convert(teacher_hf, path, "F32")
+    convert(teacher_hf, path, mix("F32"))
     return path
 
 

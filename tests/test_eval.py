@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from slim.runtime.pipeline.convert import convert
+from slim.runtime.formats.mixes import mix
 from slim.runtime.inference.evaluate import evaluate
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
@@ -41,7 +42,7 @@ def test_perplexity_equals_llama_perplexity(smollm2_gguf: Path, text_file: Path)
 
 def test_divergence_orders_quantizations(smollm2_hf: Path, text_file: Path, tmp_path: Path) -> None:
     for type_name in ("F16", "Q8_0", "Q4_0"):
-        convert(smollm2_hf, tmp_path / f"{type_name}.gguf", type_name)
+        convert(smollm2_hf, tmp_path / f"{type_name}.gguf", mix(type_name))
     result = slim_eval(str(tmp_path / "Q8_0.gguf"), str(tmp_path / "Q4_0.gguf"), "--text", str(text_file),
                        "--ctx", "256", "--reference", str(tmp_path / "F16.gguf"),
                        "--save-logits", str(tmp_path / "f16.npz"), "--json")

@@ -23,6 +23,7 @@ from slim import models
 from slim.runtime.pipeline.calibrate import Calibration, calibrate
 from slim.runtime.formats.checkpoint import Checkpoint, write_safetensors
 from slim.runtime.pipeline.convert import convert
+from slim.runtime.formats.mixes import mix
 from slim.runtime.pipeline.export import export
 from slim.runtime.pipeline.prune import (PruneError, check_amounts, choose_blocks, parse_pattern, plan_layers,
                                 plan_unstructured, plan_width, prune_checkpoint, sparsify)
@@ -43,7 +44,7 @@ def tiny_hf(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny-gguf") / "f32.gguf"
-    convert(tiny_hf, path, "F32")
+    convert(tiny_hf, path, mix("F32"))
     return path
 
 
@@ -149,8 +150,8 @@ def zeroed_columns(source: Path, target: Path, columns: dict[str, np.ndarray]) -
 
 
 def same_logits(smaller_hf: Path, zeroed_hf: Path, tmp_path: Path) -> np.ndarray:
-    convert(smaller_hf, tmp_path / "small.gguf", "F32")
-    convert(zeroed_hf, tmp_path / "zeroed.gguf", "F32")
+    convert(smaller_hf, tmp_path / "small.gguf", mix("F32"))
+    convert(zeroed_hf, tmp_path / "zeroed.gguf", mix("F32"))
     tokens = tokenize(tmp_path / "small.gguf", SAMPLE)
     small = llama_logits(tmp_path / "small.gguf", tokens, exact=True)
     np.testing.assert_allclose(small, llama_logits(tmp_path / "zeroed.gguf", tokens, exact=True), atol=2e-3, rtol=0)

@@ -16,6 +16,7 @@ from helpers import llama_logits, make_llama_checkpoint
 from slim import kernels
 from slim.kernels import grid as grids
 from slim.runtime.formats.gguf_file import open_gguf, tensor_array
+from slim.runtime.formats.mixes import mix
 
 torch = pytest.importorskip("torch")
 
@@ -86,14 +87,15 @@ def test_exported_gguf_holds_exactly_the_trained_weights(mix_name: str, model: s
                                                          request: pytest.FixtureRequest, tmp_path: Path) -> None:
     source = request.getfixturevalue(model)
     student = student_lib.load(source)
-    attached = qat_lib.attach_grids(student, mix_name)
+    plan = qat_lib.type_plan(student, mix(mix_name))
+    attached = qat_lib.attach_grids(student, plan)
     rng = np.random.default_rng(0)
     targets = distill_lib.Targets(rng.integers(0, 49152, (4, 32)))
     teacher = student_lib.load(source).requires_grad_(False)  # online: the unquantized model
     options = distill_lib.Options(steps=2, batch_size=2, seq_len=32, lr=1e-2, warmup=1, threads=1)
     distill_lib.train(student, targets, options, tmp_path / "ckpt", teacher=teacher)
     out = tmp_path / "qat.gguf"
-    qat_lib.write_gguf(student, source, qat_lib.final_blocks(student, attached), mix_name, out)
+    qat_lib.write_gguf(student, source, qat_lib.final_blocks(student, attached), plan, out)
 
     state = student.hf_state()
     found = set()
@@ -134,21 +136,23 @@ def test_training_starts_from_exactly_the_post_training_quantization(model: str,
     source = request.getfixturevalue(model)
     imatrix, calibration = None, None
     if with_imatrix:
-        convert(source, tmp_path / "f32.gguf", "F32")
+        convert(source, tmp_path / "f32.gguf", mix("F32"))
         calibration = calibrate(tmp_path / "f32.gguf", assets.wiki_text("train").read_text(encoding="utf-8")[:3000],
                                 ctx=64, chunks=4, threads=1)
         imatrix = tmp_path / "tiny.imatrix.gguf"
         calibration.save(imatrix)
     student = student_lib.load(source)
-    blocks = qat_lib.final_blocks(student, qat_lib.attach_grids(student, "Q4_K_M", calibration))
-    convert(source, tmp_path / "ptq.gguf", "Q4_K_M", imatrix=imatrix)
+    plan = qat_lib.type_plan(student, mix("Q4_K_M"), has_imatrix=calibration is not None)
+    blocks = qat_lib.final_blocks(student, qat_lib.attach_grids(student, plan, calibration))
+    convert(source, tmp_path / "ptq.gguf", mix("Q4_K_M"), imatrix=imatrix)
     for tensor in open_gguf(tmp_path / "ptq.gguf").tensors:
         if tensor.name in blocks:
             assert np.array_equal(blocks[tensor.name].reshape(-1), np.asarray(tensor.data).reshape(-1).view(np.uint8))
     assert len(blocks) == sum(t.tensor_type.name != "F32" for t in open_gguf(tmp_path / "ptq.gguf").tensors)
     if with_imatrix:  # the importance matrix did change the starting point
         plain_student = student_lib.load(source)
-        plain = qat_lib.final_blocks(plain_student, qat_lib.attach_grids(plain_student, "Q4_K_M"))
+        plain_plan = qat_lib.type_plan(plain_student, mix("Q4_K_M"))
+        plain = qat_lib.final_blocks(plain_student, qat_lib.attach_grids(plain_student, plain_plan))
         assert any(not np.array_equal(plain[name], blocks[name]) for name in blocks)
 
 
@@ -167,7 +171,7 @@ def test_qat_cli_writes_a_gguf_of_the_mix(tiny_64: Path, tmp_path: Path) -> None
     summary = json.loads(run.stdout)
     assert summary["steps"] == 3 and summary["output"] == str(out)
     ptq = tmp_path / "ptq.gguf"
-    convert(tiny_64, ptq, "Q4_K_M")
+    convert(tiny_64, ptq, mix("Q4_K_M"))
     assert out.stat().st_size == ptq.stat().st_size
     ours = {t.name: t.tensor_type.name for t in open_gguf(out).tensors}
     assert ours == {t.name: t.tensor_type.name for t in open_gguf(ptq).tensors}

@@ -25,6 +25,7 @@ httpx = pytest.importorskip("httpx")
 from helpers import make_llama_checkpoint
 from slim.runtime import inference, serve
 from slim.runtime.pipeline.convert import convert
+from slim.runtime.formats.mixes import mix
 from slim.runtime.formats.gguf_file import check_gguf
 
 KEY = "test-key"
@@ -559,7 +560,7 @@ def tiny_ggufs(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> li
         folder = tmp_path_factory.mktemp(f"tiny{seed}")
         hf = make_llama_checkpoint(folder / "hf", smollm2_hf, hidden=64, n_layer=2, n_head=2, n_head_kv=1, ffn=128,
                                    seed=seed)
-        convert(hf, folder / f"tiny{seed}.gguf", "Q8_0")
+        convert(hf, folder / f"tiny{seed}.gguf", mix("Q8_0"))
         paths.append(folder / f"tiny{seed}.gguf")
     return paths
 

@@ -11,6 +11,7 @@ import pytest
 
 from helpers import llama_logits, tokenize
 from slim.runtime.pipeline.convert import convert
+from slim.runtime.formats.mixes import mix
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -26,7 +27,7 @@ def transformers_logits(directory: Path, tokens: list[int]) -> np.ndarray:
 @pytest.mark.slow
 def test_real_model_logits_match_transformers(smollm2_hf: Path, heldout_text: str, tmp_path: Path) -> None:
     gguf_path = tmp_path / "f32.gguf"
-    convert(smollm2_hf, gguf_path, "F32")
+    convert(smollm2_hf, gguf_path, mix("F32"))
     tokens = tokenize(gguf_path, heldout_text[:3000])[:256]
     ours = llama_logits(gguf_path, tokens, exact=True)
     theirs = transformers_logits(smollm2_hf, tokens)
@@ -51,7 +52,7 @@ def test_random_qwen2_logits_match_transformers(smollm2_hf: Path, tmp_path: Path
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(smollm2_hf / name, hf / name)
     gguf_path = tmp_path / "qwen2.gguf"
-    convert(hf, gguf_path, "F32")
+    convert(hf, gguf_path, mix("F32"))
     tokens = tokenize(gguf_path, "The quick brown fox jumps over the lazy dog. " * 8)
     ours = llama_logits(gguf_path, tokens, exact=True)
     theirs = transformers_logits(hf, tokens)

@@ -47,12 +47,12 @@ def command(source: str, output: str, qtype: str, backend: str, threads: int | N
     from slim.runtime.pipeline.convert import convert
 
     try:
-        mixes.mix(qtype)
+        mix = mixes.mix(qtype)
     except ValueError as exc:
         fail(str(exc))
     bar = tqdm(unit="B", unit_scale=True, desc="converting", disable=quiet or as_json or None, file=sys.stderr)
     try:
-        summary = convert(source, output, qtype, backend=backend, threads=threads, allow_pickle=allow_pickle,
+        summary = convert(source, output, mix, backend=backend, threads=threads, allow_pickle=allow_pickle,
                           imatrix=imatrix, search=search,
                           on_plan=lambda total: setattr(bar, "total", total), progress=bar.update)
     except (ValueError, RuntimeError) as exc:

@@ -116,9 +116,10 @@ def command(teacher: str, student: str, output: str, online: bool, qtype: str | 
     from slim.runtime import store
 
     require_torch()
+    mix = None
     if qtype is not None:
         try:
-            mixes.mix(qtype)
+            mix = mixes.mix(qtype)
         except ValueError as exc:
             fail(str(exc))
     if not online:
@@ -130,6 +131,6 @@ def command(teacher: str, student: str, output: str, online: bool, qtype: str | 
     def job(**kwargs: Any) -> Any:
         from slim.runtime.train.distill import distill
 
-        return distill(teacher, student, out_dir=output, online=online, qtype=qtype, **kwargs)
+        return distill(teacher, student, out_dir=output, online=online, mix=mix, **kwargs)
 
     run_training(job, **options)

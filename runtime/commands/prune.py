@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
-import tempfile
-from pathlib import Path
-from typing import Any
 
 import click
 
-from slim.runtime.formats import mixes
 from slim.runtime.cli import fail
 from slim.runtime.commands.options import read_text_file
-from slim.runtime.pipeline.prune import LAYER_SCORES, METHODS
+from slim.runtime.formats import mixes
+from slim.runtime.pipeline.prune import LAYER_SCORES, METHODS, PruneReport
 
 
 @click.command(name="prune")
@@ -81,38 +76,29 @@ def command(source: str, output: str, method: str, sparsity: float | None, patte
       slim prune ./smollm2-hf -o smol-w.gguf --method width --ffn 0.75 --imatrix smol.imatrix --dry-run
       slim prune smollm2-135m -o smol-26.gguf --method layers --remove 4 --text wiki.txt --heal 300
     """
-    from tqdm import tqdm
+    from slim.runtime.commands.progress import StageBars
+    from slim.runtime.pipeline.prune import PruneOptions, prune_model
 
-    from slim.runtime.pipeline.prune import PruneError
-
-    to_gguf = output.endswith(".gguf")
     text, held_out = _read(text_file), _read(eval_text)
     try:
-        _check_options(method, to_gguf, qtype, text, imatrix, sparsity, pattern, remove, heal)
-        if to_gguf:
-            qtype = mixes.mix(qtype or "Q4_K_M").name
-        out = Path(output)
-        if not out.parent.is_dir():
-            raise PruneError(f"output's parent folder {out.parent} does not exist; create it first")
-        if not to_gguf and out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise PruneError(f"{out} already exists and is not an empty folder; choose a new output")
+        mix = mixes.mix(qtype) if qtype else None
     except ValueError as exc:
         fail(str(exc))
-
-    def bar(desc: str, unit: str) -> Any:
-        return tqdm(desc=desc, unit=unit, disable=quiet or as_json or None, file=sys.stderr, leave=False)
-
+    options = PruneOptions(method=method, sparsity=sparsity, pattern=pattern, remove=remove, score=score, ffn=ffn,
+                           heads=heads, text=text, imatrix=imatrix, ctx=ctx, chunks=chunks, mix=mix,
+                           held_out=held_out, heal=heal, dry_run=dry_run, threads=threads)
     try:
-        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".slim-prune-") as tmp:
-            work = Path(tmp)
-            report = _run(source, out, work, bar, method=method, sparsity=sparsity, pattern=pattern, remove=remove,
-                          score=score, ffn=ffn, heads=heads, text=text, imatrix=imatrix, ctx=ctx, chunks=chunks,
-                          qtype=qtype, held_out=held_out, heal=heal, dry_run=dry_run, threads=threads)
+        with StageBars(_UNITS, disable=quiet or as_json, leave=False) as bars:
+            report = prune_model(source, output, options, progress=bars)
     except (ValueError, RuntimeError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         fail("interrupted; nothing was written", 130)
-    click.echo(json.dumps(report, indent=2) if as_json else _lines(report))
+    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else _lines(report))
+
+
+_UNITS = {"calibrating": "chunk", "pruning": "tensor", "teacher": "chunk", "healing": "step", "converting": "B",
+          "perplexity": "chunk"}
 
 
 def _read(path: str | None) -> str | None:
@@ -121,164 +107,24 @@ def _read(path: str | None) -> str | None:
     return read_text_file(path)
 
 
-def _check_options(method: str, to_gguf: bool, qtype: str | None, text: str | None, imatrix: str | None,
-                   sparsity: float | None, pattern: str | None, remove: int | None, heal: int | None) -> None:
-    """Refuse flags that the method would silently ignore, before any work starts."""
-    from slim.runtime.pipeline.prune import UNSTRUCTURED, PruneError
-
-    if heal is not None:
-        import importlib.util
-
-        if importlib.util.find_spec("torch") is None:
-            raise PruneError("--heal trains the model and needs torch: pip install 'slim-llm[train]'")
-        if text is None:
-            raise PruneError("--heal trains on a text: give --text FILE")
-
-    if qtype and not to_gguf:
-        raise PruneError("--type applies to a GGUF output: name the output file *.gguf")
-    if text is not None and imatrix:
-        raise PruneError("give --text or --imatrix, not both")
-    if method == "magnitude" and imatrix:
-        raise PruneError("--method magnitude uses no calibration; drop --imatrix (or use --method wanda)")
-    if method == "magnitude" and text is not None and heal is None:
-        raise PruneError("--method magnitude uses no calibration; drop --text (or use --method wanda, or --heal)")
-    if method != "magnitude" and text is None and not imatrix:
-        raise PruneError(f"--method {method} needs a calibration text: --text FILE (or --imatrix FILE)")
-    if method == "layers" and imatrix:
-        raise PruneError("--method layers needs the hidden states of a calibration pass: give --text, not --imatrix")
-    if method not in UNSTRUCTURED and (sparsity is not None or pattern):
-        raise PruneError(f"--sparsity and --pattern belong to magnitude and wanda, not --method {method}")
-    if method != "layers" and remove is not None:
-        raise PruneError(f"--remove belongs to --method layers, not {method}")
-    if method == "layers" and remove is None:
-        raise PruneError("--method layers needs --remove K (how many blocks)")
-
-
-def _run(source: str, out: Path, work: Path, bar: Any, *, method: str, text: str | None, imatrix: str | None,
-         ctx: int, chunks: int | None, qtype: str | None, held_out: str | None, heal: int | None, dry_run: bool,
-         threads: int | None, **amounts: Any) -> dict[str, Any]:
-    from slim import models
-    from slim.runtime.formats.checkpoint import Checkpoint
-    from slim.runtime.pipeline.convert import convert
-    from slim.runtime.pipeline.prune import (check_amounts, expected_size, parameter_count, parse_pattern, plan_layers,
-                                    plan_unstructured, plan_width, prune_checkpoint)
-
-    hf_source, source_gguf, source_bytes = _source(source, work)
-    checkpoint = Checkpoint(hf_source)
-    arch = models.for_hf_config(checkpoint.config)
-    pattern = parse_pattern(amounts["pattern"]) if amounts["pattern"] else None
-    check_amounts(arch, method, sparsity=amounts["sparsity"], pattern=pattern, remove=amounts["remove"],
-                  ffn=amounts["ffn"], heads=amounts["heads"])
-
-    calibration = None
-    if imatrix:
-        from slim.runtime.pipeline.calibrate import Calibration
-
-        calibration = Calibration.load(imatrix)
-    if source_gguf is None and (heal is not None or (text is not None and not imatrix and method != "magnitude")):
-        source_gguf = work / "source-f16.gguf"  # llama.cpp runs the calibration and the healing teacher
-        convert(hf_source, source_gguf, "F16")
-    if calibration is None and text is not None and method != "magnitude":
-        from slim.runtime.pipeline.calibrate import calibrate
-
-        with bar("calibrating", "chunk") as progress:
-            calibration = calibrate(source_gguf, text, ctx=ctx, chunks=chunks, threads=threads,
-                                    hidden_states=method == "layers", progress=_advance(progress))
-
-    if method in ("magnitude", "wanda"):
-        plan = plan_unstructured(arch, method, sparsity=amounts["sparsity"], pattern=pattern, calibration=calibration)
-    elif method == "layers":
-        plan = plan_layers(arch, calibration, amounts["remove"], amounts["score"])
-    else:
-        plan = plan_width(checkpoint, arch, calibration, amounts["ffn"], amounts["heads"])
-
-    report: dict[str, Any] = {"source": source, "output": str(out), "method": method, "removed": plan.describe(arch)}
-    n_after, size_after = expected_size(checkpoint, plan, qtype)
-    report.update(parameters_before=parameter_count(checkpoint), parameters_after=n_after, source_bytes=source_bytes)
-    if dry_run:
-        report["expected_bytes"] = size_after
-        report["dry_run"] = True
-        return report
-
-    hf_out = work / "pruned-hf" if qtype or heal else out
-    with bar("pruning", "tensor") as progress:
-        summary = prune_checkpoint(hf_source, hf_out, plan, progress=progress.update)
-    if method in ("magnitude", "wanda"):
-        report.update(zeroed=summary.zeroed, block_weights=summary.block_weights)
-    if heal is not None:
-        from slim.runtime.train.distill import distill
-
-        healed = work / "healed-hf"  # its training checkpoint (healed-hf.ckpt) stays in the work folder
-        with bar("teacher", "chunk") as teacher_bar, bar("healing", "step") as heal_bar:
-            def advance(step: int, total: int, loss: float) -> None:
-                heal_bar.total = total
-                heal_bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-                heal_bar.update(step - heal_bar.n)
-
-            healing = distill(source_gguf, hf_out, text, healed, steps=heal, threads=threads, progress=advance,
-                              teacher_progress=_advance(teacher_bar))
-        report["healed"] = {"steps": healing.steps, "loss_first": healing.first_loss, "loss_last": healing.last_loss}
-        hf_out = healed
-        if not qtype:
-            os.replace(healed, out)
-            hf_out = out
-    evaluated = None
-    if qtype:
-        with bar("converting", "B") as progress:
-            convert(hf_out, out, qtype, threads=threads, progress=progress.update)
-        report["type"], evaluated = qtype, out
-    report["output_bytes"] = out.stat().st_size if qtype else summary.size_bytes
-    if held_out is not None:
-        from slim.runtime.inference.evaluate import evaluate
-
-        if evaluated is None:
-            evaluated = work / "pruned-f16.gguf"
-            convert(hf_out, evaluated, "F16")
-        with bar("perplexity", "chunk") as progress:
-            result, _ = evaluate(evaluated, held_out, n_ctx=ctx, n_threads=threads, progress=_advance(progress))
-        report["perplexity"], report["perplexity_error"] = result.perplexity, result.perplexity_error
-        report["perplexity_of"] = evaluated.name if evaluated == out else "the pruned model as F16"
-    return report
-
-
-def _source(source: str, work: Path) -> tuple[Path, Path | None, int]:
-    """(HF folder, GGUF of the same model or None, bytes of the source's weights)."""
-    from slim.runtime import store
-    from slim.runtime.pipeline.convert import resolve_source
-    from slim.runtime.pipeline.export import export
-
-    path = Path(source).expanduser()
-    if path.is_dir() or (source.count("/") == 1 and not path.exists() and not source.endswith(".gguf")):
-        directory = resolve_source(source)
-        return directory, None, sum(f.stat().st_size for f in directory.glob("*.safetensors"))
-    gguf_path = store.resolve(source)
-    export(gguf_path, work / "source-hf", "F32")
-    return work / "source-hf", gguf_path, gguf_path.stat().st_size
-
-
-def _advance(bar: Any) -> Any:
-    def advance(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
-    return advance
-
-
-def _lines(report: dict[str, Any]) -> str:
-    before, after = report["parameters_before"], report["parameters_after"]
-    lines = [report["removed"],
+def _lines(report: PruneReport) -> str:
+    before, after = report.parameters_before, report.parameters_after
+    lines = [report.removed,
              f"parameters: {before / 1e6:.2f}M -> {after / 1e6:.2f}M ({after / before:.1%})"]
-    if "zeroed" in report:
-        lines.append(f"zero weights: {report['zeroed'] / 1e6:.2f}M ({report['zeroed'] / report['block_weights']:.1%} of "
-                     f"the block matrices, {report['zeroed'] / after:.1%} of all parameters)")
-    if report.get("dry_run"):
-        lines.append(f"expected size: {report['expected_bytes'] / 1e6:.1f} MB of weights (source {report['source_bytes'] / 1e6:.1f} MB); "
-                     "dry run, nothing written")
+    if report.zeroed is not None and report.block_weights is not None:
+        lines.append(f"zero weights: {report.zeroed / 1e6:.2f}M ({report.zeroed / report.block_weights:.1%} of "
+                     f"the block matrices, {report.zeroed / after:.1%} of all parameters)")
+    if report.dry_run and report.expected_bytes is not None:
+        lines.append(f"expected size: {report.expected_bytes / 1e6:.1f} MB of weights "
+                     f"(source {report.source_bytes / 1e6:.1f} MB); dry run, nothing written")
         return "\n".join(lines)
-    if "healed" in report:
-        healed = report["healed"]
+    if report.healed is not None:
+        healed = report.healed
         lines.append(f"healed by self-distillation: {healed['steps']} steps, loss {healed['loss_first']:.4f} -> "
                      f"{healed['loss_last']:.4f}")
-    lines.append(f"wrote {report['output']}: {report['output_bytes'] / 1e6:.1f} MB (source {report['source_bytes'] / 1e6:.1f} MB)")
-    if "perplexity" in report:
-        lines.append(f"perplexity ({report['perplexity_of']}): {report['perplexity']:.4f} ± {report['perplexity_error']:.4f}")
+    if report.output_bytes is not None:
+        lines.append(f"wrote {report.output}: {report.output_bytes / 1e6:.1f} MB "
+                     f"(source {report.source_bytes / 1e6:.1f} MB)")
+    if report.perplexity is not None and report.perplexity_error is not None:
+        lines.append(f"perplexity ({report.perplexity_of}): {report.perplexity:.4f} ± {report.perplexity_error:.4f}")
     return "\n".join(lines)

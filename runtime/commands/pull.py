@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import re
-import sys
-from pathlib import Path
 
 import click
 
 from slim.runtime.cli import fail
-
-DEFAULT_CONVERT_TYPE = "Q4_K_M"
+from slim.runtime.pipeline.pull import DEFAULT_CONVERT_MIX
 
 
 @click.command(name="pull")
 @click.argument("source", metavar="NAME_OR_REPO")
 @click.option("-t", "--type", "qtype", default=None, metavar="TYPE",
               help="GGUF repo: the file whose name holds TYPE (e.g. Q4_K_M). Checkpoint repo: the type to convert "
-                   f"to [default: {DEFAULT_CONVERT_TYPE}].")
+                   f"to [default: {DEFAULT_CONVERT_MIX}].")
 @click.option("--name", default=None, help="Store name [default: the repo name lower-cased, see above].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
@@ -46,19 +41,13 @@ def command(source: str, qtype: str | None, name: str | None, as_json: bool, qui
       slim pull bartowski/SmolLM2-135M-Instruct-GGUF --type Q4_K_M
       slim pull HuggingFaceTB/SmolLM2-360M-Instruct --type Q8_0
     """
-    from slim.runtime import store
-    from slim.runtime.store.hub import HubError, HubInputError, is_repo_id
+    from slim.runtime.commands.progress import StageBars
+    from slim.runtime.pipeline.pull import pull
+    from slim.runtime.store.hub import HubError, HubInputError
 
     try:
-        if name is not None:
-            store.check_name(name)
-        if source in store.CATALOG:
-            entry, type_name = _pull_catalog(source, qtype, name), None
-        elif is_repo_id(source):
-            entry, type_name = _pull_hub(source, qtype, name, progress=not (quiet or as_json))
-        else:
-            fail(f"{source!r} is neither a catalog model ({', '.join(store.CATALOG)}) "
-                 "nor a hub repo id like owner/name")
+        with StageBars("B", disable=quiet or as_json, unit_scale=True) as bars:
+            pulled = pull(source, qtype, name, progress=None if quiet or as_json else bars)
     except KeyboardInterrupt:
         fail("interrupted; nothing was added to the store (run the same command again to resume a download)", 130)
     except HubInputError as exc:
@@ -69,117 +58,11 @@ def command(source: str, qtype: str | None, name: str | None, as_json: bool, qui
         fail(str(exc))
     except RuntimeError as exc:  # AssetError
         fail(str(exc), 1)
+    entry = pulled.entry
     size = entry.path.stat().st_size
     if as_json:
-        click.echo(json.dumps({"name": entry.name, "file": entry.file, "size_bytes": size, "type": type_name,
+        click.echo(json.dumps({"name": entry.name, "file": entry.file, "size_bytes": size, "type": pulled.type_name,
                                "source": entry.source}))
     else:
-        kind = f", {type_name}" if type_name else ""
+        kind = f", {pulled.type_name}" if pulled.type_name else ""
         click.echo(f"pulled {entry.name}: {entry.file} ({size / 1e6:.1f} MB{kind}, {entry.source})")
-
-
-def _pull_catalog(source: str, qtype: str | None, name: str | None):
-    from slim.runtime.store import assets
-    from slim.runtime import store
-
-    catalog = store.CATALOG[source]
-    if qtype is not None:
-        raise ValueError(f"{source} is a catalog model with one fixed file ({catalog.asset}); "
-                         "--type applies to hub repos")
-    if name is None or name == source:
-        return store.pull_catalog(source)
-    return store.add(name, assets.fetch(catalog.asset), f"catalog:{catalog.asset}", catalog.license)
-
-
-def default_name(repo_id: str, qtype: str | None) -> str:
-    base = re.sub(r"[-_.]gguf$", "", repo_id.split("/", 1)[1].lower())
-    return f"{base}:{qtype.lower()}" if qtype else base
-
-
-def _pull_hub(repo_id: str, qtype: str | None, name: str | None, progress: bool):
-    from slim.runtime.store import hub
-    from slim.runtime import store
-
-    name = name or default_name(repo_id, qtype)
-    try:
-        target = store.model_file(name)
-    except ValueError as exc:
-        raise ValueError(f"{exc}; choose one with --name") from None
-    listing = hub.list_repo(repo_id)
-    if listing.ggufs:
-        type_name = _download_gguf(listing, qtype, target, progress)
-    elif listing.has_checkpoint:
-        type_name = _convert_checkpoint(repo_id, qtype or DEFAULT_CONVERT_TYPE, target, progress)
-    else:
-        shown = ", ".join(listing.files[:12]) + (" ..." if len(listing.files) > 12 else "")
-        raise hub.HubInputError(f"hub repo {repo_id} has neither a GGUF file nor a safetensors checkpoint "
-                                f"(config.json + *.safetensors); it holds: {shown or 'no files'}")
-    return store.add(name, target, f"hub:{repo_id}"), type_name
-
-
-def _download_gguf(listing, qtype: str | None, target: Path, progress: bool) -> str | None:
-    """Download the chosen GGUF to `target` (checked before it is moved there); its file type."""
-    from tqdm import tqdm
-
-    from slim.runtime.store import hub
-    from slim.runtime.formats.gguf_file import open_gguf
-
-    filename = hub.pick_gguf(listing, qtype)
-    remote = hub.remote_file(listing.repo_id, filename, listing.sha)
-    if remote.sha256 and target.exists() and hub.sha256_of(target) == remote.sha256:
-        return _file_type_name(open_gguf(target))  # already here, byte for byte
-    partial = target.parent / ".downloads" / f"{re.sub(r'[^0-9A-Za-z]', '', remote.etag)[:64]}.part"
-    bar = tqdm(unit="B", unit_scale=True, desc=filename.rsplit("/", 1)[-1], disable=not progress or None,
-               file=sys.stderr)
-
-    def start(total: int | None, already: int) -> None:
-        bar.reset(total=total)
-        bar.update(already)
-
-    try:
-        hub.download(remote, partial, on_start=start, progress=bar.update)
-    finally:
-        bar.close()
-    try:
-        type_name = _file_type_name(open_gguf(partial))  # checked before anything trusts it
-    except ValueError as exc:
-        partial.unlink(missing_ok=True)
-        raise hub.HubError(f"{filename} from {listing.repo_id} is not a usable GGUF: {exc}") from None
-    os.replace(partial, target)
-    return type_name
-
-
-def _convert_checkpoint(repo_id: str, qtype: str, target: Path, progress: bool) -> str:
-    """Download a checkpoint and convert it straight into `target` (convert writes a temporary
-    file next to it and renames it into place when complete); the type it was converted to."""
-    from tqdm import tqdm
-
-    from slim.runtime.store import hub
-    from slim.runtime.formats import mixes
-    from slim.runtime.pipeline.convert import convert
-
-    mixes.mix(qtype)  # an unknown type fails before any download
-    if not progress:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
-    directory = hub.download_checkpoint(repo_id)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(unit="B", unit_scale=True, desc="converting", disable=not progress or None, file=sys.stderr)
-    try:
-        summary = convert(directory, target, qtype, on_plan=lambda total: setattr(bar, "total", total),
-                          progress=bar.update)
-    finally:
-        bar.close()
-    return summary.type
-
-
-def _file_type_name(reader) -> str | None:
-    """Q4_K_M, Q8_0, F16, ... from general.file_type, when the GGUF records it."""
-    import gguf
-
-    field = reader.fields.get("general.file_type")
-    try:
-        return gguf.LlamaFileType(int(field.contents())).name.removeprefix("MOSTLY_").removeprefix("ALL_")
-    except (AttributeError, TypeError, ValueError):
-        return None

@@ -40,7 +40,8 @@ def command(source: str, qtype: str, output: str, teacher: str | None, imatrix: 
 
     require_torch()
     try:
-        if mixes.mix(qtype).name in mixes.FLOAT_MIXES:
+        mix = mixes.mix(qtype)
+        if mix.name in mixes.FLOAT_MIXES:
             fail(f"{qtype} is not quantized; QAT needs a quantized --type such as Q4_K_M")
         teacher = str(store.resolve(teacher)) if teacher else None
     except ValueError as exc:
@@ -49,6 +50,6 @@ def command(source: str, qtype: str, output: str, teacher: str | None, imatrix: 
     def job(**kwargs: Any) -> Any:
         from slim.runtime.train.qat import qat
 
-        return qat(source, qtype, output=output, teacher=teacher, imatrix=imatrix, **kwargs)
+        return qat(source, mix, output=output, teacher=teacher, imatrix=imatrix, **kwargs)
 
     run_training(job, **options)

@@ -9,13 +9,14 @@ that slim reads it directly: the safetensors package has no numpy view of bfloat
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
+
+from slim.runtime.files import atomic_open
 
 
 class CheckpointError(ValueError):
@@ -155,15 +156,13 @@ def write_safetensors(path: Path, tensors: Iterable[tuple[str, np.ndarray]],
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as f:
+    with atomic_open(path) as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name, array in tensors:
             shape, dtype = shapes[name]
             assert tuple(array.shape) == tuple(shape), (name, array.shape, shape)
             f.write(_encode(array, dtype).tobytes())
-    os.replace(partial, path)
 
 
 def _encode(array: np.ndarray, dtype: str) -> np.ndarray:

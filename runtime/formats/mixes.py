@@ -9,7 +9,10 @@ whose row length does not fit the chosen block size falls back to a 32-weight ty
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+from gguf import LlamaFileType
 
 from slim.kernels import QTYPES
 
@@ -17,26 +20,26 @@ from slim.kernels import QTYPES
 @dataclass(frozen=True)
 class Mix:
     name: str
-    ftype: int  # llama.cpp's LLAMA_FTYPE, written as general.file_type
-    base: str  # the type most weights get
+    ftype: LlamaFileType  # llama.cpp's LLAMA_FTYPE, written as general.file_type
+    base: str  # the GGML type most weights get
 
 
 MIXES: dict[str, Mix] = {
     mix.name: mix
     for mix in (
-        Mix("F32", 0, "F32"),
-        Mix("F16", 1, "F16"),
-        Mix("BF16", 32, "BF16"),
-        Mix("Q8_0", 7, "Q8_0"),
-        Mix("Q4_0", 2, "Q4_0"),
-        Mix("Q4_1", 3, "Q4_1"),
-        Mix("Q5_0", 8, "Q5_0"),
-        Mix("Q5_1", 9, "Q5_1"),
-        Mix("Q4_K_S", 14, "Q4_K"),
-        Mix("Q4_K_M", 15, "Q4_K"),
-        Mix("Q5_K_S", 16, "Q5_K"),
-        Mix("Q5_K_M", 17, "Q5_K"),
-        Mix("Q6_K", 18, "Q6_K"),
+        Mix("F32", LlamaFileType.ALL_F32, "F32"),
+        Mix("F16", LlamaFileType.MOSTLY_F16, "F16"),
+        Mix("BF16", LlamaFileType.MOSTLY_BF16, "BF16"),
+        Mix("Q8_0", LlamaFileType.MOSTLY_Q8_0, "Q8_0"),
+        Mix("Q4_0", LlamaFileType.MOSTLY_Q4_0, "Q4_0"),
+        Mix("Q4_1", LlamaFileType.MOSTLY_Q4_1, "Q4_1"),
+        Mix("Q5_0", LlamaFileType.MOSTLY_Q5_0, "Q5_0"),
+        Mix("Q5_1", LlamaFileType.MOSTLY_Q5_1, "Q5_1"),
+        Mix("Q4_K_S", LlamaFileType.MOSTLY_Q4_K_S, "Q4_K"),
+        Mix("Q4_K_M", LlamaFileType.MOSTLY_Q4_K_M, "Q4_K"),
+        Mix("Q5_K_S", LlamaFileType.MOSTLY_Q5_K_S, "Q5_K"),
+        Mix("Q5_K_M", LlamaFileType.MOSTLY_Q5_K_M, "Q5_K"),
+        Mix("Q6_K", LlamaFileType.MOSTLY_Q6_K, "Q6_K"),
     )
 }
 ALIASES = {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}  # as llama-quantize reads them
@@ -48,7 +51,8 @@ _LAYER = re.compile(r"^blk\.(\d+)\.")
 
 
 def mix(name: str) -> Mix:
-    """The mix for a --type name (case-insensitive); ValueError lists the choices."""
+    """The mix for a --type name (case-insensitive): the one place a name is parsed, at the edge
+    (the CLI, a benchmark's arguments); everything below takes the Mix. ValueError lists the choices."""
     key = ALIASES.get(name.upper(), name.upper())
     if key not in MIXES:
         raise ValueError(f"unknown --type {name!r}; choose one of {', '.join(type_names())}")
@@ -70,17 +74,25 @@ def use_more_bits(i_layer: int, n_layer: int) -> bool:
     return i_layer < n_layer // 8 or i_layer >= 7 * n_layer // 8 or (i_layer - n_layer // 8) % 3 == 2
 
 
-def plan(tensors: list[tuple[str, tuple[int, ...]]], mix_name: str, n_layer: int,
-         has_imatrix: bool = False) -> dict[str, str]:
-    """GGUF type name for each (gguf name, numpy shape), listed in llama.cpp's tensor order.
+@dataclass(frozen=True)
+class TypePlan:
+    """A mix resolved for one model: the GGUF type name of every tensor, in llama.cpp's tensor order.
+    Made once and handed on, so every step that needs the types (QAT's grids, convert) uses the same."""
+
+    mix: Mix
+    types: dict[str, str]
+
+
+def plan(shapes: Mapping[str, tuple[int, ...]], chosen: Mix, n_layer: int, has_imatrix: bool = False) -> TypePlan:
+    """The GGUF type of each tensor (GGUF name -> numpy shape) under the mix, as llama-quantize picks it.
     has_imatrix: quantizing with an importance matrix, which changes one rule (Q4_0/Q5_0)."""
-    chosen = mix(mix_name)
-    names = [name for name, _ in tensors]
-    tied = "output.weight" not in names
+    names = llama_order(list(shapes))
+    tied = "output.weight" not in shapes
     n_attn_v = sum(name.endswith("attn_v.weight") for name in names)
     i_attn_v = i_ffn_down = 0
     types: dict[str, str] = {}
-    for name, shape in tensors:
+    for name in names:
+        shape = shapes[name]
         if stays_f32(name, shape):
             types[name] = "F32"
             continue
@@ -110,7 +122,7 @@ def plan(tensors: list[tuple[str, tuple[int, ...]]], mix_name: str, n_layer: int
                 qtype = "Q4_1" if chosen.name == "Q4_0" else "Q5_1"
             i_ffn_down += 1
         types[name] = fit_row_length(qtype, shape[-1])
-    return types
+    return TypePlan(chosen, types)
 
 
 def fit_row_length(qtype: str, n_per_row: int) -> str:

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import gguf
+
 from slim.runtime.formats.gguf_file import fields, open_gguf
 
 
@@ -30,18 +32,28 @@ class ModelInfo:
 def describe(path: Path) -> ModelInfo:
     reader = open_gguf(path)
     meta = fields(reader)
-    arch = str(meta.get("general.architecture", "unknown"))
+    keys = gguf.Keys
+    arch = str(meta.get(keys.General.ARCHITECTURE, "unknown"))
     n_params = sum(int(t.n_elements) for t in reader.tensors)
     data_bytes = sum(int(t.n_bytes) for t in reader.tensors)
     return ModelInfo(
         path=str(path),
-        name=meta.get("general.name"),
+        name=meta.get(keys.General.NAME),
         architecture=arch,
         parameters=n_params,
-        context_length=meta.get(f"{arch}.context_length"),
+        context_length=meta.get(keys.LLM.CONTEXT_LENGTH.format(arch=arch)),
         size_bytes=path.stat().st_size,
         bits_per_weight=8 * data_bytes / n_params if n_params else 0.0,
         tensor_types=dict(Counter(t.tensor_type.name for t in reader.tensors).most_common()),
-        chat_template=meta.get("tokenizer.chat_template"),
-        license=meta.get("general.license"),
+        chat_template=meta.get(keys.Tokenizer.CHAT_TEMPLATE),
+        license=meta.get(keys.General.LICENSE),
     )
+
+
+def file_type_name(reader: gguf.GGUFReader) -> str | None:
+    """Q4_K_M, Q8_0, F16, ... from general.file_type, when the GGUF records it."""
+    field = reader.fields.get(gguf.Keys.General.FILE_TYPE)
+    try:
+        return gguf.LlamaFileType(int(field.contents())).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except (AttributeError, TypeError, ValueError):
+        return None

@@ -512,8 +512,9 @@ def write_hf_tokenizer(reader: gguf.GGUFReader, out_dir: Path) -> None:
     if pre is None:
         raise TokenizerError(f"exporting the pre-tokenizer {spec.pre!r} is not supported; supported: "
                              f"{', '.join(sorted(PRE_TOKENIZERS))}")
-    architecture = reader.get_field("general.architecture")
-    context = None if architecture is None else reader.get_field(f"{architecture.contents()}.context_length")
+    architecture = reader.get_field(gguf.Keys.General.ARCHITECTURE)
+    context = None if architecture is None else reader.get_field(
+        gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=architecture.contents()))
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

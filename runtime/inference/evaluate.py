@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from slim.runtime.files import atomic_open
 
 
 class EvalError(ValueError):
@@ -83,10 +84,9 @@ class ReferenceLogits:
         self.tokens, self.n_ctx, self.log_probs = tokens, n_ctx, log_probs
 
     def save(self, path: Path) -> None:
-        partial = path.with_name(path.name + ".partial.npz")
-        np.savez(partial, tokens=np.array(self.tokens, dtype=np.int32), n_ctx=np.int32(self.n_ctx),
-                 log_probs=np.stack(self.log_probs).astype(np.float16))
-        os.replace(partial, path)
+        with atomic_open(path) as partial:
+            np.savez(partial, tokens=np.array(self.tokens, dtype=np.int32), n_ctx=np.int32(self.n_ctx),
+                     log_probs=np.stack(self.log_probs).astype(np.float16))
 
     @classmethod
     def load(cls, path: Path) -> ReferenceLogits:

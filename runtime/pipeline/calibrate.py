@@ -20,9 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import gguf
 import numpy as np
 
-IMATRIX_TYPE = "imatrix"
+from slim.runtime.files import atomic_path
+
+IMATRIX_TYPE = gguf.GGUFType.IMATRIX
+_IMATRIX_KEYS = gguf.Keys.IMatrix
 # llama-imatrix skips matmuls over fewer rows than this (warm-up and single-token batches)
 _MIN_ROWS = 16
 
@@ -49,8 +53,6 @@ class _GgmlTensor(ctypes.Structure):
         ("name", ctypes.c_char * 64),
     ]
 
-
-_GGML_TYPE_F32 = 0
 
 
 def _rows(t: _GgmlTensor) -> np.ndarray:
@@ -84,32 +86,26 @@ class Calibration:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write llama.cpp's imatrix GGUF (llama-quantize --imatrix reads it), atomically."""
-        import gguf
-
-        path = Path(path)
-        partial = path.with_name(f".{path.name}.partial")
-        writer = gguf.GGUFWriter(partial, arch=IMATRIX_TYPE)
-        writer.add_type(IMATRIX_TYPE)
-        # llama.cpp needs the key to be present; gguf-py leaves an empty array out
-        writer.add_array("imatrix.datasets", self.datasets or ["unnamed"])
-        writer.add_uint32("imatrix.chunk_count", self.chunk_count)
-        writer.add_uint32("imatrix.chunk_size", self.chunk_size)
-        for name in sorted(self.sums):
-            writer.add_tensor(f"{name}.in_sum2", self.sums[name].astype(np.float32).reshape(1, -1))
-            writer.add_tensor(f"{name}.counts", np.array([[self.counts[name]]], dtype=np.float32))
-        try:
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
-        os.replace(partial, path)
+        with atomic_path(path) as partial:
+            writer = gguf.GGUFWriter(partial, arch=IMATRIX_TYPE)
+            writer.add_type(IMATRIX_TYPE)
+            # llama.cpp needs the key to be present; gguf-py leaves an empty array out
+            writer.add_array(_IMATRIX_KEYS.DATASETS, self.datasets or ["unnamed"])
+            writer.add_uint32(_IMATRIX_KEYS.CHUNK_COUNT, self.chunk_count)
+            writer.add_uint32(_IMATRIX_KEYS.CHUNK_SIZE, self.chunk_size)
+            for name in sorted(self.sums):
+                writer.add_tensor(f"{name}.in_sum2", self.sums[name].astype(np.float32).reshape(1, -1))
+                writer.add_tensor(f"{name}.counts", np.array([[self.counts[name]]], dtype=np.float32))
+            try:
+                writer.write_header_to_file()
+                writer.write_kv_data_to_file()
+                writer.write_tensors_to_file()
+            finally:
+                writer.close()
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Calibration:
         """Read an imatrix GGUF written by slim calibrate or llama-imatrix."""
-        import gguf
-
         try:
             reader = gguf.GGUFReader(path)
         except (OSError, ValueError) as exc:
@@ -119,13 +115,14 @@ class Calibration:
             f = reader.fields.get(key)
             return None if f is None else f.contents()
 
-        if scalar("general.type") != IMATRIX_TYPE:
-            raise CalibrationError(f"{path} is a GGUF but not an importance matrix (general.type is "
-                                   f"{scalar('general.type')!r}); make one with `slim calibrate`")
+        kind = scalar(gguf.Keys.General.TYPE)
+        if kind != IMATRIX_TYPE:
+            raise CalibrationError(f"{path} is a GGUF but not an importance matrix ({gguf.Keys.General.TYPE} is "
+                                   f"{kind!r}); make one with `slim calibrate`")
         tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
-        cal = cls(chunk_size=int(scalar("imatrix.chunk_size") or 0),
-                  chunk_count=int(scalar("imatrix.chunk_count") or 0),
-                  datasets=list(scalar("imatrix.datasets") or []))
+        cal = cls(chunk_size=int(scalar(_IMATRIX_KEYS.CHUNK_SIZE) or 0),
+                  chunk_count=int(scalar(_IMATRIX_KEYS.CHUNK_COUNT) or 0),
+                  datasets=list(scalar(_IMATRIX_KEYS.DATASETS) or []))
         for key, values in tensors.items():
             if not key.endswith(".in_sum2"):
                 continue
@@ -197,7 +194,7 @@ class _Collector:
                         self.error = f"{name} is a mixture-of-experts matmul; calibration supports dense models"
                         return False
                     src1 = _GgmlTensor.from_address(t.src[1])
-                    return src1.ne[1] >= _MIN_ROWS and src1.type == _GGML_TYPE_F32
+                    return src1.ne[1] >= _MIN_ROWS and src1.type == gguf.GGMLQuantizationType.F32
                 return self.hidden_states and self.hidden_index(t) is not None
             if name is not None:
                 x = _rows(_GgmlTensor.from_address(t.src[1])).astype(np.float64)
@@ -207,7 +204,7 @@ class _Collector:
                 self.counts[name] = self.counts.get(name, 0) + x.shape[0]
             else:
                 index = self.hidden_index(t)
-                if index is not None and t.type == _GGML_TYPE_F32:
+                if index is not None and t.type == gguf.GGMLQuantizationType.F32:
                     self._hidden[index] = _rows(t).astype(np.float64)
             return True
         except Exception as exc:  # an exception must not unwind through C
@@ -258,8 +255,8 @@ def calibrate(
         raise CalibrationError(f"--chunks must be at least 1, got {chunks}")
     L = inference.llama_bindings()
     metadata = check_gguf(Path(model))
-    arch = metadata.get("general.architecture", "")
-    n_layer = int(metadata.get(f"{arch}.block_count", 0))
+    arch = metadata.get(gguf.Keys.General.ARCHITECTURE, "")
+    n_layer = int(metadata.get(gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch), 0))
     collector = _Collector(n_layer, hidden_states, include_output)
     callback = L.ggml_backend_sched_eval_callback(collector)
     llm = inference.load(model, n_ctx=ctx, n_batch=ctx, n_threads=threads, eval_callback=callback)

@@ -24,13 +24,11 @@ import numpy as np
 from slim import kernels, models
 from slim.kernels import QTYPES
 from slim.runtime.formats import mixes
+from slim.runtime.files import atomic_path
 from slim.runtime.formats.checkpoint import Checkpoint, CheckpointError, TensorRef
 
 if TYPE_CHECKING:
     from slim.runtime.pipeline.calibrate import Calibration
-
-GGML_QUANT_VERSION = 2
-
 
 class ConvertError(ValueError):
     """A conversion that cannot go ahead; the message says what to do."""
@@ -77,7 +75,7 @@ class _Planned:
 def convert(
     source: str | os.PathLike[str],
     output: str | os.PathLike[str],
-    qtype: str = "Q4_K_M",
+    quantization: mixes.Mix | mixes.TypePlan,
     *,
     backend: str = "auto",
     threads: int | None = None,
@@ -87,8 +85,11 @@ def convert(
     progress: Callable[[int], None] | None = None,
     on_plan: Callable[[int], None] | None = None,
 ) -> ConvertSummary:
-    """Convert a local HF directory or a hub repo id to a GGUF of the given --type.
+    """Convert a local HF directory or a hub repo id to a GGUF.
 
+    quantization: a mix (mixes.mix parses a --type name), planned here for this checkpoint as
+    llama-quantize plans it, or a TypePlan made for this checkpoint already (slim qat plans before
+    training, so the file gets exactly the types it trained for).
     imatrix: an importance matrix file (slim calibrate, llama-imatrix); the weights it covers are
     quantized as llama-quantize --imatrix quantizes them. search: "reference" (llama.cpp's
     scale search, byte-identical) or "thorough" (a wider search; standard blocks, lower error).
@@ -97,7 +98,10 @@ def convert(
     from slim.runtime.formats.tokenizer import TokenizerError, read_hf_tokenizer, write_to_gguf
 
     started = time.perf_counter()
-    chosen = mixes.mix(qtype)
+    if not isinstance(quantization, (mixes.Mix, mixes.TypePlan)):
+        raise TypeError(f"convert takes a mixes.Mix or mixes.TypePlan, not {quantization!r}; "
+                        "parse a --type name with mixes.mix(name)")
+    chosen = quantization if isinstance(quantization, mixes.Mix) else quantization.mix
     if search not in kernels.SEARCHES:
         raise ConvertError(f"unknown search {search!r}; choose {' or '.join(kernels.SEARCHES)}")
     if search == "thorough" and backend == "ggml":
@@ -116,21 +120,20 @@ def convert(
         tokenizer = read_hf_tokenizer(directory)
     except TokenizerError as exc:
         raise ConvertError(str(exc)) from None
-    planned = _plan(checkpoint, arch, chosen.name, calibration)
+    planned = _plan(checkpoint, arch, quantization, calibration)
 
-    partial = output.with_name(f".{output.name}.partial")
-    try:
+    with atomic_path(output) as partial:
         writer = gguf.GGUFWriter(partial, arch.gguf_arch)
         writer.add_name(checkpoint.config.get("_name_or_path") or directory.name)
-        writer.add_type("model")
+        writer.add_type(gguf.GGUFType.MODEL)
         for key, value in arch.metadata().items():
             add_metadata_value(writer, key, value)
         writer.add_file_type(chosen.ftype)
-        writer.add_quantization_version(GGML_QUANT_VERSION)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         write_to_gguf(tokenizer, writer, vocab_size=arch.vocab_size)
         for item in planned:
             writer.add_tensor_info(item.gguf_name, item.shape, np.dtype(np.float32), item.nbytes,
-                                   raw_dtype=gguf.GGMLQuantizationType(QTYPES[item.qtype].ggml_type))
+                                   raw_dtype=gguf.GGMLQuantizationType[item.qtype])
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -141,9 +144,6 @@ def convert(
             if progress:
                 progress(data.nbytes)
         writer.close()
-        os.replace(partial, output)
-    finally:
-        partial.unlink(missing_ok=True)
 
     n_params = sum(int(np.prod(item.shape, dtype=np.int64)) for item in planned)
     counts: dict[str, int] = {}
@@ -159,16 +159,15 @@ def convert(
 
 
 def resolve_source(source: str | os.PathLike[str]) -> Path:
-    """A local directory as is; anything else that looks like `owner/name` is fetched from the hub."""
+    """A local directory as is; a hub repo id (owner/name) is fetched from the hub."""
+    from slim.runtime.store.hub import download_checkpoint, is_repo_id
+
     path = Path(source)
     if path.exists():
         return path
-    text = str(source)
-    if text.count("/") != 1 or text.startswith((".", "/")):
-        raise CheckpointError(f"{text} does not exist; pass a local model folder or a hub repo id like owner/name")
-    from slim.runtime.store.hub import download_checkpoint
-
-    return download_checkpoint(text)
+    if not is_repo_id(str(source)):
+        raise CheckpointError(f"{source} does not exist; pass a local model folder or a hub repo id like owner/name")
+    return download_checkpoint(str(source))
 
 
 def load_imatrix(path: str | os.PathLike[str]) -> "Calibration":
@@ -180,8 +179,9 @@ def load_imatrix(path: str | os.PathLike[str]) -> "Calibration":
     return Calibration.load(path)
 
 
-def _plan(checkpoint: Checkpoint, arch: models.DecoderArchitecture, mix_name: str,
+def _plan(checkpoint: Checkpoint, arch: models.DecoderArchitecture, quantization: mixes.Mix | mixes.TypePlan,
           calibration: "Calibration | None" = None) -> list[_Planned]:
+    """Every tensor the GGUF holds, with its type, in llama.cpp's order."""
     found: dict[str, _Planned] = {}
     for ref in checkpoint:
         name = arch.gguf_name(ref.name)
@@ -190,14 +190,19 @@ def _plan(checkpoint: Checkpoint, arch: models.DecoderArchitecture, mix_name: st
     for name, array in arch.extra_tensors().items():
         found[name] = _Planned(name, array.shape, "", lambda array=array: array)
     _check_complete(arch, found)
-    order = mixes.llama_order(list(found))
-    types = mixes.plan([(name, found[name].shape) for name in order], mix_name, arch.n_layer,
-                       has_imatrix=calibration is not None)
-    for name in order:
-        found[name].qtype = types[name]
+    if isinstance(quantization, mixes.TypePlan):
+        plan = quantization
+        if plan.types.keys() != found.keys():
+            raise ConvertError(f"the type plan was made for other tensors than this checkpoint's "
+                               f"({len(plan.types)} planned, {len(found)} found); plan it for this checkpoint")
+    else:
+        plan = mixes.plan({name: item.shape for name, item in found.items()}, quantization, arch.n_layer,
+                          has_imatrix=calibration is not None)
+    for name, qtype in plan.types.items():
+        found[name].qtype = qtype
     if calibration is not None:
         _attach_importance(found, calibration)
-    return [found[name] for name in order]
+    return [found[name] for name in mixes.llama_order(list(found))]
 
 
 def _attach_importance(found: dict[str, _Planned], calibration: "Calibration") -> None:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import gguf
+
 from slim import models
+from slim.runtime.files import atomic_folder
 from slim.runtime.formats.checkpoint import write_safetensors
 from slim.runtime.formats.gguf_file import fields, open_gguf, tensor_array
 
@@ -55,7 +57,7 @@ def export(source: str | os.PathLike[str], output: str | os.PathLike[str], dtype
 
     reader = open_gguf(source)
     meta = fields(reader)
-    arch_cls = models.for_gguf_arch(str(meta.get("general.architecture")))
+    arch_cls = models.for_gguf_arch(str(meta.get(gguf.Keys.General.ARCHITECTURE)))
     names = [t.name for t in reader.tensors]
     config = arch_cls.config_from_gguf(meta, has_output="output.weight" in names)
     config["torch_dtype"] = DTYPES[dtype]
@@ -65,10 +67,7 @@ def export(source: str | os.PathLike[str], output: str | os.PathLike[str], dtype
     shapes = {arch.hf_name(t.name): (tuple(int(n) for n in reversed(t.shape.tolist())), dtype) for t in exported}
     n_params = sum(int(t.n_elements) for t in exported)
 
-    partial = output.with_name(f".{output.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    try:
+    with atomic_folder(output) as partial:
         try:
             write_hf_tokenizer(reader, partial)
         except TokenizerError as exc:
@@ -81,9 +80,4 @@ def export(source: str | os.PathLike[str], output: str | os.PathLike[str], dtype
             ((arch.hf_name(t.name), arch.to_hf(t.name, tensor_array(t))) for t in exported),
             shapes,
         )
-        if output.exists():
-            output.rmdir()
-        os.replace(partial, output)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
     return ExportSummary(str(output), arch.gguf_arch, n_params, dtype, time.perf_counter() - started)

@@ -16,6 +16,8 @@ model of the same architecture, which transformers and llama.cpp load and which 
   the same quantity over o_proj's columns of its query heads. Every block keeps the same count.
 
 `prune_checkpoint` is the one function the rest builds on: HF directory in, HF directory out.
+`prune_model` is the whole of `slim prune` around it: source resolution, calibration, healing,
+conversion to GGUF and evaluation.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -33,7 +36,9 @@ import numpy as np
 from slim import models
 from slim.kernels import QTYPES
 from slim.models.base import IGNORED
+from slim.runtime.files import atomic_folder, move_into_place
 from slim.runtime.formats import mixes
+from slim.runtime.pipeline import Progress
 from slim.runtime.pipeline.calibrate import Calibration
 from slim.runtime.formats.checkpoint import Checkpoint, TensorRef, write_safetensors
 
@@ -279,20 +284,12 @@ def prune_checkpoint(source: str | os.PathLike[str], output: str | os.PathLike[s
             if progress:
                 progress(1)
 
-    partial = output.with_name(f".{output.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    try:
+    with atomic_folder(output) as partial:
         for item in checkpoint.directory.iterdir():
             if item.is_file() and not _is_weights(item.name) and item.name != "config.json":
                 shutil.copy2(item, partial / item.name)
         (partial / "config.json").write_text(json.dumps(pruned_config(checkpoint.config, arch, plan), indent=2) + "\n")
         write_safetensors(partial / "model.safetensors", tensors(), shapes)
-        if output.exists():
-            output.rmdir()
-        os.replace(partial, output)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
     return PruneSummary(
         output=str(output), method=plan.method, removed=plan.describe(arch),
         parameters_before=parameter_count(checkpoint),
@@ -379,20 +376,20 @@ def pruned_config(config: dict[str, Any], arch: models.DecoderArchitecture, plan
     return config
 
 
-def expected_size(checkpoint: Checkpoint, plan: Plan, qtype: str | None) -> tuple[int, int]:
-    """(parameters, bytes) of the pruned model: as a GGUF of `qtype` (tensor data only), or as
-    safetensors when qtype is None."""
+def expected_size(checkpoint: Checkpoint, plan: Plan, mix: mixes.Mix | None) -> tuple[int, int]:
+    """(parameters, bytes) of the pruned model: as a GGUF of the mix (tensor data only), or as
+    safetensors when mix is None."""
     arch = models.for_hf_config(checkpoint.config)
     pruned = pruned_tensors(checkpoint, arch, plan)
     n_params = sum(_numel(shape) for shape, _, _ in pruned.values())
-    if qtype is None:
+    if mix is None:
         return n_params, sum(_numel(shape) * (4 if dtype == "F32" else 2) for shape, dtype, _ in pruned.values())
     smaller = models.for_hf_config(pruned_config(checkpoint.config, arch, plan))
     shapes = {smaller.gguf_name(name): shape for name, (shape, _, _) in pruned.items()}
     shapes.pop(None, None)
-    order = mixes.llama_order(list(shapes))
-    types = mixes.plan([(name, shapes[name]) for name in order], qtype, smaller.n_layer)
-    return n_params, sum(_numel(shapes[name][:-1]) * QTYPES[types[name]].row_bytes(shapes[name][-1]) for name in order)
+    types = mixes.plan(shapes, mix, smaller.n_layer).types
+    return n_params, sum(_numel(shapes[name][:-1]) * QTYPES[qtype].row_bytes(shapes[name][-1])
+                         for name, qtype in types.items())
 
 
 def parameter_count(checkpoint: Checkpoint) -> int:
@@ -409,3 +406,224 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _is_weights(name: str) -> bool:
     return name.endswith((".safetensors", ".bin", ".pt")) or name == "model.safetensors.index.json"
+
+
+# ---- the whole pipeline: calibrate, choose, prune, heal, convert, evaluate ---------------------
+
+
+@dataclass
+class PruneOptions:
+    """What `prune_model` removes and what it does around it. text: the calibration (and healing)
+    text; imatrix: a saved calibration instead of text; mix: the GGUF type of a .gguf output
+    (default Q4_K_M); held_out: a text to report the pruned model's perplexity on; heal: steps of
+    self-distillation towards the unpruned model."""
+
+    method: str
+    sparsity: float | None = None
+    pattern: str | None = None  # "N:M"
+    remove: int | None = None
+    score: str = "angular"
+    ffn: float = 1.0
+    heads: float = 1.0
+    text: str | None = None
+    imatrix: str | os.PathLike[str] | None = None
+    ctx: int = 512
+    chunks: int | None = None
+    mix: mixes.Mix | None = None
+    held_out: str | None = None
+    heal: int | None = None
+    dry_run: bool = False
+    threads: int | None = None
+
+    def check(self, to_gguf: bool) -> None:
+        """Refuse options that the method would silently ignore, before any work starts."""
+        if self.heal is not None:
+            import importlib.util
+
+            if importlib.util.find_spec("torch") is None:
+                raise PruneError("--heal trains the model and needs torch: pip install 'slim-llm[train]'")
+            if self.text is None:
+                raise PruneError("--heal trains on a text: give --text FILE")
+        method, text, imatrix = self.method, self.text, self.imatrix
+        if self.mix is not None and not to_gguf:
+            raise PruneError("--type applies to a GGUF output: name the output file *.gguf")
+        if text is not None and imatrix:
+            raise PruneError("give --text or --imatrix, not both")
+        if method == "magnitude" and imatrix:
+            raise PruneError("--method magnitude uses no calibration; drop --imatrix (or use --method wanda)")
+        if method == "magnitude" and text is not None and self.heal is None:
+            raise PruneError("--method magnitude uses no calibration; drop --text (or use --method wanda, or --heal)")
+        if method != "magnitude" and text is None and not imatrix:
+            raise PruneError(f"--method {method} needs a calibration text: --text FILE (or --imatrix FILE)")
+        if method == "layers" and imatrix:
+            raise PruneError("--method layers needs the hidden states of a calibration pass: "
+                             "give --text, not --imatrix")
+        if method not in UNSTRUCTURED and (self.sparsity is not None or self.pattern):
+            raise PruneError(f"--sparsity and --pattern belong to magnitude and wanda, not --method {method}")
+        if method != "layers" and self.remove is not None:
+            raise PruneError(f"--remove belongs to --method layers, not {method}")
+        if method == "layers" and self.remove is None:
+            raise PruneError("--method layers needs --remove K (how many blocks)")
+
+
+@dataclass
+class PruneReport:
+    """What `prune_model` did; fields that do not apply to the run are None."""
+
+    source: str
+    output: str
+    method: str
+    removed: str
+    parameters_before: int
+    parameters_after: int
+    source_bytes: int
+    expected_bytes: int | None = None  # a dry run's estimate
+    dry_run: bool = False
+    zeroed: int | None = None  # unstructured pruning: zero weights in the block matrices
+    block_weights: int | None = None
+    healed: dict[str, float] | None = None  # steps, loss_first, loss_last
+    type: str | None = None  # the GGUF's mix
+    output_bytes: int | None = None
+    perplexity: float | None = None
+    perplexity_error: float | None = None
+    perplexity_of: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON report: only the fields that apply to this run (dry_run only when it was one)."""
+        return {key: value for key, value in asdict(self).items() if value is not None and value is not False}
+
+
+DEFAULT_GGUF_MIX = "Q4_K_M"
+
+
+def prune_model(source: str, output: str | os.PathLike[str], options: PruneOptions, *,
+                progress: Progress | None = None) -> PruneReport:
+    """Prune `source` (an HF folder, a hub repo id, or a GGUF: a path, store or catalog name) into
+    `output`: an HF folder, or a GGUF of options.mix when the name ends in .gguf. Calibrates on
+    options.text when the method needs it, heals and evaluates when asked. progress(stage, done,
+    total) reports calibrating, pruning, teacher, healing, converting and perplexity."""
+    output = Path(output)
+    to_gguf = output.name.endswith(".gguf")
+    options.check(to_gguf)
+    if to_gguf and options.mix is None:
+        options = replace(options, mix=mixes.MIXES[DEFAULT_GGUF_MIX])
+    if not output.parent.is_dir():
+        raise PruneError(f"output's parent folder {output.parent} does not exist; create it first")
+    if not to_gguf and output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise PruneError(f"{output} already exists and is not an empty folder; choose a new output")
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".slim-prune-") as tmp:
+        return _prune_model(source, output, Path(tmp), options, progress or _no_progress)
+
+
+def _no_progress(stage: str, done: int, total: int | None, *, loss: float | None = None) -> None:
+    pass
+
+
+def _prune_model(source: str, out: Path, work: Path, options: PruneOptions, progress: Progress) -> PruneReport:
+    from slim.runtime.pipeline.convert import convert
+
+    hf_source, source_gguf, source_bytes = _hf_source(source, work)
+    checkpoint = Checkpoint(hf_source)
+    arch = models.for_hf_config(checkpoint.config)
+    method, text, mix, threads = options.method, options.text, options.mix, options.threads
+    pattern = parse_pattern(options.pattern) if options.pattern else None
+    check_amounts(arch, method, sparsity=options.sparsity, pattern=pattern, remove=options.remove,
+                  ffn=options.ffn, heads=options.heads)
+
+    calibration = Calibration.load(options.imatrix) if options.imatrix else None
+    if source_gguf is None and (options.heal is not None or (text is not None and not options.imatrix
+                                                             and method != "magnitude")):
+        source_gguf = work / "source-f16.gguf"  # llama.cpp runs the calibration and the healing teacher
+        convert(hf_source, source_gguf, mixes.MIXES["F16"])
+    if calibration is None and text is not None and method != "magnitude":
+        from slim.runtime.pipeline.calibrate import calibrate
+
+        calibration = calibrate(source_gguf, text, ctx=options.ctx, chunks=options.chunks, threads=threads,
+                                hidden_states=method == "layers", progress=_stage(progress, "calibrating"))
+
+    if method in UNSTRUCTURED:
+        plan = plan_unstructured(arch, method, sparsity=options.sparsity, pattern=pattern, calibration=calibration)
+    elif method == "layers":
+        plan = plan_layers(arch, calibration, options.remove, options.score)
+    else:
+        plan = plan_width(checkpoint, arch, calibration, options.ffn, options.heads)
+
+    n_after, size_after = expected_size(checkpoint, plan, mix)
+    report = PruneReport(source=source, output=str(out), method=method, removed=plan.describe(arch),
+                         parameters_before=parameter_count(checkpoint), parameters_after=n_after,
+                         source_bytes=source_bytes)
+    if options.dry_run:
+        report.expected_bytes, report.dry_run = size_after, True
+        return report
+
+    hf_out = work / "pruned-hf" if mix is not None or options.heal is not None else out
+    written = 0
+
+    def tensor_written(count: int) -> None:
+        nonlocal written
+        written += count
+        progress("pruning", written, None)
+
+    summary = prune_checkpoint(hf_source, hf_out, plan, progress=tensor_written)
+    if method in UNSTRUCTURED:
+        report.zeroed, report.block_weights = summary.zeroed, summary.block_weights
+    if options.heal is not None:
+        from slim.runtime.train.distill import distill
+
+        healed = work / "healed-hf"  # its training checkpoint (healed-hf.ckpt) stays in the work folder
+
+        def healing_step(step: int, total: int, loss: float) -> None:
+            progress("healing", step, total, loss=loss)
+
+        healing = distill(source_gguf, hf_out, text, healed, steps=options.heal, threads=threads,
+                          progress=healing_step, teacher_progress=_stage(progress, "teacher"))
+        report.healed = {"steps": healing.steps, "loss_first": healing.first_loss, "loss_last": healing.last_loss}
+        hf_out = healed
+        if mix is None:
+            move_into_place(healed, out)
+            hf_out = out
+    evaluated = None
+    if mix is not None:
+        converted = 0
+
+        def bytes_written(count: int) -> None:
+            nonlocal converted
+            converted += count
+            progress("converting", converted, None)
+
+        convert(hf_out, out, mix, threads=threads, progress=bytes_written)
+        report.type, evaluated = mix.name, out
+    report.output_bytes = out.stat().st_size if mix is not None else summary.size_bytes
+    if options.held_out is not None:
+        from slim.runtime.inference.evaluate import evaluate
+
+        if evaluated is None:
+            evaluated = work / "pruned-f16.gguf"
+            convert(hf_out, evaluated, mixes.MIXES["F16"])
+        result, _ = evaluate(evaluated, options.held_out, n_ctx=options.ctx, n_threads=threads,
+                             progress=_stage(progress, "perplexity"))
+        report.perplexity, report.perplexity_error = result.perplexity, result.perplexity_error
+        report.perplexity_of = evaluated.name if evaluated == out else "the pruned model as F16"
+    return report
+
+
+def _hf_source(source: str, work: Path) -> tuple[Path, Path | None, int]:
+    """(HF folder, GGUF of the same model or None, bytes of the source's weights): an HF folder or
+    hub repo id as it is, a GGUF (path, store or catalog name) exported to F32 in `work`."""
+    from slim.runtime import store
+    from slim.runtime.pipeline.convert import resolve_source
+    from slim.runtime.pipeline.export import export
+    from slim.runtime.store.hub import is_repo_id
+
+    path = Path(source).expanduser()
+    if path.is_dir() or (not path.exists() and is_repo_id(source)):
+        directory = resolve_source(source)
+        return directory, None, sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+    gguf_path = store.resolve(source)
+    export(gguf_path, work / "source-hf", "F32")
+    return work / "source-hf", gguf_path, gguf_path.stat().st_size
+
+
+def _stage(progress: Progress, stage: str) -> Callable[[int, int], None]:
+    """A (done, total) callback of calibrate, evaluate and the teacher pass, reporting as `stage`."""
+    return lambda done, total: progress(stage, done, total)

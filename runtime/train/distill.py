@@ -33,8 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from slim.runtime.files import atomic_open, file_sha256
+from slim.runtime.formats.mixes import Mix
 from slim.runtime.train import student as student_lib
-from slim.runtime.store.assets import file_sha256, slim_home
+from slim.runtime.store.assets import slim_home
 from slim.runtime.inference.evaluate import chunk_tokens, log_softmax
 
 CACHE_VERSION = 1
@@ -149,9 +151,8 @@ def teacher_targets(teacher: Path, text: str, seq_len: int, top_k: int, *, threa
                 progress(index + 1, len(chunks))
     targets = Targets(np.array(chunks, dtype=np.int64), ids, values)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=cache_dir, prefix=path.stem, suffix=".partial.npz", delete=False) as partial:
+    with atomic_open(path) as partial:  # two runs may fill the same entry at once: each has its own temporary
         np.savez(partial, tokens=targets.tokens, top_ids=ids, top_log_probs=values)
-    os.replace(partial.name, path)  # a unique partial name: two runs may fill the same entry at once
     return targets
 
 
@@ -282,9 +283,8 @@ def _save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
                 options: Options) -> None:
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "rng": torch.get_rng_state(), "options": json.dumps(options.resumable(), sort_keys=True)}
-    partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)
+    with atomic_open(path) as partial:
+        torch.save(state, partial)
 
 
 def _load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, options: Options) -> int:
@@ -318,23 +318,19 @@ def checkpoint_path(output: Path) -> Path:
 
 
 def distill(teacher: str | os.PathLike[str], student_dir: str | os.PathLike[str], text: str,
-            out_dir: str | os.PathLike[str], *, online: bool = False, qtype: str | None = None,
+            out_dir: str | os.PathLike[str], *, online: bool = False, mix: Mix | None = None,
             resume: bool = False, cache_dir: str | os.PathLike[str] | None = None,
             progress: Callable[[int, int, float], None] | None = None,
             teacher_progress: Callable[[int, int], None] | None = None, **options: Any) -> Summary:
     """Distill `teacher` into the HF checkpoint `student_dir`; write the result to `out_dir` (an HF
-    folder) and, with qtype, a GGUF of that type next to it (OUT-<type>.gguf).
+    folder) and, with a mix, a GGUF of that mix next to it (OUT-<type>.gguf).
 
     teacher: a GGUF (offline, top-k cached) or, with online=True, an HF folder. Healing a pruned
     model is the same call with the unpruned model as teacher. options: see `Options`."""
-    from slim.runtime.formats import mixes
-
     started = time.perf_counter()
     settings = Options(**options)
     settings.check()
     teacher, student_dir, out_dir = Path(teacher), Path(student_dir), Path(out_dir)
-    if qtype is not None:
-        mixes.mix(qtype)
     if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
         raise DistillError(f"{out_dir} already exists; choose a new output folder")
     if not out_dir.parent.is_dir():
@@ -366,11 +362,11 @@ def distill(teacher: str | os.PathLike[str], student_dir: str | os.PathLike[str]
                    progress=progress)
     student_lib.save(model, student_dir, out_dir)
     gguf_path = None
-    if qtype is not None:
+    if mix is not None:
         from slim.runtime.pipeline.convert import convert
 
-        gguf_path = out_dir.with_name(f"{out_dir.name}-{qtype.lower()}.gguf")
-        convert(out_dir, gguf_path, qtype)
+        gguf_path = out_dir.with_name(f"{out_dir.name}-{mix.name.lower()}.gguf")
+        convert(out_dir, gguf_path, mix)
     return summarize(out_dir, settings, losses, started, gguf_path)
 
 

@@ -27,6 +27,7 @@ from torch.nn.utils import parametrize
 
 from slim import kernels
 from slim.kernels import grid as grids
+from slim.runtime.files import atomic_path
 from slim.runtime.formats import mixes
 from slim.runtime.train import student as student_lib
 from slim.runtime.train.distill import (DistillError, Options, Summary, check_vocabulary, checkpoint_path, gguf_tokens,
@@ -69,27 +70,27 @@ class OnGrid(nn.Module):
         return _RoundToGrid.apply(w, self)
 
 
-def quantized_tensors(model: student_lib.Decoder, mix_name: str, has_imatrix: bool = False
-                      ) -> dict[str, tuple[str, str]]:
-    """HF name -> (GGUF name, GGUF type) of each weight the mix quantizes (llama-quantize's rules)."""
+def type_plan(model: student_lib.Decoder, mix: mixes.Mix, has_imatrix: bool = False) -> mixes.TypePlan:
+    """The GGUF type of every tensor of the model's GGUF (llama-quantize's rules), planned once:
+    the grids are made for these types, and convert writes the file with exactly them."""
     arch = model.arch
-    shapes = {}
-    for name, tensor in model.hf_state().items():
-        gguf_name = arch.gguf_name(name)
-        if gguf_name is not None:
-            shapes[gguf_name] = (name, tuple(tensor.shape))
-    order = mixes.llama_order(list(shapes))
-    types = mixes.plan([(g, shapes[g][1]) for g in order], mix_name, arch.n_layer, has_imatrix=has_imatrix)
-    return {shapes[g][0]: (g, t) for g, t in types.items() if t in grids.TYPES}
+    shapes = {arch.gguf_name(name): tuple(tensor.shape) for name, tensor in model.hf_state().items()}
+    shapes.pop(None, None)
+    shapes.update((name, array.shape) for name, array in arch.extra_tensors().items())
+    return mixes.plan(shapes, mix, arch.n_layer, has_imatrix=has_imatrix)
 
 
-def attach_grids(model: student_lib.Decoder, mix_name: str, calibration: Any = None
+def attach_grids(model: student_lib.Decoder, plan: mixes.TypePlan, calibration: Any = None
                  ) -> dict[str, tuple[str, str, np.ndarray]]:
-    """Quantize each weight the mix quantizes (post-training, importance-weighted where the
+    """Quantize each weight the plan quantizes (post-training, importance-weighted where the
     calibration, a slim.runtime.pipeline.calibrate.Calibration, covers it), freeze its grid, and make the
     forward pass use the weight rounded onto it. Returns HF name -> (GGUF name, type, initial blocks)."""
+    hf_names = {model.arch.gguf_name(name): name for name in model.hf_state()}
     attached = {}
-    for name, (gguf_name, qtype) in quantized_tensors(model, mix_name, calibration is not None).items():
+    for gguf_name, qtype in plan.types.items():
+        if qtype not in grids.TYPES:
+            continue
+        name = hf_names[gguf_name]
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         weight = getattr(module, attr).detach().numpy()
@@ -126,18 +127,18 @@ def final_blocks(model: student_lib.Decoder, attached: dict[str, tuple[str, str,
     return out
 
 
-def write_gguf(model: student_lib.Decoder, source: Path, blocks: dict[str, np.ndarray], mix_name: str,
+def write_gguf(model: student_lib.Decoder, source: Path, blocks: dict[str, np.ndarray], plan: mixes.TypePlan,
                output: Path, imatrix: Path | None = None) -> None:
-    """The trained model as a GGUF of the mix: slim convert writes the file (metadata, tokenizer,
-    F32 tensors from the trained weights), then every quantized tensor's data is replaced by the
-    trained blocks, which have the same type and size."""
+    """The trained model as a GGUF of the plan's types: slim convert writes the file (metadata,
+    tokenizer, F32 tensors from the trained weights), then every quantized tensor's data is replaced
+    by the trained blocks, which have the same type and size."""
     from slim.runtime.pipeline.convert import convert
     from slim.runtime.formats.gguf_file import open_gguf
 
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp, \
+            atomic_path(output) as partial:
         student_lib.save(model, source, Path(tmp) / "hf")
-        partial = Path(tmp) / "model.gguf"
-        convert(Path(tmp) / "hf", partial, mix_name, imatrix=imatrix)  # imatrix: the same type choices
+        convert(Path(tmp) / "hf", partial, plan, imatrix=imatrix)  # imatrix: each weight's importance
         placed = {t.name: (t.data_offset, t.n_bytes, t.tensor_type.name) for t in open_gguf(partial).tensors}
         with open(partial, "r+b") as f:
             for name, data in blocks.items():
@@ -145,16 +146,15 @@ def write_gguf(model: student_lib.Decoder, source: Path, blocks: dict[str, np.nd
                 assert data.nbytes == n_bytes, (name, data.nbytes, n_bytes)
                 f.seek(offset)
                 f.write(np.ascontiguousarray(data).tobytes())
-        os.replace(partial, output)
 
 
-def qat(source: str | os.PathLike[str], qtype: str, text: str, output: str | os.PathLike[str], *,
+def qat(source: str | os.PathLike[str], mix: mixes.Mix, text: str, output: str | os.PathLike[str], *,
         teacher: str | os.PathLike[str] | None = None, imatrix: str | os.PathLike[str] | None = None,
         resume: bool = False,
         cache_dir: str | os.PathLike[str] | None = None,
         progress: Callable[[int, int, float], None] | None = None,
         teacher_progress: Callable[[int, int], None] | None = None, **options: Any) -> Summary:
-    """Quantization-aware training of the HF checkpoint `source` for the --type mix `qtype`; writes
+    """Quantization-aware training of the HF checkpoint `source` for a quantized mix; writes
     the GGUF `output`. teacher: a GGUF of the unquantized model (default: `source` converted to F16).
     imatrix: an importance matrix (slim calibrate) for the initial quantization. options: see
     slim.runtime.train.distill.Options."""
@@ -163,9 +163,8 @@ def qat(source: str | os.PathLike[str], qtype: str, text: str, output: str | os.
     started = time.perf_counter()
     settings = Options(**options)
     settings.check()
-    mix_name = mixes.mix(qtype).name
-    if mix_name in mixes.FLOAT_MIXES:
-        raise DistillError(f"{mix_name} is not quantized; QAT needs a quantized --type such as Q4_K_M")
+    if mix.name in mixes.FLOAT_MIXES:
+        raise DistillError(f"{mix.name} is not quantized; QAT needs a quantized --type such as Q4_K_M")
     output = Path(output)
     if output.is_dir():
         raise DistillError(f"{output} is a directory; give the output file name, e.g. {output / 'model.gguf'}")
@@ -181,15 +180,16 @@ def qat(source: str | os.PathLike[str], qtype: str, text: str, output: str | os.
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.teacher.") as tmp:
         if teacher is None:
             teacher = Path(tmp) / "teacher-f16.gguf"
-            convert(source, teacher, "F16")
+            convert(source, teacher, mixes.MIXES["F16"])
         teacher = Path(teacher)
         check_vocabulary(source, gguf_tokens(teacher))
         targets = teacher_targets(teacher, text, settings.seq_len, settings.top_k, threads=settings.threads,
                                   cache_dir=Path(cache_dir) if cache_dir else None, progress=teacher_progress)
 
     model = student_lib.load(source)
-    attached = attach_grids(model, mix_name, calibration)
+    plan = type_plan(model, mix, has_imatrix=calibration is not None)
+    attached = attach_grids(model, plan, calibration)
     losses = train(model, targets, settings, checkpoint_path(output), resume=resume, progress=progress)
-    write_gguf(model, source, final_blocks(model, attached), mix_name, output,
+    write_gguf(model, source, final_blocks(model, attached), plan, output,
                Path(imatrix) if imatrix is not None else None)
     return summarize(output, settings, losses, started)

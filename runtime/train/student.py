@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slim import models
+from slim.runtime.files import atomic_folder
 from slim.runtime.formats.checkpoint import Checkpoint, write_safetensors
 
 # Files copied from the source folder so the result is a complete model (tokenizer, template).
@@ -186,10 +187,8 @@ def save(model: Decoder, source: str | os.PathLike[str], output: str | os.PathLi
     (the checkpoint it was loaded from), weights from the model. Assembled under a temporary
     name and renamed into place."""
     source, output = Path(source), Path(output)
-    partial = output.with_name(f".{output.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(output, replace=True) as partial:
         config = dict(model.arch.config, torch_dtype="float32")
         (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for name in _SIDE_FILES:
@@ -199,8 +198,3 @@ def save(model: Decoder, source: str | os.PathLike[str], output: str | os.PathLi
         write_safetensors(partial / "model.safetensors",
                           ((name, tensor.detach().numpy()) for name, tensor in state.items()),
                           {name: (tuple(tensor.shape), "F32") for name, tensor in state.items()})
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(partial, output)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
