@@ -11,6 +11,7 @@ import click
 
 from slim.runtime.cli import fail
 from slim.runtime.commands.options import generation_options, load_model, sampling_params
+from slim.runtime.files import atomic_open
 
 HELP = """\
 /reset          forget the conversation (the system message stays)
@@ -150,12 +151,10 @@ class Chat:
 
     def save(self, path: Path) -> None:
         document = {"model": str(self.llm.path), "messages": self.session.messages}
-        partial = path.with_name(path.name + ".partial")
         try:
-            partial.write_text(json.dumps(document, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-            partial.replace(path)
+            with atomic_open(path, "w", encoding="utf-8") as file:
+                file.write(json.dumps(document, ensure_ascii=False, indent=2) + "\n")
         except OSError as exc:
-            partial.unlink(missing_ok=True)
             self.say(f"could not save to {path}: {exc.strerror}")
             return
         self.say(f"saved {len(self.session.messages)} messages to {path}")
