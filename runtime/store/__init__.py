@@ -16,8 +16,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from slim.runtime.store import assets
-
 
 class StoreError(ValueError):
     """A model name that the store cannot resolve, or a store operation that cannot go ahead."""
@@ -57,6 +55,8 @@ class StoreEntry:
 
 
 def root() -> Path:
+    from slim.runtime.store import assets  # subprocess and zipfile: not for `slim run PATH`'s start-up
+
     return assets.slim_home() / "models"
 
 
@@ -138,6 +138,8 @@ def resolve(model: str | None) -> Path:
 
 def pull_catalog(name: str) -> StoreEntry:
     """Fetch a catalog model (sha256-checked) and register it; the asset cache file is the store file."""
+    from slim.runtime.store import assets
+
     entry = CATALOG[name]
     path = assets.fetch(entry.asset)
     return add(name, path, f"catalog:{entry.asset}", entry.license)
