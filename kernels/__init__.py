@@ -6,9 +6,10 @@
     dequantize(data, "Q4_K", shape) -> float32 (rows, cols)
 
 Each type is one class (legacy.py: floats and 32-weight quants; kquants.py: the 256-weight K-quants)
-with its block layout in its docstring. `backend="ggml"` runs llama.cpp's own C quantizer from the
-libggml-base that llama-cpp-python ships; the default, "auto", uses it when importable (tests prove
-both backends write identical bytes) and the numpy kernels otherwise.
+with its block layout in its docstring; the C arithmetic and bit packing they share is in _common.py.
+`backend="ggml"` runs llama.cpp's own C quantizer from the libggml-base that llama-cpp-python ships;
+the default, "auto", uses it when importable (tests prove both backends write identical bytes) and the
+numpy kernels otherwise.
 """
 
 from __future__ import annotations

@@ -30,13 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import check_row_length, qtype
+from ._common import (f32, pack_fifth_bits, pack_k_fifth_bits, pack_k_nibbles, pack_nibbles, pack_q6_k_codes,
+                      unpack_fifth_bits, unpack_k_fifth_bits, unpack_k_nibbles, unpack_nibbles, unpack_q6_k_codes,
+                      unpack_scale_min)
 from .base import half_values, split_fields
-from .kquants import _pack_nibbles as _pack_k_nibbles
-from .kquants import _unpack_nibbles as _unpack_k_nibbles
-from .kquants import _unpack_scale_min
-from .legacy import _pack_fifth_bits, _pack_nibbles
-
-f32 = np.float32
 
 
 @dataclass(frozen=True)
@@ -98,15 +95,6 @@ class _Layout:
     # (blocks, codes - low as uint8 (n, block_size)) -> the blocks with those codes
 
 
-def _nibbles(qs: np.ndarray) -> np.ndarray:
-    """32-weight types: weight j in the low nibble of byte j, weight j+16 in its high nibble."""
-    return np.concatenate([qs & 0xF, qs >> 4], axis=1)
-
-
-def _fifth_bits(qh: np.ndarray) -> np.ndarray:
-    return np.unpackbits(np.ascontiguousarray(qh), axis=1, bitorder="little")
-
-
 def _zeros(n: int, groups: int) -> np.ndarray:
     return np.zeros((n, groups), dtype=f32)
 
@@ -126,10 +114,10 @@ def _unpack_symmetric(bias: int, fifth: bool):
     def unpack(blocks: np.ndarray):
         if fifth:
             d, qh, qs = split_fields(blocks, 2, 4, 16)
-            q = _nibbles(qs) | _fifth_bits(qh) << 4
+            q = unpack_nibbles(qs) | unpack_fifth_bits(qh) << 4
         else:
             d, qs = split_fields(blocks, 2, 16)
-            q = _nibbles(qs)
+            q = unpack_nibbles(qs)
         return half_values(d), _zeros(len(blocks), 1), q.astype(np.int16) - bias
     return unpack
 
@@ -138,10 +126,10 @@ def _unpack_affine(fifth: bool):
     def unpack(blocks: np.ndarray):
         if fifth:
             d, m, qh, qs = split_fields(blocks, 2, 2, 4, 16)
-            q = _nibbles(qs) | _fifth_bits(qh) << 4
+            q = unpack_nibbles(qs) | unpack_fifth_bits(qh) << 4
         else:
             d, m, qs = split_fields(blocks, 2, 2, 16)
-            q = _nibbles(qs)
+            q = unpack_nibbles(qs)
         return half_values(d), half_values(m), q.astype(np.int16)
     return unpack
 
@@ -149,7 +137,7 @@ def _unpack_affine(fifth: bool):
 def _pack_legacy(head: int, fifth: bool):
     """Keep the first `head` bytes (d, and m for the _1 types); rewrite qh and qs."""
     def pack(blocks: np.ndarray, stored: np.ndarray) -> np.ndarray:
-        fields = [blocks[:, :head]] + ([_pack_fifth_bits(stored)] if fifth else []) + [_pack_nibbles(stored)]
+        fields = [blocks[:, :head]] + ([pack_fifth_bits(stored)] if fifth else []) + [pack_nibbles(stored)]
         return np.concatenate(fields, axis=1)
     return pack
 
@@ -158,12 +146,11 @@ def _unpack_scale_min_k(fifth: bool):
     def unpack(blocks: np.ndarray):
         if fifth:
             d, dmin, scales, qh, qs = split_fields(blocks, 2, 2, 12, 32, 128)
-            high = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
-            q = _unpack_k_nibbles(qs) | high << 4
+            q = unpack_k_nibbles(qs) | unpack_k_fifth_bits(qh) << 4
         else:
             d, dmin, scales, qs = split_fields(blocks, 2, 2, 12, 128)
-            q = _unpack_k_nibbles(qs)
-        sc, m = _unpack_scale_min(scales)
+            q = unpack_k_nibbles(qs)
+        sc, m = unpack_scale_min(scales)
         step = half_values(d) * sc.astype(f32)
         offset = -(half_values(dmin) * m.astype(f32))
         return step, offset, q.reshape(len(blocks), -1).astype(np.int16)
@@ -175,29 +162,21 @@ def _pack_scale_min_k(fifth: bool):
         q = stored.reshape(len(blocks), 8, 32)
         fields = [blocks[:, :16]]
         if fifth:
-            high = (q >> 4) << np.arange(8, dtype=np.uint8)[None, :, None]
-            fields.append(np.bitwise_or.reduce(high, axis=1))
-        fields.append(_pack_k_nibbles(q))
+            fields.append(pack_k_fifth_bits(q))
+        fields.append(pack_k_nibbles(q))
         return np.concatenate(fields, axis=1)
     return pack
 
 
 def _unpack_q6_k(blocks: np.ndarray):
     ql, qh, scales, d = split_fields(blocks, 128, 64, 16, 2)
-    n = len(blocks)
-    low = ql.reshape(n, 2, 1, 2, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1, 1)
-    high = qh.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
-    q = (low.reshape(n, 2, 4, 32) & 0xF) | (high & 3) << 4
     step = half_values(d) * np.ascontiguousarray(scales).view(np.int8).astype(f32)
-    return step, _zeros(n, 16), q.reshape(n, 256).astype(np.int16) - 32
+    return step, _zeros(len(blocks), 16), unpack_q6_k_codes(ql, qh).astype(np.int16) - 32
 
 
 def _pack_q6_k(blocks: np.ndarray, stored: np.ndarray) -> np.ndarray:
-    n = len(blocks)
-    q = stored.reshape(n, 2, 4, 32)  # quarter k of half h is weights 128h + 32k + l
-    ql = (q[:, :, 0:2] & 0xF) | (q[:, :, 2:4] & 0xF) << 4
-    qh = np.bitwise_or.reduce((q >> 4) << np.array([0, 2, 4, 6], dtype=np.uint8)[None, None, :, None], axis=2)
-    return np.concatenate([ql.reshape(n, 128), qh.reshape(n, 64), blocks[:, 192:]], axis=1)
+    ql, qh = pack_q6_k_codes(stored)
+    return np.concatenate([ql, qh, blocks[:, 192:]], axis=1)
 
 
 _TYPES: dict[str, _Layout] = {

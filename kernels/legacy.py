@@ -35,9 +35,9 @@ from collections.abc import Callable
 import numpy as np
 from gguf import quants as gguf_quants
 
+from ._common import (THOROUGH_GRID, alternate, by_chunks, columns, f32, make_qkx2_quants, make_qx_quants,
+                      pack_fifth_bits, pack_nibbles, seq_sum)
 from .base import QuantType, half_bytes
-from .kquants import (_THOROUGH_GRID, _alternate, _by_chunks, _columns, _make_qkx2_quants, _make_qx_quants,
-                      _seq_sum, f32)
 
 
 class F32(QuantType):
@@ -111,7 +111,7 @@ class _Weighted(_FromGguf):
         weights = np.ones_like(rows) if importance is None else _row_weights(rows, importance)
         encode = functools.partial(cls._encode, imatrix=importance is not None, thorough=search == "thorough")
         blocks = rows.reshape(-1, cls.block_size)
-        return _by_chunks(blocks, cls.type_size, encode, weights.reshape(blocks.shape)).reshape(len(rows), -1)
+        return by_chunks(blocks, cls.type_size, encode, weights.reshape(blocks.shape)).reshape(len(rows), -1)
 
     @classmethod
     def _encode(cls, blocks: np.ndarray, weights: np.ndarray, imatrix: bool, thorough: bool) -> np.ndarray:
@@ -149,7 +149,7 @@ class Q4_0(_Weighted):
 
     @staticmethod
     def _pack(d: np.ndarray, q: np.ndarray) -> np.ndarray:
-        return np.concatenate([half_bytes(d), _pack_nibbles(q)], axis=1)
+        return np.concatenate([half_bytes(d), pack_nibbles(q)], axis=1)
 
 
 class Q4_1(_Weighted):
@@ -172,7 +172,7 @@ class Q4_1(_Weighted):
 
     @staticmethod
     def _pack(d: np.ndarray, m: np.ndarray, q: np.ndarray) -> np.ndarray:
-        return np.concatenate([half_bytes(d), half_bytes(m), _pack_nibbles(q)], axis=1)
+        return np.concatenate([half_bytes(d), half_bytes(m), pack_nibbles(q)], axis=1)
 
 
 class Q5_0(_Weighted):
@@ -195,7 +195,7 @@ class Q5_0(_Weighted):
 
     @staticmethod
     def _pack(d: np.ndarray, q: np.ndarray) -> np.ndarray:
-        return np.concatenate([half_bytes(d), _pack_fifth_bits(q), _pack_nibbles(q)], axis=1)
+        return np.concatenate([half_bytes(d), pack_fifth_bits(q), pack_nibbles(q)], axis=1)
 
 
 class Q5_1(_Weighted):
@@ -218,7 +218,7 @@ class Q5_1(_Weighted):
 
     @staticmethod
     def _pack(d: np.ndarray, m: np.ndarray, q: np.ndarray) -> np.ndarray:
-        return np.concatenate([half_bytes(d), half_bytes(m), _pack_fifth_bits(q), _pack_nibbles(q)], axis=1)
+        return np.concatenate([half_bytes(d), half_bytes(m), pack_fifth_bits(q), pack_nibbles(q)], axis=1)
 
 
 def _first_where(blocks: np.ndarray, hit: np.ndarray) -> np.ndarray:
@@ -255,21 +255,21 @@ def _affine(blocks: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray, np
 
 def _row_weights(rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
     """importance * sqrt(sigma2 + x^2) per weight, sigma2 = the row's mean square (summed left to right)."""
-    sum_x2 = _seq_sum(np.square(np.ascontiguousarray(rows.T)))
+    sum_x2 = seq_sum(np.square(np.ascontiguousarray(rows.T)))
     sigma2 = sum_x2 / f32(rows.shape[1])
     return importance * np.sqrt(sigma2[:, None] + rows * rows)
 
 
 def _weighted_symmetric(blocks: np.ndarray, weights: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """Q4_0/Q5_0 with an imatrix: d and the codes 0..2*nmax-1 of make_qx_quants."""
-    d, L = _make_qx_quants(_columns(blocks, 32), nmax, _columns(weights, 32))
+    d, L = make_qx_quants(columns(blocks, 32), nmax, columns(weights, 32))
     return d, L.T.astype(np.uint8)
 
 
 def _weighted_affine(blocks: np.ndarray, weights: np.ndarray, nmax: int
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Q4_1/Q5_1 with an imatrix: d, m and the codes 0..nmax of make_qkx3_quants."""
-    d, neg_min, L = _make_qkx2_quants(_columns(blocks, 32), _columns(weights, 32), nmax,
+    d, neg_min, L = make_qkx2_quants(columns(blocks, 32), columns(weights, 32), nmax,
                                       rmin=-0.9, rdelta=0.05, nstep=36)
     return d, -neg_min, L.T.astype(np.uint8)
 
@@ -279,7 +279,7 @@ def _symmetric_thoroughly(blocks: np.ndarray, weights: np.ndarray, nmax: int) ->
     stored as half, x ~ d*(q - nmax). Every candidate d is judged with the codes nearest to each weight
     for its half value: 42 trial d that put the block's largest-magnitude value at level
     -(nmax-1 .. nmax+1) or +(nmax-2 .. nmax) in steps of 0.1, then d nudged and least-squares refits
-    given the codes (kquants._alternate)."""
+    given the codes (_common.alternate)."""
     extreme = _symmetric(blocks, levels=2 * nmax)[0].reshape(-1) * f32(-nmax)  # signed, largest |x|
     steps = np.arange(-10, 11) / 10
 
@@ -298,7 +298,7 @@ def _symmetric_thoroughly(blocks: np.ndarray, weights: np.ndarray, nmax: int) ->
         return (np.where((denominator > 0) & np.isfinite(new_d), new_d, d),)
 
     trials = [(extreme / f32(-(nmax + t)),) for t in steps] + [(extreme / f32(nmax - 1 + t),) for t in steps]
-    (d,), (q,) = _alternate(pick, refit, start=_best_trial(pick, trials))
+    (d,), (q,) = alternate(pick, refit, start=_best_trial(pick, trials))
     return d, q.astype(np.uint8)
 
 
@@ -306,8 +306,8 @@ def _affine_thoroughly(blocks: np.ndarray, weights: np.ndarray, nmax: int
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """search="thorough" for Q4_1/Q5_1: the d, m (n,) and codes (n, 32) of least weighted error with
     d and m stored as half, x ~ d*q + m. Starts from the better of the reference's (max-min)/nmax, min
-    and a weighted fit on kquants' finer trial grid; then d nudged and least-squares refits of (d, m),
-    each judged with the codes nearest to each weight for the half values (kquants._alternate)."""
+    and a weighted fit on the thorough searches' finer trial grid; then d nudged and least-squares refits of (d, m),
+    each judged with the codes nearest to each weight for the half values (_common.alternate)."""
     def pick(d: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray]]:
         stored_d = d.astype(np.float16).astype(f32)[:, None]
         stored_m = m.astype(np.float16).astype(f32)[:, None]
@@ -327,10 +327,10 @@ def _affine_thoroughly(blocks: np.ndarray, weights: np.ndarray, nmax: int
         return np.where(ok, new_d, d), np.where(ok, new_m, m)
 
     plain_d, plain_m, _ = _affine(blocks, levels=nmax + 1)
-    scale, offset, _ = _make_qkx2_quants(_columns(blocks, 32), _columns(weights, 32), nmax, **_THOROUGH_GRID)
+    scale, offset, _ = make_qkx2_quants(columns(blocks, 32), columns(weights, 32), nmax, **THOROUGH_GRID)
     fitted = (scale, -offset)
     start = _best_trial(pick, [(plain_d.reshape(-1), plain_m.reshape(-1)), fitted])
-    (d, m), (q,) = _alternate(pick, refit, start=start)
+    (d, m), (q,) = alternate(pick, refit, start=start)
     return d, m, q.astype(np.uint8)
 
 
@@ -344,13 +344,3 @@ def _best_trial(pick: Callable[..., tuple[np.ndarray, tuple[np.ndarray, ...]]],
         best_err = np.where(better, err, best_err)
         best = tuple(np.where(better, new, old) for new, old in zip(trial, best))
     return best
-
-
-def _pack_nibbles(q: np.ndarray) -> np.ndarray:
-    """Weight j in the low nibble of byte j, weight j+16 in its high nibble."""
-    return (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
-
-
-def _pack_fifth_bits(q: np.ndarray) -> np.ndarray:
-    """Bit 4 of weight j at bit j of a little-endian uint32."""
-    return np.packbits((q >> 4) & 1, axis=1, bitorder="little")

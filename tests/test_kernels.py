@@ -14,7 +14,7 @@ import gguf
 import numpy as np
 import pytest
 
-from slim.kernels import QTYPES, dequantize, ggml, kquants, quantize
+from slim.kernels import QTYPES, _common, dequantize, ggml, kquants, quantize
 
 needs_ggml = pytest.mark.skipif(not ggml.available(), reason="llama-cpp-python (the C oracle) is not installed")
 
@@ -111,7 +111,8 @@ def test_backends_write_identical_bytes(qtype: str) -> None:
 def test_bit_exact_rounding_path_matches_c(qtype: str, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The K-quants round with a fast float path when values are in range; the bit-exact emulation
     of nearest_int (the fallback) must give the same bytes everywhere."""
-    monkeypatch.setattr(kquants, "_fits", lambda *extremes: False)
+    for module in (_common, kquants):
+        monkeypatch.setattr(module, "fits", lambda *extremes: False)
     x = make_case(case)
     assert_same_bytes(numpy_quantize(x, qtype), ggml.quantize_rows(x, QTYPES[qtype].ggml_type), qtype, case)
 
@@ -120,7 +121,7 @@ def test_bit_exact_rounding_path_matches_c(qtype: str, case: str, monkeypatch: p
 @pytest.mark.parametrize("qtype", K_QUANTS)
 def test_k_quants_across_chunk_boundaries(qtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks are processed in cache-sized chunks; 7-block chunks over 64 blocks leave a ragged last one."""
-    monkeypatch.setattr(kquants, "_CHUNK_BLOCKS", 7)
+    monkeypatch.setattr(_common, "_CHUNK_BLOCKS", 7)
     x = make_case("zero_subblocks")
     assert_same_bytes(numpy_quantize(x, qtype), ggml.quantize_rows(x, QTYPES[qtype].ggml_type), qtype, "7-block chunks")
 

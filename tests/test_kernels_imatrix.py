@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from slim import kernels
-from slim.kernels import QTYPES, dequantize, ggml, kquants, legacy, quantize
+from slim.kernels import QTYPES, _common, dequantize, ggml, kquants, legacy, quantize
 from test_kernels import _bf16_rounded, assert_same_bytes
 
 needs_ggml = pytest.mark.skipif(not ggml.available(), reason="llama-cpp-python (the C oracle) is not installed")
@@ -118,7 +118,8 @@ def test_numpy_matches_c_with_importance(qtype: str, case: str) -> None:
 def test_bit_exact_rounding_path_with_importance(qtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The searches round with a fast float path when values are in range; the bit-exact emulation of
     nearest_int must give the same bytes."""
-    monkeypatch.setattr(kquants, "_fits", lambda *extremes: False)
+    for module in (_common, kquants):
+        monkeypatch.setattr(module, "fits", lambda *extremes: False)
     for case in ("heavy_tailed", "special_blocks", "small_integers", "extreme"):
         x = make_data(case, 1536)
         importance = make_importance("zero_groups", 1536)
@@ -130,7 +131,7 @@ def test_bit_exact_rounding_path_with_importance(qtype: str, monkeypatch: pytest
 @pytest.mark.parametrize("qtype", WEIGHTED)
 def test_chunk_boundaries_with_importance(qtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows are cut into chunks of rows, blocks into cache-sized runs; the importance must follow both."""
-    monkeypatch.setattr(kquants, "_CHUNK_BLOCKS", 7)
+    monkeypatch.setattr(_common, "_CHUNK_BLOCKS", 7)
     monkeypatch.setattr(kernels, "_CHUNK_WEIGHTS", 3 * 1536)
     x = make_data("heavy_tailed", 1536)
     importance = make_importance("activations", 1536)

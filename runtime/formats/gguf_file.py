@@ -5,6 +5,10 @@ checks the magic, the version, every metadata entry and tensor info, that each t
 inside the file, and that no vocabulary token repeats (llama.cpp aborts on one), and turns any
 failure into one GGUFError with a message a user can act on. `open_gguf` adds gguf-py's full reader
 for the commands that need tensor data.
+
+`check_gguf` runs before `slim run`'s first token, so this module imports neither gguf-py nor numpy
+nor slim.kernels at its top (about 0.2 s of start-up between them): the GGUF value types and tensor
+block sizes the scanner needs are literals here, and tests/test_startup.py holds them equal to gguf-py's.
 """
 
 from __future__ import annotations
@@ -13,12 +17,11 @@ import mmap
 import os
 import struct
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import gguf
-import numpy as np
-
-from slim import kernels
+if TYPE_CHECKING:
+    import gguf
+    import numpy as np
 
 
 class GGUFError(ValueError):
@@ -27,6 +30,8 @@ class GGUFError(ValueError):
 
 def open_gguf(path: str | os.PathLike[str]) -> gguf.GGUFReader:
     """A checked file, opened with gguf-py's reader (tensor data memory-mapped)."""
+    import gguf
+
     check_gguf(path)
     try:
         return gguf.GGUFReader(path)
@@ -34,10 +39,19 @@ def open_gguf(path: str | os.PathLike[str]) -> gguf.GGUFReader:
         raise GGUFError(f"{path} is damaged: {exc.__class__.__name__}: {exc}") from None
 
 
-
+# gguf.GGUFValueType: the struct format of each scalar type, and the two compound types.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 _MAX_DIMS = 4
+
+# gguf.GGML_QUANT_SIZES by type id: (weights per block, bytes per block).
+_TENSOR_TYPE_SIZES = {
+    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 9: (32, 40),
+    10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292),
+    16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18), 21: (256, 110), 22: (256, 82),
+    23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8), 29: (256, 56), 30: (1, 2),
+    34: (256, 54), 35: (256, 66), 39: (32, 17), 40: (64, 36), 41: (128, 18),
+}
 
 
 def check_gguf(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -62,7 +76,7 @@ def check_gguf(path: str | os.PathLike[str]) -> dict[str, Any]:
         if data[:4] != b"GGUF":
             raise GGUFError(f"{path} is not a GGUF file (it does not start with the GGUF magic)")
         try:
-            return _scan_header(data, size, gguf.GGML_QUANT_SIZES)
+            return _scan_header(data, size)
         except (_Truncated, struct.error, OverflowError):
             raise GGUFError(f"{path} is damaged or truncated: its header runs past the end of the file") from None
         except _Damaged as exc:
@@ -77,7 +91,7 @@ class _Damaged(Exception):
     """Its message reads after the file name: "is damaged: ..." or "is truncated: ..."."""
 
 
-def _scan_header(data: mmap.mmap, size: int, type_sizes: dict[Any, tuple[int, int]]) -> dict[str, Any]:
+def _scan_header(data: mmap.mmap, size: int) -> dict[str, Any]:
     u32, u64 = struct.Struct("<I").unpack_from, struct.Struct("<Q").unpack_from
     pos = 4
 
@@ -150,10 +164,9 @@ def _scan_header(data: mmap.mmap, size: int, type_sizes: dict[Any, tuple[int, in
         dims = struct.unpack_from(f"<{n_dims}Q", data, take(8 * n_dims))
         (ttype,) = u32(data, take(4))
         (offset,) = u64(data, take(8))
-        try:
-            block, type_size = type_sizes[gguf.GGMLQuantizationType(ttype)]
-        except (ValueError, KeyError):
-            raise _Damaged(f"is damaged: tensor {name!r} has unknown type {ttype}") from None
+        if ttype not in _TENSOR_TYPE_SIZES:
+            raise _Damaged(f"is damaged: tensor {name!r} has unknown type {ttype}")
+        block, type_size = _TENSOR_TYPE_SIZES[ttype]
         if dims[0] % block:
             raise _Damaged(f"is damaged: tensor {name!r} rows of {dims[0]} are not a multiple of its block of {block}")
         n = 1
@@ -176,6 +189,11 @@ def fields(reader: gguf.GGUFReader) -> dict[str, Any]:
 
 def tensor_array(tensor: gguf.ReaderTensor) -> np.ndarray:
     """A GGUF tensor as float32 in numpy order (ggml's ne reversed)."""
+    import gguf
+    import numpy as np
+
+    from slim import kernels
+
     shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
     name = tensor.tensor_type.name
     if name in kernels.QTYPES:

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from slim.runtime.files import atomic_open
-from slim.runtime.store import assets
 
 
 class StoreError(ValueError):
@@ -58,6 +57,8 @@ class StoreEntry:
 
 
 def root() -> Path:
+    from slim.runtime.store import assets  # subprocess and zipfile: not for `slim run PATH`'s start-up
+
     return assets.slim_home() / "models"
 
 
@@ -139,6 +140,8 @@ def resolve(model: str | None) -> Path:
 def pull_catalog(name: str, store_name: str | None = None) -> StoreEntry:
     """Fetch a catalog model (sha256-checked) and register it, under its catalog name unless
     `store_name` is given; the asset cache file is the store file."""
+    from slim.runtime.store import assets
+
     entry = CATALOG[name]
     path = assets.fetch(entry.asset)
     return add(store_name or name, path, f"catalog:{entry.asset}", entry.license)
