@@ -88,18 +88,19 @@ def quantize(
     if backend == "ggml" and not ggml.available():
         raise ValueError("backend='ggml' needs llama-cpp-python installed; use backend='numpy'")
     if backend == "ggml" and search != "reference":
-        raise ValueError(f"backend='ggml' runs llama.cpp's reference search only; search={search!r} "
-                         "needs backend='numpy' or 'auto'")
+        raise ValueError(
+            f"backend='ggml' runs llama.cpp's reference search only; search={search!r} needs backend='numpy' or 'auto'"
+        )
     use_c = search == "reference" and (backend == "ggml" or (backend == "auto" and ggml.available()))
 
     out = np.empty((rows, cls.row_bytes(cols)), dtype=np.uint8)
     step = max(1, _CHUNK_WEIGHTS // max(cols, 1))
     for start in range(0, rows, step):
-        chunk = np.ascontiguousarray(x[start:start + step], dtype=np.float32)
+        chunk = np.ascontiguousarray(x[start : start + step], dtype=np.float32)
         if use_c:
-            out[start:start + step] = ggml.quantize_rows(chunk, cls.ggml_type, importance)
+            out[start : start + step] = ggml.quantize_rows(chunk, cls.ggml_type, importance)
         else:
-            out[start:start + step] = cls.quantize_rows(chunk, importance, search)
+            out[start : start + step] = cls.quantize_rows(chunk, importance, search)
     return out
 
 
@@ -117,5 +118,12 @@ def dequantize(data: np.ndarray, qtype_name: str, shape: tuple[int, int]) -> np.
 
 
 __all__ = [
-    "QTYPES", "BY_GGML_TYPE", "SEARCHES", "QuantType", "qtype", "quantize", "dequantize", "check_row_length",
+    "QTYPES",
+    "BY_GGML_TYPE",
+    "SEARCHES",
+    "QuantType",
+    "qtype",
+    "quantize",
+    "dequantize",
+    "check_row_length",
 ]

@@ -74,8 +74,9 @@ def seq_sum(terms: np.ndarray, from_zero: bool = True) -> np.ndarray:
     return acc
 
 
-def by_chunks(blocks: np.ndarray, type_size: int, quantize_chunk: Callable[..., np.ndarray],
-               weights: np.ndarray | None = None) -> np.ndarray:
+def by_chunks(
+    blocks: np.ndarray, type_size: int, quantize_chunk: Callable[..., np.ndarray], weights: np.ndarray | None = None
+) -> np.ndarray:
     """Run quantize_chunk over cache-sized runs of (n, block_size) blocks; C's inf/NaN arithmetic is silent.
 
     weights: a per-weight array shaped like blocks (an importance), cut alongside and passed as
@@ -103,8 +104,9 @@ def columns(blocks: np.ndarray, width: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- the searches
 
 
-def _weighted_sq_err(L: np.ndarray, scale: np.ndarray, the_min: np.ndarray, X: np.ndarray, W: np.ndarray,
-                     tmp: np.ndarray) -> np.ndarray:
+def _weighted_sq_err(
+    L: np.ndarray, scale: np.ndarray, the_min: np.ndarray, X: np.ndarray, W: np.ndarray, tmp: np.ndarray
+) -> np.ndarray:
     """sum_i w_i * ((scale*L_i + min) - x_i)^2 per column, left to right from 0 (make_qkx2's error)."""
     np.multiply(L, scale, out=tmp)
     tmp += the_min
@@ -114,8 +116,15 @@ def _weighted_sq_err(L: np.ndarray, scale: np.ndarray, the_min: np.ndarray, X: n
     return seq_sum(tmp)
 
 
-def _codes_qkx(X: np.ndarray, the_min: np.ndarray, iscale: np.ndarray, nmax: int,
-               xmin: np.ndarray, xmax: np.ndarray, out: np.ndarray) -> np.ndarray:
+def _codes_qkx(
+    X: np.ndarray,
+    the_min: np.ndarray,
+    iscale: np.ndarray,
+    nmax: int,
+    xmin: np.ndarray,
+    xmax: np.ndarray,
+    out: np.ndarray,
+) -> np.ndarray:
     """MAX(0, MIN(nmax, nearest_int(iscale*(x - min)))) per column, into out.
 
     iscale*(x - min) is monotonic in x, so its extremes over a column come from xmin and xmax.
@@ -126,8 +135,9 @@ def _codes_qkx(X: np.ndarray, the_min: np.ndarray, iscale: np.ndarray, nmax: int
     return round_clip(out, 0, nmax, in_range)
 
 
-def make_qkx2_quants(X: np.ndarray, W: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def make_qkx2_quants(
+    X: np.ndarray, W: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """make_qkx2_quants (use_mad false) on every column of X (32, S) with weights W at once.
 
     Given weights, make_qkx3_quants (the imatrix paths) is the same arithmetic: only its `max <= min`
@@ -261,9 +271,11 @@ _D_NUDGES = (0.99, 1.01)
 _SUPER_ROUNDS = 3
 
 
-def alternate(pick: Callable[..., tuple[np.ndarray, tuple[np.ndarray, ...]]],
-              refit: Callable[..., tuple[np.ndarray, ...]],
-              start: tuple[np.ndarray, ...]) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+def alternate(
+    pick: Callable[..., tuple[np.ndarray, tuple[np.ndarray, ...]]],
+    refit: Callable[..., tuple[np.ndarray, ...]],
+    start: tuple[np.ndarray, ...],
+) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
     """The loop every thorough search shares (kquants.py's and legacy.py's), over the (n,) per-block scales
     (d, and dmin or m if any).
 
@@ -281,8 +293,8 @@ def alternate(pick: Callable[..., tuple[np.ndarray, tuple[np.ndarray, ...]]],
             err, new_codes = pick(*candidate)
             better = err < best_err
             best_err = np.where(better, err, best_err)
-            best = tuple(np.where(better, new, old) for new, old in zip(candidate, best))
-            codes = tuple(np.where(better[:, None], new, old) for new, old in zip(new_codes, codes))
+            best = tuple(np.where(better, new, old) for new, old in zip(candidate, best, strict=True))
+            codes = tuple(np.where(better[:, None], new, old) for new, old in zip(new_codes, codes, strict=True))
         candidates = []
     return best, codes
 

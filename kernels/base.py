@@ -27,8 +27,9 @@ class QuantType:
         return n_per_row // cls.block_size * cls.type_size
 
     @classmethod
-    def quantize_rows(cls, rows: np.ndarray, importance: np.ndarray | None = None,
-                      search: str = "reference") -> np.ndarray:
+    def quantize_rows(
+        cls, rows: np.ndarray, importance: np.ndarray | None = None, search: str = "reference"
+    ) -> np.ndarray:
         """(nrows, n_per_row) float32 -> (nrows, row_bytes) uint8.
 
         importance: llama.cpp's imatrix for the row's columns (float32, n_per_row), or None.
@@ -43,7 +44,7 @@ def split_fields(blocks: np.ndarray, *sizes: int) -> list[np.ndarray]:
     """Cut (n, type_size) uint8 blocks into consecutive byte fields of the given sizes."""
     out, start = [], 0
     for size in sizes:
-        out.append(blocks[:, start:start + size])
+        out.append(blocks[:, start : start + size])
         start += size
     assert start == blocks.shape[1], (start, blocks.shape)
     return out

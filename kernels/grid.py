@@ -30,9 +30,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import check_row_length, qtype
-from ._common import (f32, pack_fifth_bits, pack_k_fifth_bits, pack_k_nibbles, pack_nibbles, pack_q6_k_codes,
-                      unpack_fifth_bits, unpack_k_fifth_bits, unpack_k_nibbles, unpack_nibbles, unpack_q6_k_codes,
-                      unpack_scale_min)
+from ._common import (
+    f32,
+    pack_fifth_bits,
+    pack_k_fifth_bits,
+    pack_k_nibbles,
+    pack_nibbles,
+    pack_q6_k_codes,
+    unpack_fifth_bits,
+    unpack_k_fifth_bits,
+    unpack_k_nibbles,
+    unpack_nibbles,
+    unpack_q6_k_codes,
+    unpack_scale_min,
+)
 from .base import half_values, split_fields
 
 
@@ -63,8 +74,10 @@ def grid(data: np.ndarray, qtype_name: str, shape: tuple[int, int]) -> tuple[Gri
     blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, cls.type_size)
     layout = _TYPES[cls.name]
     step, offset, codes = layout.unpack(blocks)
-    return (Grid(step.reshape(rows, -1), offset.reshape(rows, -1), layout.group, layout.low, layout.high),
-            codes.reshape(rows, cols))
+    return (
+        Grid(step.reshape(rows, -1), offset.reshape(rows, -1), layout.group, layout.low, layout.high),
+        codes.reshape(rows, cols),
+    )
 
 
 def with_codes(data: np.ndarray, qtype_name: str, codes: np.ndarray) -> np.ndarray:
@@ -119,6 +132,7 @@ def _unpack_symmetric(bias: int, fifth: bool):
             d, qs = split_fields(blocks, 2, 16)
             q = unpack_nibbles(qs)
         return half_values(d), _zeros(len(blocks), 1), q.astype(np.int16) - bias
+
     return unpack
 
 
@@ -131,14 +145,17 @@ def _unpack_affine(fifth: bool):
             d, m, qs = split_fields(blocks, 2, 2, 16)
             q = unpack_nibbles(qs)
         return half_values(d), half_values(m), q.astype(np.int16)
+
     return unpack
 
 
 def _pack_legacy(head: int, fifth: bool):
     """Keep the first `head` bytes (d, and m for the _1 types); rewrite qh and qs."""
+
     def pack(blocks: np.ndarray, stored: np.ndarray) -> np.ndarray:
         fields = [blocks[:, :head]] + ([pack_fifth_bits(stored)] if fifth else []) + [pack_nibbles(stored)]
         return np.concatenate(fields, axis=1)
+
     return pack
 
 
@@ -154,6 +171,7 @@ def _unpack_scale_min_k(fifth: bool):
         step = half_values(d) * sc.astype(f32)
         offset = -(half_values(dmin) * m.astype(f32))
         return step, offset, q.reshape(len(blocks), -1).astype(np.int16)
+
     return unpack
 
 
@@ -165,6 +183,7 @@ def _pack_scale_min_k(fifth: bool):
             fields.append(pack_k_fifth_bits(q))
         fields.append(pack_k_nibbles(q))
         return np.concatenate(fields, axis=1)
+
     return pack
 
 

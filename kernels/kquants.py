@@ -66,12 +66,30 @@ import functools
 
 import numpy as np
 
-from ._common import (GROUP_MAX_EPS, QK_K, THOROUGH_GRID, alternate, by_chunks, columns, f32, fits,
-                      make_qkx2_quants, make_qx_quants, nearest_int, pack_k_fifth_bits, pack_k_nibbles,
-                      pack_q6_k_codes, pack_scale_min, round_clip, seq_sum, unpack_k_fifth_bits, unpack_k_nibbles,
-                      unpack_q6_k_codes, unpack_scale_min)
+from ._common import (
+    GROUP_MAX_EPS,
+    QK_K,
+    THOROUGH_GRID,
+    alternate,
+    by_chunks,
+    columns,
+    f32,
+    fits,
+    make_qkx2_quants,
+    make_qx_quants,
+    nearest_int,
+    pack_k_fifth_bits,
+    pack_k_nibbles,
+    pack_q6_k_codes,
+    pack_scale_min,
+    round_clip,
+    seq_sum,
+    unpack_k_fifth_bits,
+    unpack_k_nibbles,
+    unpack_q6_k_codes,
+    unpack_scale_min,
+)
 from .base import QuantType, half_bytes, half_values, split_fields
-
 
 # ----------------------------------------------------------------------------- running maxima
 
@@ -112,8 +130,9 @@ def _scale_min_weights(blocks: np.ndarray, importance: np.ndarray | None = None)
     return X, columns(importance, 32) * np.sqrt(np.repeat(sigma2, 8) + X * X)
 
 
-def _quantize_scale_min(blocks: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _quantize_scale_min(
+    blocks: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The shared part of quantize_row_q4_K_ref and _q5_K_ref on (n, 256) float32 blocks.
 
     Returns d and dmin (n,) float16, the (n, 12) packed scales, and (n, 8, 32) uint8 codes.
@@ -132,8 +151,9 @@ def _quantize_scale_min(blocks: np.ndarray, nmax: int, rmin: float, rdelta: floa
     return _store_scale_min(X, L, max_scale / f32(63), max_min / f32(63), ls, lm, nmax)
 
 
-def _quantize_scale_min_weighted(blocks: np.ndarray, importance: np.ndarray, nmax: int, cap_codes: bool
-                                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _quantize_scale_min_weighted(
+    blocks: np.ndarray, importance: np.ndarray, nmax: int, cap_codes: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """quantize_row_q4_K_impl / _q5_K_impl: what llama-quantize runs when given an imatrix.
 
     Each weight counts importance * sqrt(sigma2 + x^2) (_scale_min_weights); sub-blocks are fitted
@@ -154,8 +174,9 @@ def _quantize_scale_min_weighted(blocks: np.ndarray, importance: np.ndarray, nma
     return _store_scale_min(X, L, d, dmin, ls, lm, nmax)
 
 
-def _store_scale_min(X: np.ndarray, L: np.ndarray, d: np.ndarray, dmin: np.ndarray, ls: np.ndarray,
-                     lm: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _store_scale_min(
+    X: np.ndarray, L: np.ndarray, d: np.ndarray, dmin: np.ndarray, ls: np.ndarray, lm: np.ndarray, nmax: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Store d, dmin (n,) as half and the (n, 8) 6-bit codes ls, lm packed, then re-code the weights
     X (32, 8n) against the STORED numbers, overwriting the search's codes L.
 
@@ -209,7 +230,7 @@ def _make_qp_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray
         iscale = np.where(better, trial, iscale)
 
     codes = np.minimum(nmax, nearest_int(iscale[:, None] * x))
-    l = codes.astype(f32)
+    l = codes.astype(f32)  # noqa: E741 (named as in ggml-quants.c)
     wx = w * x
     sumlx = seq_sum((wx * l).T)  # sumlx += w*x[i]*l, with the int l
     suml2 = seq_sum(((w * l) * l).T)
@@ -223,8 +244,7 @@ def _make_qp_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray
             new = new_code.astype(f32)
             new_slx = slx + wx[:, i] * new
             new_sl2 = sl2 + (w[:, i] * new) * new
-            take = ((slx > 0) & (sl2 > 0) & (new != L[:, i])
-                    & (new_slx * new_slx * suml2 > sumlx * sumlx * new_sl2))
+            take = (slx > 0) & (sl2 > 0) & (new != L[:, i]) & (new_slx * new_slx * suml2 > sumlx * sumlx * new_sl2)
             L[:, i] = np.where(take, new_code & 0xFF, L[:, i])
             sumlx = np.where(take, new_slx, sumlx)
             suml2 = np.where(take, new_sl2, suml2)
@@ -248,8 +268,9 @@ def _scale_min_dequantize(d: np.ndarray, dmin: np.ndarray, scales: np.ndarray, q
 _CODE_RADIUS = 2
 
 
-def _search_scale_min_thoroughly(blocks: np.ndarray, importance: np.ndarray | None, nmax: int,
-                                 reference: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+def _search_scale_min_thoroughly(
+    blocks: np.ndarray, importance: np.ndarray | None, nmax: int, reference: tuple[np.ndarray, ...]
+) -> tuple[np.ndarray, ...]:
     """search="thorough" for Q4_K/Q5_K: the same block layout, with lower weighted error.
 
     The reference fixes each sub-block's (scale, min) first and only then rounds them to 6-bit codes
@@ -271,16 +292,20 @@ def _search_scale_min_thoroughly(blocks: np.ndarray, importance: np.ndarray | No
     (d, dmin), (ls, lm) = alternate(
         pick=lambda d, dmin: _pick_sub_block_codes(X, W, scale, offset, d, dmin, nmax),
         refit=lambda codes, d, dmin: _refit_super_block(X, W, *codes, d, dmin, nmax),
-        start=start)
+        start=start,
+    )
     thorough = _store_scale_min(X, np.zeros_like(X), d, dmin, ls, lm, nmax)
 
     Wb = W.T.reshape(n, QK_K)
     keep = _stored_block_error(blocks, Wb, thorough) < _stored_block_error(blocks, Wb, reference)
-    return tuple(np.where(keep.reshape((n,) + (1,) * (a.ndim - 1)), a, b) for a, b in zip(thorough, reference))
+    return tuple(
+        np.where(keep.reshape((n,) + (1,) * (a.ndim - 1)), a, b) for a, b in zip(thorough, reference, strict=True)
+    )
 
 
-def _codes_and_error(X: np.ndarray, W: np.ndarray, scale: np.ndarray, offset: np.ndarray, nmax: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def _codes_and_error(
+    X: np.ndarray, W: np.ndarray, scale: np.ndarray, offset: np.ndarray, nmax: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Per column: sum w*(y - x)^2 with y = scale*q - offset, q the nearest code in 0..nmax; and q.
     A zero scale decodes every weight to -offset (q = 0)."""
     codes = X + offset
@@ -296,8 +321,9 @@ def _codes_and_error(X: np.ndarray, W: np.ndarray, scale: np.ndarray, offset: np
     return diff.sum(axis=0), codes
 
 
-def _pick_sub_block_codes(X: np.ndarray, W: np.ndarray, scale: np.ndarray, offset: np.ndarray,
-                          d: np.ndarray, dmin: np.ndarray, nmax: int) -> tuple[np.ndarray, ...]:
+def _pick_sub_block_codes(
+    X: np.ndarray, W: np.ndarray, scale: np.ndarray, offset: np.ndarray, d: np.ndarray, dmin: np.ndarray, nmax: int
+) -> tuple[np.ndarray, ...]:
     """Given float32 d, dmin (n,) (stored as half), each sub-block's best 6-bit (sc, m) within
     _CODE_RADIUS of round(scale/d), round(offset/dmin). Returns the (n,) error of each super-block
     and the (n, 8) sc and m."""
@@ -317,12 +343,15 @@ def _pick_sub_block_codes(X: np.ndarray, W: np.ndarray, scale: np.ndarray, offse
             better = err < best
             best = np.where(better, err, best)
             best_sc, best_m = np.where(better, sc, best_sc), np.where(better, m, best_m)
-    return best.reshape(n, 8).sum(axis=1), (best_sc.reshape(n, 8).astype(np.int32),
-                                            best_m.reshape(n, 8).astype(np.int32))
+    return best.reshape(n, 8).sum(axis=1), (
+        best_sc.reshape(n, 8).astype(np.int32),
+        best_m.reshape(n, 8).astype(np.int32),
+    )
 
 
-def _refit_super_block(X: np.ndarray, W: np.ndarray, ls: np.ndarray, lm: np.ndarray, d: np.ndarray,
-                       dmin: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+def _refit_super_block(
+    X: np.ndarray, W: np.ndarray, ls: np.ndarray, lm: np.ndarray, d: np.ndarray, dmin: np.ndarray, nmax: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Least-squares (d, dmin) of each super-block, x ~ d*a - dmin*m with a = sc*q, given the 6-bit
     codes and the weight codes they give with the current (d, dmin); sums in float64. Where the fit
     is degenerate or leaves the format's signs (d > 0, dmin >= 0), the current numbers stay."""
@@ -371,8 +400,9 @@ class _KQuant(QuantType):
         return by_chunks(blocks, cls.type_size, cls._quantize_chunk)
 
     @classmethod
-    def quantize_rows(cls, rows: np.ndarray, importance: np.ndarray | None = None,
-                      search: str = "reference") -> np.ndarray:
+    def quantize_rows(
+        cls, rows: np.ndarray, importance: np.ndarray | None = None, search: str = "reference"
+    ) -> np.ndarray:
         quantize_chunk = cls._quantize_chunk
         if search == "thorough" and "thorough" in cls.searches:
             quantize_chunk = functools.partial(quantize_chunk, thorough=True)
@@ -392,8 +422,9 @@ class Q4_K(_KQuant):
     searches = ("reference", "thorough")
 
     @classmethod
-    def _quantize_chunk(cls, blocks: np.ndarray, importance: np.ndarray | None = None,
-                        thorough: bool = False) -> np.ndarray:
+    def _quantize_chunk(
+        cls, blocks: np.ndarray, importance: np.ndarray | None = None, thorough: bool = False
+    ) -> np.ndarray:
         if importance is None:
             fields = _quantize_scale_min(blocks, nmax=15, rmin=-1.0, rdelta=0.1, nstep=20)
         else:
@@ -421,8 +452,9 @@ class Q5_K(_KQuant):
     searches = ("reference", "thorough")
 
     @classmethod
-    def _quantize_chunk(cls, blocks: np.ndarray, importance: np.ndarray | None = None,
-                        thorough: bool = False) -> np.ndarray:
+    def _quantize_chunk(
+        cls, blocks: np.ndarray, importance: np.ndarray | None = None, thorough: bool = False
+    ) -> np.ndarray:
         if importance is None:
             fields = _quantize_scale_min(blocks, nmax=31, rmin=-0.5, rdelta=0.1, nstep=15)
         else:
@@ -461,8 +493,9 @@ def _store_q6_k(X: np.ndarray, L: np.ndarray, d: np.ndarray, q_scales: np.ndarra
     return np.concatenate([ql, qh, q_scales.view(np.uint8), half_bytes(d)], axis=1)
 
 
-def _search_q6_k_thoroughly(blocks: np.ndarray, importance: np.ndarray | None, scales: np.ndarray,
-                            max_scale: np.ndarray, reference: np.ndarray) -> np.ndarray:
+def _search_q6_k_thoroughly(
+    blocks: np.ndarray, importance: np.ndarray | None, scales: np.ndarray, max_scale: np.ndarray, reference: np.ndarray
+) -> np.ndarray:
     """search="thorough" for Q6_K, the Q4_K/Q5_K idea with one int8 scale per 16 weights and no min:
     start from the reference's d = max_scale/-128 (and d nudged by -1%, +1%), let each sub-block
     pick its int8 scale within _CODE_RADIUS of round(scale/d) by the error of the stored block, refit
@@ -520,8 +553,9 @@ class Q6_K(_KQuant):
     searches = ("reference", "thorough")
 
     @classmethod
-    def _quantize_chunk(cls, blocks: np.ndarray, importance: np.ndarray | None = None,
-                        thorough: bool = False) -> np.ndarray:
+    def _quantize_chunk(
+        cls, blocks: np.ndarray, importance: np.ndarray | None = None, thorough: bool = False
+    ) -> np.ndarray:
         n = len(blocks)
         X = columns(blocks, 16)
         if importance is None:

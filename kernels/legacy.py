@@ -35,8 +35,18 @@ from collections.abc import Callable
 import numpy as np
 from gguf import quants as gguf_quants
 
-from ._common import (THOROUGH_GRID, alternate, by_chunks, columns, f32, make_qkx2_quants, make_qx_quants,
-                      pack_fifth_bits, pack_nibbles, seq_sum)
+from ._common import (
+    THOROUGH_GRID,
+    alternate,
+    by_chunks,
+    columns,
+    f32,
+    make_qkx2_quants,
+    make_qx_quants,
+    pack_fifth_bits,
+    pack_nibbles,
+    seq_sum,
+)
 from .base import QuantType, half_bytes
 
 
@@ -102,8 +112,9 @@ class _Weighted(_FromGguf):
     searches = ("reference", "thorough")
 
     @classmethod
-    def quantize_rows(cls, rows: np.ndarray, importance: np.ndarray | None = None,
-                      search: str = "reference") -> np.ndarray:
+    def quantize_rows(
+        cls, rows: np.ndarray, importance: np.ndarray | None = None, search: str = "reference"
+    ) -> np.ndarray:
         if importance is None and search == "reference":
             return super().quantize_rows(rows)
         # With an imatrix, the weights C minimises; without, the reference minimises nothing (it
@@ -266,11 +277,9 @@ def _weighted_symmetric(blocks: np.ndarray, weights: np.ndarray, nmax: int) -> t
     return d, L.T.astype(np.uint8)
 
 
-def _weighted_affine(blocks: np.ndarray, weights: np.ndarray, nmax: int
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _weighted_affine(blocks: np.ndarray, weights: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Q4_1/Q5_1 with an imatrix: d, m and the codes 0..nmax of make_qkx3_quants."""
-    d, neg_min, L = make_qkx2_quants(columns(blocks, 32), columns(weights, 32), nmax,
-                                      rmin=-0.9, rdelta=0.05, nstep=36)
+    d, neg_min, L = make_qkx2_quants(columns(blocks, 32), columns(weights, 32), nmax, rmin=-0.9, rdelta=0.05, nstep=36)
     return d, -neg_min, L.T.astype(np.uint8)
 
 
@@ -302,12 +311,12 @@ def _symmetric_thoroughly(blocks: np.ndarray, weights: np.ndarray, nmax: int) ->
     return d, q.astype(np.uint8)
 
 
-def _affine_thoroughly(blocks: np.ndarray, weights: np.ndarray, nmax: int
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _affine_thoroughly(blocks: np.ndarray, weights: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """search="thorough" for Q4_1/Q5_1: the d, m (n,) and codes (n, 32) of least weighted error with
     d and m stored as half, x ~ d*q + m. Starts from the better of the reference's (max-min)/nmax, min
     and a weighted fit on the thorough searches' finer trial grid; then d nudged and least-squares refits of (d, m),
     each judged with the codes nearest to each weight for the half values (_common.alternate)."""
+
     def pick(d: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray]]:
         stored_d = d.astype(np.float16).astype(f32)[:, None]
         stored_m = m.astype(np.float16).astype(f32)[:, None]
@@ -334,13 +343,14 @@ def _affine_thoroughly(blocks: np.ndarray, weights: np.ndarray, nmax: int
     return d, m, q.astype(np.uint8)
 
 
-def _best_trial(pick: Callable[..., tuple[np.ndarray, tuple[np.ndarray, ...]]],
-                trials: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+def _best_trial(
+    pick: Callable[..., tuple[np.ndarray, tuple[np.ndarray, ...]]], trials: list[tuple[np.ndarray, ...]]
+) -> tuple[np.ndarray, ...]:
     """Per block, the trial (a tuple of (n,) block scales) whose pick(*trial) error is least."""
     best, best_err = trials[0], pick(*trials[0])[0]
     for trial in trials[1:]:
         err = pick(*trial)[0]
         better = err < best_err
         best_err = np.where(better, err, best_err)
-        best = tuple(np.where(better, new, old) for new, old in zip(trial, best))
+        best = tuple(np.where(better, new, old) for new, old in zip(trial, best, strict=True))
     return best

@@ -97,7 +97,9 @@ class DecoderArchitecture:
         heads = self._qk_heads(gguf_name)
         if heads is None:
             return array
-        return array.reshape(heads, 2, array.shape[0] // heads // 2, *array.shape[1:]).swapaxes(1, 2).reshape(array.shape)
+        return (
+            array.reshape(heads, 2, array.shape[0] // heads // 2, *array.shape[1:]).swapaxes(1, 2).reshape(array.shape)
+        )
 
     def extra_tensors(self) -> dict[str, np.ndarray]:
         """Tensors llama.cpp needs that the checkpoint does not hold (Llama 3.1 RoPE factors)."""
@@ -164,7 +166,9 @@ class DecoderArchitecture:
         heads = self._qk_heads(gguf_name)
         if heads is None:
             return array
-        return array.reshape(heads, array.shape[0] // heads // 2, 2, *array.shape[1:]).swapaxes(1, 2).reshape(array.shape)
+        return (
+            array.reshape(heads, array.shape[0] // heads // 2, 2, *array.shape[1:]).swapaxes(1, 2).reshape(array.shape)
+        )
 
     @classmethod
     def config_from_gguf(cls, fields: dict[str, Any], has_output: bool) -> dict[str, Any]:
@@ -194,7 +198,10 @@ class DecoderArchitecture:
             "attention_bias": cls.attention_bias,
             "torch_dtype": "float32",
         }
-        for key, hf_key in (("tokenizer.ggml.bos_token_id", "bos_token_id"), ("tokenizer.ggml.eos_token_id", "eos_token_id")):
+        for key, hf_key in (
+            ("tokenizer.ggml.bos_token_id", "bos_token_id"),
+            ("tokenizer.ggml.eos_token_id", "eos_token_id"),
+        ):
             if key in fields:
                 config[hf_key] = int(fields[key])
         if get("rope.scaling.type") == "linear":

@@ -14,9 +14,10 @@ import hashlib
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 _CHUNK = 1 << 20  # hashing reads 1 MiB at a time: memory stays small for model files
 

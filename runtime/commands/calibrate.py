@@ -14,20 +14,49 @@ from slim.runtime.commands.options import read_text_file
 
 @click.command(name="calibrate")
 @click.argument("model", metavar="MODEL")
-@click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False),
-              help="Calibration text (UTF-8): a few hundred KB of the kind of text the model will see.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="The importance matrix to write (llama.cpp's imatrix GGUF).")
-@click.option("-c", "--ctx", type=click.IntRange(min=16), default=512, show_default=True,
-              help="Tokens per chunk, as llama-imatrix -c.")
-@click.option("--chunks", type=click.IntRange(min=1), default=None,
-              help="Use at most this many chunks  [default: all of the text].")
-@click.option("--process-output", is_flag=True,
-              help="Also collect output.weight (llama-imatrix --process-output).")
-@click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="CPU threads  [default: physical cores].")
+@click.option(
+    "--text",
+    "text_file",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Calibration text (UTF-8): a few hundred KB of the kind of text the model will see.",
+)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The importance matrix to write (llama.cpp's imatrix GGUF).",
+)
+@click.option(
+    "-c",
+    "--ctx",
+    type=click.IntRange(min=16),
+    default=512,
+    show_default=True,
+    help="Tokens per chunk, as llama-imatrix -c.",
+)
+@click.option(
+    "--chunks",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Use at most this many chunks  [default: all of the text].",
+)
+@click.option("--process-output", is_flag=True, help="Also collect output.weight (llama-imatrix --process-output).")
+@click.option(
+    "-t", "--threads", type=click.IntRange(min=1), default=None, help="CPU threads  [default: physical cores]."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a summary as JSON.")
-def command(model: str, text_file: str, output: str, ctx: int, chunks: int | None, process_output: bool,
-            threads: int | None, as_json: bool) -> None:
+def command(
+    model: str,
+    text_file: str,
+    output: str,
+    ctx: int,
+    chunks: int | None,
+    process_output: bool,
+    threads: int | None,
+    as_json: bool,
+) -> None:
     """Measure a model's activations on a text: the importance matrix for quantization and pruning.
 
     For every matmul weight the sum of squared inputs per column is collected while llama.cpp
@@ -43,8 +72,8 @@ def command(model: str, text_file: str, output: str, ctx: int, chunks: int | Non
     from tqdm import tqdm
 
     from slim.runtime import store
-    from slim.runtime.pipeline.calibrate import CalibrationError, calibrate
     from slim.runtime.inference import EngineError
+    from slim.runtime.pipeline.calibrate import CalibrationError, calibrate
 
     target = Path(output)
     if target.is_dir() or not target.parent.is_dir():
@@ -55,13 +84,22 @@ def command(model: str, text_file: str, output: str, ctx: int, chunks: int | Non
     except ValueError as exc:
         fail(str(exc))
     with tqdm(desc="calibrating", unit="chunk", disable=as_json or None, file=sys.stderr) as bar:
+
         def advance(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
 
         try:
-            result = calibrate(path, text, ctx=ctx, chunks=chunks, threads=threads, include_output=process_output,
-                               dataset=Path(text_file).name, progress=advance)
+            result = calibrate(
+                path,
+                text,
+                ctx=ctx,
+                chunks=chunks,
+                threads=threads,
+                include_output=process_output,
+                dataset=Path(text_file).name,
+                progress=advance,
+            )
         except (CalibrationError, EngineError, ValueError) as exc:
             bar.close()
             fail(str(exc), 1 if isinstance(exc, EngineError) else 2)
@@ -74,8 +112,19 @@ def command(model: str, text_file: str, output: str, ctx: int, chunks: int | Non
         fail(f"cannot write {output}: {exc.strerror}", 1)
     tokens = max(result.counts.values())
     if as_json:
-        click.echo(json.dumps({"output": str(target), "weights": len(result.sums), "chunks": result.chunk_count,
-                               "chunk_size": result.chunk_size, "tokens": tokens}))
+        click.echo(
+            json.dumps(
+                {
+                    "output": str(target),
+                    "weights": len(result.sums),
+                    "chunks": result.chunk_count,
+                    "chunk_size": result.chunk_size,
+                    "tokens": tokens,
+                }
+            )
+        )
     else:
-        click.echo(f"wrote {target}: {len(result.sums)} weights, {result.chunk_count} chunks of "
-                   f"{result.chunk_size} tokens ({tokens} tokens)")
+        click.echo(
+            f"wrote {target}: {len(result.sums)} weights, {result.chunk_count} chunks of "
+            f"{result.chunk_size} tokens ({tokens} tokens)"
+        )

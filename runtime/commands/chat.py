@@ -25,11 +25,17 @@ HELP = """\
 @click.command(name="chat")
 @click.argument("model", required=False)
 @click.option("-s", "--system", default=None, help="The system message.")
-@click.option("--on-overflow", type=click.Choice(["drop-oldest", "stop"]), default="drop-oldest", show_default=True,
-              help="When the conversation outgrows the context: drop the oldest turns (and say so), or stop with an error.")
+@click.option(
+    "--on-overflow",
+    type=click.Choice(["drop-oldest", "stop"]),
+    default="drop-oldest",
+    show_default=True,
+    help="When the conversation outgrows the context: drop the oldest turns (and say so), or stop with an error.",
+)
 @generation_options
-def command(model: str | None, system: str | None, on_overflow: str, ctx: int | None, threads: int | None,
-            **sampling: Any) -> None:
+def command(
+    model: str | None, system: str | None, on_overflow: str, ctx: int | None, threads: int | None, **sampling: Any
+) -> None:
     """Talk with a model, with streaming replies and memory of the conversation.
 
     MODEL is a store name, a catalog name or a .gguf path [default: smollm2-135m, fetched on
@@ -123,7 +129,9 @@ class Chat:
             self.say("conversation cleared")
         elif name == "/system":
             if not argument:
-                self.say(f"system message: {self.system!r}" if self.system else "no system message; /system TEXT sets one")
+                self.say(
+                    f"system message: {self.system!r}" if self.system else "no system message; /system TEXT sets one"
+                )
             else:
                 self.set_messages([{"role": "system", "content": argument}] + self.turns)
                 self.say("system message set")
@@ -163,8 +171,12 @@ class Chat:
         try:
             document = json.loads(path.read_text(encoding="utf-8"))
             messages = document["messages"]
-            if not all(isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-                       and isinstance(m.get("content"), str) for m in messages):
+            if not all(
+                isinstance(m, dict)
+                and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str)
+                for m in messages
+            ):
                 raise ValueError
         except OSError as exc:
             self.say(f"could not read {path}: {exc.strerror}")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
-from slim.runtime.formats import mixes
 from slim.runtime.cli import fail
 from slim.runtime.commands.options import read_text_file
+from slim.runtime.formats import mixes
 
 TORCH_MISSING = "training needs torch, which is an optional extra: pip install 'slim-llm[train]'"
 
@@ -17,30 +18,71 @@ TORCH_MISSING = "training needs torch, which is an optional extra: pip install '
 def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """The options distill and qat share: text, steps, learning rate, loss, checkpoints."""
     options = [
-        click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False),
-                     help="The training text (UTF-8)."),
+        click.option(
+            "--text", "text_file", required=True, type=click.Path(dir_okay=False), help="The training text (UTF-8)."
+        ),
         click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True, help="Optimizer steps."),
-        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
-                     help="Peak learning rate (AdamW; linear warm-up, then cosine decay to a tenth)."),
-        click.option("--seq-len", type=click.IntRange(min=8), default=256, show_default=True,
-                     help="Tokens per training sequence."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
-                     help="Sequences per step."),
-        click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True,
-                     help="Weight of the KL term; 1 - alpha weighs cross-entropy on the text."),
-        click.option("-T", "--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0,
-                     show_default=True, help="Softmax temperature of the KL term (scaled by T^2)."),
-        click.option("--top-k", type=click.IntRange(min=1), default=32, show_default=True,
-                     help="Teacher log-probabilities kept per position; the KL compares these k tokens "
-                          "and one tail bucket with the rest of the mass, tempered at T over those k + 1."),
-        click.option("--save-every", type=click.IntRange(min=1), default=50, show_default=True,
-                     help="Checkpoint the training state (OUT.ckpt) every N steps."),
+        click.option(
+            "--lr",
+            type=click.FloatRange(min=0, min_open=True),
+            default=1e-4,
+            show_default=True,
+            help="Peak learning rate (AdamW; linear warm-up, then cosine decay to a tenth).",
+        ),
+        click.option(
+            "--seq-len",
+            type=click.IntRange(min=8),
+            default=256,
+            show_default=True,
+            help="Tokens per training sequence.",
+        ),
+        click.option(
+            "--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Sequences per step."
+        ),
+        click.option(
+            "--alpha",
+            type=click.FloatRange(0, 1),
+            default=0.5,
+            show_default=True,
+            help="Weight of the KL term; 1 - alpha weighs cross-entropy on the text.",
+        ),
+        click.option(
+            "-T",
+            "--temperature",
+            type=click.FloatRange(min=0, min_open=True),
+            default=1.0,
+            show_default=True,
+            help="Softmax temperature of the KL term (scaled by T^2).",
+        ),
+        click.option(
+            "--top-k",
+            type=click.IntRange(min=1),
+            default=32,
+            show_default=True,
+            help="Teacher log-probabilities kept per position; the KL compares these k tokens "
+            "and one tail bucket with the rest of the mass, tempered at T over those k + 1.",
+        ),
+        click.option(
+            "--save-every",
+            type=click.IntRange(min=1),
+            default=50,
+            show_default=True,
+            help="Checkpoint the training state (OUT.ckpt) every N steps.",
+        ),
         click.option("--resume", is_flag=True, help="Continue from OUT.ckpt, bit for bit."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the batch order."),
-        click.option("--threads", type=click.IntRange(min=1), default=None,
-                     help="CPU threads for torch and llama.cpp  [default: all cores]."),
-        click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-                     help="Where the teacher's top-k are cached  [default: SLIM_HOME/distill-cache]."),
+        click.option(
+            "--threads",
+            type=click.IntRange(min=1),
+            default=None,
+            help="CPU threads for torch and llama.cpp  [default: all cores].",
+        ),
+        click.option(
+            "--cache-dir",
+            type=click.Path(file_okay=False),
+            default=None,
+            help="Where the teacher's top-k are cached  [default: SLIM_HOME/distill-cache].",
+        ),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bars."),
     ]
@@ -89,14 +131,28 @@ def run_training(job: Callable[..., Any], text_file: str, quiet: bool, as_json: 
 
 
 @click.command(name="distill")
-@click.option("--teacher", required=True, metavar="MODEL",
-              help="The teacher: a GGUF (store name or path), or an HF folder with --online.")
-@click.option("--student", required=True, type=click.Path(file_okay=False),
-              help="The student: a Hugging Face checkpoint folder with the teacher's tokenizer.")
+@click.option(
+    "--teacher",
+    required=True,
+    metavar="MODEL",
+    help="The teacher: a GGUF (store name or path), or an HF folder with --online.",
+)
+@click.option(
+    "--student",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="The student: a Hugging Face checkpoint folder with the teacher's tokenizer.",
+)
 @click.option("-o", "--output", required=True, type=click.Path(), help="The folder for the trained checkpoint.")
 @click.option("--online", is_flag=True, help="Run an HF teacher in torch at each step (its full distribution).")
-@click.option("-t", "--type", "qtype", default=None, metavar="TYPE",
-              help=f"Also write OUT-<type>.gguf of this type: {', '.join(mixes.type_names())}.")
+@click.option(
+    "-t",
+    "--type",
+    "qtype",
+    default=None,
+    metavar="TYPE",
+    help=f"Also write OUT-<type>.gguf of this type: {', '.join(mixes.type_names())}.",
+)
 @training_options
 def command(teacher: str, student: str, output: str, online: bool, qtype: str | None, **options: Any) -> None:
     """Train a student on a teacher's whole next-token distribution (knowledge distillation).

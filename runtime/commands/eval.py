@@ -13,20 +13,47 @@ from slim.runtime.commands.options import read_text_file
 
 @click.command(name="eval")
 @click.argument("models", nargs=-1, required=True, metavar="MODEL...")
-@click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False),
-              help="The text to score (UTF-8).")
-@click.option("-c", "--ctx", type=click.IntRange(min=16), default=512, show_default=True,
-              help="Tokens per chunk; the second half of each chunk is scored.")
-@click.option("--reference", default=None, metavar="MODEL",
-              help="Compare against this model (e.g. the F16): KL divergence, top-1 agreement, RMS Δp.")
-@click.option("--reference-logits", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="Compare against logits saved earlier with --save-logits.")
-@click.option("--save-logits", type=click.Path(dir_okay=False), default=None,
-              help="Save the reference's log-probabilities here, to reuse with --reference-logits.")
-@click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="CPU threads  [default: physical cores].")
+@click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False), help="The text to score (UTF-8).")
+@click.option(
+    "-c",
+    "--ctx",
+    type=click.IntRange(min=16),
+    default=512,
+    show_default=True,
+    help="Tokens per chunk; the second half of each chunk is scored.",
+)
+@click.option(
+    "--reference",
+    default=None,
+    metavar="MODEL",
+    help="Compare against this model (e.g. the F16): KL divergence, top-1 agreement, RMS Δp.",
+)
+@click.option(
+    "--reference-logits",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="Compare against logits saved earlier with --save-logits.",
+)
+@click.option(
+    "--save-logits",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Save the reference's log-probabilities here, to reuse with --reference-logits.",
+)
+@click.option(
+    "-t", "--threads", type=click.IntRange(min=1), default=None, help="CPU threads  [default: physical cores]."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def command(models: tuple[str, ...], text_file: str, ctx: int, reference: str | None, reference_logits: str | None,
-            save_logits: str | None, threads: int | None, as_json: bool) -> None:
+def command(
+    models: tuple[str, ...],
+    text_file: str,
+    ctx: int,
+    reference: str | None,
+    reference_logits: str | None,
+    save_logits: str | None,
+    threads: int | None,
+    as_json: bool,
+) -> None:
     """Measure what quantization lost: perplexity, and divergence from a reference.
 
     Perplexity is computed as llama.cpp's llama-perplexity does (chunks of --ctx tokens, the second
@@ -54,11 +81,20 @@ def command(models: tuple[str, ...], text_file: str, ctx: int, reference: str | 
     try:
         for path in paths:
             with tqdm(desc=path.name, unit="chunk", disable=as_json or None, file=sys.stderr) as bar:
+
                 def advance(done: int, total: int) -> None:
                     bar.total = total
                     bar.update(done - bar.n)
-                report, ref = evaluate(path, text, n_ctx=ctx, reference=ref, n_threads=threads, progress=advance,
-                                       save_logits=Path(save_logits) if save_logits and not reports else None)
+
+                report, ref = evaluate(
+                    path,
+                    text,
+                    n_ctx=ctx,
+                    reference=ref,
+                    n_threads=threads,
+                    progress=advance,
+                    save_logits=Path(save_logits) if save_logits and not reports else None,
+                )
             reports.append(report)
     except (ValueError, RuntimeError) as exc:
         fail(str(exc))
@@ -72,15 +108,26 @@ def table(reports: list) -> str:
     rows = []
     for r in reports:
         d = r.divergence
-        rows.append([
-            Path(r.model).name, f"{r.size_bytes / 1e6:.1f}", f"{r.bits_per_weight:.2f}", f"{r.perplexity:.4f}",
-            f"{r.perplexity_error:.4f}",
-            f"{d.kl_mean:.5f}" if d else "-", f"{d.kl_p99:.5f}" if d else "-",
-            f"{100 * d.top1_agreement:.2f}%" if d else "-", f"{100 * d.rms_delta_p:.3f}%" if d else "-",
-        ])
+        rows.append(
+            [
+                Path(r.model).name,
+                f"{r.size_bytes / 1e6:.1f}",
+                f"{r.bits_per_weight:.2f}",
+                f"{r.perplexity:.4f}",
+                f"{r.perplexity_error:.4f}",
+                f"{d.kl_mean:.5f}" if d else "-",
+                f"{d.kl_p99:.5f}" if d else "-",
+                f"{100 * d.top1_agreement:.2f}%" if d else "-",
+                f"{100 * d.rms_delta_p:.3f}%" if d else "-",
+            ]
+        )
     widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in [header] + rows]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in [header] + rows
+    ]
     first = reports[0]
     lines.append(f"({first.chunks} chunks of {first.n_ctx} tokens, {first.tokens_scored} tokens scored)")
     return "\n".join(lines)

@@ -10,8 +10,13 @@ from slim.runtime.cli import fail
 @click.command(name="export")
 @click.argument("source", metavar="MODEL")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="The folder to create.")
-@click.option("--dtype", type=click.Choice(["F32", "F16", "BF16"], case_sensitive=False), default="F32",
-              show_default=True, help="Precision of the written safetensors.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["F32", "F16", "BF16"], case_sensitive=False),
+    default="F32",
+    show_default=True,
+    help="Precision of the written safetensors.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def command(source: str, output: str, dtype: str, as_json: bool) -> None:
     """Export a GGUF (a path, or a store or catalog name) to a Hugging Face checkpoint folder.

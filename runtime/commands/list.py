@@ -23,7 +23,9 @@ def command(as_json: bool) -> None:
     for entry in entries.values():
         size = entry.path.stat().st_size if entry.path.exists() else None
         rows.append({"name": entry.name, "size_bytes": size, "source": entry.source, "file": entry.file})
-    available = [{"name": c.name, "description": c.description} for c in store.CATALOG.values() if c.name not in entries]
+    available = [
+        {"name": c.name, "description": c.description} for c in store.CATALOG.values() if c.name not in entries
+    ]
     if as_json:
         click.echo(json.dumps({"models": rows, "catalog": available}, indent=2))
         return

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -11,23 +12,57 @@ from slim.runtime.cli import fail
 SAMPLING_NAMES = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "max_tokens", "stop")
 
 _OPTIONS = [
-    click.option("--temperature", type=click.FloatRange(min=0), default=None,
-                 help="Sampling temperature; 0 is greedy (deterministic).  [default: 0.8]"),
-    click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None,
-                 help="Nucleus sampling: keep the likeliest tokens up to this probability mass; 1 is off.  [default: 0.95]"),
-    click.option("--top-k", type=click.IntRange(min=0), default=None,
-                 help="Keep the K likeliest tokens; 0 is off.  [default: 40]"),
-    click.option("--min-p", type=click.FloatRange(0, 1), default=None,
-                 help="Drop tokens less likely than this fraction of the likeliest; 0 is off.  [default: 0.05]"),
-    click.option("--repeat-penalty", type=click.FloatRange(min=0, min_open=True), default=None,
-                 help="Penalise tokens of the last 64; 1 is off.  [default: 1.0]"),
+    click.option(
+        "--temperature",
+        type=click.FloatRange(min=0),
+        default=None,
+        help="Sampling temperature; 0 is greedy (deterministic).  [default: 0.8]",
+    ),
+    click.option(
+        "--top-p",
+        type=click.FloatRange(0, 1, min_open=True),
+        default=None,
+        help="Nucleus sampling: keep the likeliest tokens up to this probability mass; 1 is off.  [default: 0.95]",
+    ),
+    click.option(
+        "--top-k",
+        type=click.IntRange(min=0),
+        default=None,
+        help="Keep the K likeliest tokens; 0 is off.  [default: 40]",
+    ),
+    click.option(
+        "--min-p",
+        type=click.FloatRange(0, 1),
+        default=None,
+        help="Drop tokens less likely than this fraction of the likeliest; 0 is off.  [default: 0.05]",
+    ),
+    click.option(
+        "--repeat-penalty",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        help="Penalise tokens of the last 64; 1 is off.  [default: 1.0]",
+    ),
     click.option("--seed", type=click.IntRange(0, 0xFFFFFFFE), default=None, help="Sampling seed  [default: random]."),
-    click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=None,
-                 help="Most tokens to generate per reply.  [default: 512]"),
-    click.option("--stop", multiple=True, metavar="TEXT", help="Stop before this text (repeatable); it is not printed."),
-    click.option("-c", "--ctx", type=click.IntRange(min=16), default=None,
-                 help="Context size in tokens  [default: the model's, at most 4096]."),
-    click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="CPU threads  [default: physical cores]."),
+    click.option(
+        "-n",
+        "--max-tokens",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Most tokens to generate per reply.  [default: 512]",
+    ),
+    click.option(
+        "--stop", multiple=True, metavar="TEXT", help="Stop before this text (repeatable); it is not printed."
+    ),
+    click.option(
+        "-c",
+        "--ctx",
+        type=click.IntRange(min=16),
+        default=None,
+        help="Context size in tokens  [default: the model's, at most 4096].",
+    ),
+    click.option(
+        "-t", "--threads", type=click.IntRange(min=1), default=None, help="CPU threads  [default: physical cores]."
+    ),
 ]
 
 

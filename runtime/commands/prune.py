@@ -14,39 +14,108 @@ from slim.runtime.pipeline.prune import LAYER_SCORES, METHODS, PruneReport
 
 @click.command(name="prune")
 @click.argument("source", metavar="SRC")
-@click.option("-o", "--output", required=True, type=click.Path(),
-              help="A folder for a Hugging Face checkpoint, or a file ending in .gguf.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(),
+    help="A folder for a Hugging Face checkpoint, or a file ending in .gguf.",
+)
 @click.option("-m", "--method", required=True, type=click.Choice(METHODS), help="What to remove (see above).")
-@click.option("--sparsity", type=float, default=None, help="magnitude/wanda: fraction of each output row to zero, in [0, 1).")
-@click.option("--pattern", default=None, metavar="N:M", help="magnitude/wanda: keep N of every M input weights (2:4, 4:8).")
+@click.option(
+    "--sparsity", type=float, default=None, help="magnitude/wanda: fraction of each output row to zero, in [0, 1)."
+)
+@click.option(
+    "--pattern", default=None, metavar="N:M", help="magnitude/wanda: keep N of every M input weights (2:4, 4:8)."
+)
 @click.option("--remove", type=int, default=None, metavar="K", help="layers: how many blocks to remove.")
-@click.option("--score", type=click.Choice(LAYER_SCORES), default="angular", show_default=True,
-              help="layers: angular distance of a run of K blocks, or each block's influence alone.")
+@click.option(
+    "--score",
+    type=click.Choice(LAYER_SCORES),
+    default="angular",
+    show_default=True,
+    help="layers: angular distance of a run of K blocks, or each block's influence alone.",
+)
 @click.option("--ffn", type=float, default=1.0, show_default=True, help="width: fraction of FFN neurons to keep.")
-@click.option("--heads", type=float, default=1.0, show_default=True,
-              help="width: fraction of attention heads to keep, in whole KV groups.")
-@click.option("--text", "text_file", type=click.Path(dir_okay=False), default=None,
-              help="Calibration text (UTF-8) for wanda, layers and width.")
-@click.option("--imatrix", type=click.Path(dir_okay=False), default=None,
-              help="A saved calibration (`slim calibrate -o`) instead of --text, for wanda and width.")
-@click.option("-c", "--ctx", type=click.IntRange(min=16), default=512, show_default=True,
-              help="Tokens per calibration and evaluation chunk.")
+@click.option(
+    "--heads",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="width: fraction of attention heads to keep, in whole KV groups.",
+)
+@click.option(
+    "--text",
+    "text_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Calibration text (UTF-8) for wanda, layers and width.",
+)
+@click.option(
+    "--imatrix",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="A saved calibration (`slim calibrate -o`) instead of --text, for wanda and width.",
+)
+@click.option(
+    "-c",
+    "--ctx",
+    type=click.IntRange(min=16),
+    default=512,
+    show_default=True,
+    help="Tokens per calibration and evaluation chunk.",
+)
 @click.option("--chunks", type=click.IntRange(min=1), default=None, help="Calibrate on at most this many chunks.")
-@click.option("-t", "--type", "qtype", default=None, metavar="TYPE",
-              help=f"GGUF output type: {', '.join(mixes.type_names())}.  [default: Q4_K_M]")
-@click.option("--eval-text", type=click.Path(dir_okay=False), default=None,
-              help="Held-out text (UTF-8): report the pruned model's perplexity on it.")
-@click.option("--heal", type=click.IntRange(min=1), default=None, metavar="STEPS",
-              help="Heal the pruned model by self-distillation for STEPS training steps on --text, with the "
-                   "unpruned model as teacher (needs torch: pip install 'slim-llm[train]').")
+@click.option(
+    "-t",
+    "--type",
+    "qtype",
+    default=None,
+    metavar="TYPE",
+    help=f"GGUF output type: {', '.join(mixes.type_names())}.  [default: Q4_K_M]",
+)
+@click.option(
+    "--eval-text",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Held-out text (UTF-8): report the pruned model's perplexity on it.",
+)
+@click.option(
+    "--heal",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="STEPS",
+    help="Heal the pruned model by self-distillation for STEPS training steps on --text, with the "
+    "unpruned model as teacher (needs torch: pip install 'slim-llm[train]').",
+)
 @click.option("--dry-run", is_flag=True, help="Print what would be removed and the expected size; write nothing.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for llama.cpp  [default: physical cores].")
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=None, help="CPU threads for llama.cpp  [default: physical cores]."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def command(source: str, output: str, method: str, sparsity: float | None, pattern: str | None, remove: int | None,
-            score: str, ffn: float, heads: float, text_file: str | None, imatrix: str | None, ctx: int,
-            chunks: int | None, qtype: str | None, eval_text: str | None, heal: int | None, dry_run: bool,
-            threads: int | None, as_json: bool, quiet: bool) -> None:
+def command(
+    source: str,
+    output: str,
+    method: str,
+    sparsity: float | None,
+    pattern: str | None,
+    remove: int | None,
+    score: str,
+    ffn: float,
+    heads: float,
+    text_file: str | None,
+    imatrix: str | None,
+    ctx: int,
+    chunks: int | None,
+    qtype: str | None,
+    eval_text: str | None,
+    heal: int | None,
+    dry_run: bool,
+    threads: int | None,
+    as_json: bool,
+    quiet: bool,
+) -> None:
     """Prune a model: zero the weights it barely uses, or remove whole blocks, neurons and heads.
 
     SRC is a Hugging Face checkpoint folder, a hub repo id, or a GGUF (exported internally).
@@ -84,9 +153,24 @@ def command(source: str, output: str, method: str, sparsity: float | None, patte
         mix = mixes.mix(qtype) if qtype else None
     except ValueError as exc:
         fail(str(exc))
-    options = PruneOptions(method=method, sparsity=sparsity, pattern=pattern, remove=remove, score=score, ffn=ffn,
-                           heads=heads, text=text, imatrix=imatrix, ctx=ctx, chunks=chunks, mix=mix,
-                           held_out=held_out, heal=heal, dry_run=dry_run, threads=threads)
+    options = PruneOptions(
+        method=method,
+        sparsity=sparsity,
+        pattern=pattern,
+        remove=remove,
+        score=score,
+        ffn=ffn,
+        heads=heads,
+        text=text,
+        imatrix=imatrix,
+        ctx=ctx,
+        chunks=chunks,
+        mix=mix,
+        held_out=held_out,
+        heal=heal,
+        dry_run=dry_run,
+        threads=threads,
+    )
     try:
         with StageBars(_UNITS, disable=quiet or as_json, leave=False) as bars:
             report = prune_model(source, output, options, progress=bars)
@@ -97,8 +181,14 @@ def command(source: str, output: str, method: str, sparsity: float | None, patte
     click.echo(json.dumps(report.as_dict(), indent=2) if as_json else _lines(report))
 
 
-_UNITS = {"calibrating": "chunk", "pruning": "tensor", "teacher": "chunk", "healing": "step", "converting": "B",
-          "perplexity": "chunk"}
+_UNITS = {
+    "calibrating": "chunk",
+    "pruning": "tensor",
+    "teacher": "chunk",
+    "healing": "step",
+    "converting": "B",
+    "perplexity": "chunk",
+}
 
 
 def _read(path: str | None) -> str | None:
@@ -109,22 +199,28 @@ def _read(path: str | None) -> str | None:
 
 def _lines(report: PruneReport) -> str:
     before, after = report.parameters_before, report.parameters_after
-    lines = [report.removed,
-             f"parameters: {before / 1e6:.2f}M -> {after / 1e6:.2f}M ({after / before:.1%})"]
+    lines = [report.removed, f"parameters: {before / 1e6:.2f}M -> {after / 1e6:.2f}M ({after / before:.1%})"]
     if report.zeroed is not None and report.block_weights is not None:
-        lines.append(f"zero weights: {report.zeroed / 1e6:.2f}M ({report.zeroed / report.block_weights:.1%} of "
-                     f"the block matrices, {report.zeroed / after:.1%} of all parameters)")
+        lines.append(
+            f"zero weights: {report.zeroed / 1e6:.2f}M ({report.zeroed / report.block_weights:.1%} of "
+            f"the block matrices, {report.zeroed / after:.1%} of all parameters)"
+        )
     if report.dry_run and report.expected_bytes is not None:
-        lines.append(f"expected size: {report.expected_bytes / 1e6:.1f} MB of weights "
-                     f"(source {report.source_bytes / 1e6:.1f} MB); dry run, nothing written")
+        lines.append(
+            f"expected size: {report.expected_bytes / 1e6:.1f} MB of weights "
+            f"(source {report.source_bytes / 1e6:.1f} MB); dry run, nothing written"
+        )
         return "\n".join(lines)
     if report.healed is not None:
         healed = report.healed
-        lines.append(f"healed by self-distillation: {healed['steps']} steps, loss {healed['loss_first']:.4f} -> "
-                     f"{healed['loss_last']:.4f}")
+        lines.append(
+            f"healed by self-distillation: {healed['steps']} steps, loss {healed['loss_first']:.4f} -> "
+            f"{healed['loss_last']:.4f}"
+        )
     if report.output_bytes is not None:
-        lines.append(f"wrote {report.output}: {report.output_bytes / 1e6:.1f} MB "
-                     f"(source {report.source_bytes / 1e6:.1f} MB)")
+        lines.append(
+            f"wrote {report.output}: {report.output_bytes / 1e6:.1f} MB (source {report.source_bytes / 1e6:.1f} MB)"
+        )
     if report.perplexity is not None and report.perplexity_error is not None:
         lines.append(f"perplexity ({report.perplexity_of}): {report.perplexity:.4f} ± {report.perplexity_error:.4f}")
     return "\n".join(lines)

@@ -12,9 +12,15 @@ from slim.runtime.pipeline.pull import DEFAULT_CONVERT_MIX
 
 @click.command(name="pull")
 @click.argument("source", metavar="NAME_OR_REPO")
-@click.option("-t", "--type", "qtype", default=None, metavar="TYPE",
-              help="GGUF repo: the file whose name holds TYPE (e.g. Q4_K_M). Checkpoint repo: the type to convert "
-                   f"to [default: {DEFAULT_CONVERT_MIX}].")
+@click.option(
+    "-t",
+    "--type",
+    "qtype",
+    default=None,
+    metavar="TYPE",
+    help="GGUF repo: the file whose name holds TYPE (e.g. Q4_K_M). Checkpoint repo: the type to convert "
+    f"to [default: {DEFAULT_CONVERT_MIX}].",
+)
 @click.option("--name", default=None, help="Store name [default: the repo name lower-cased, see above].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
@@ -61,8 +67,17 @@ def command(source: str, qtype: str | None, name: str | None, as_json: bool, qui
     entry = pulled.entry
     size = entry.path.stat().st_size
     if as_json:
-        click.echo(json.dumps({"name": entry.name, "file": entry.file, "size_bytes": size, "type": pulled.type_name,
-                               "source": entry.source}))
+        click.echo(
+            json.dumps(
+                {
+                    "name": entry.name,
+                    "file": entry.file,
+                    "size_bytes": size,
+                    "type": pulled.type_name,
+                    "source": entry.source,
+                }
+            )
+        )
     else:
         kind = f", {pulled.type_name}" if pulled.type_name else ""
         click.echo(f"pulled {entry.name}: {entry.file} ({size / 1e6:.1f} MB{kind}, {entry.source})")

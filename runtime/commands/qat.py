@@ -6,20 +6,32 @@ from typing import Any
 
 import click
 
-from slim.runtime.formats import mixes
 from slim.runtime.cli import fail
 from slim.runtime.commands.distill import require_torch, run_training, training_options
+from slim.runtime.formats import mixes
 
 
 @click.command(name="qat")
 @click.argument("source", metavar="SRC")
-@click.option("-t", "--type", "qtype", default="Q4_K_M", show_default=True, metavar="TYPE",
-              help=f"The quantized type or mix: {', '.join(t for t in mixes.type_names() if t not in mixes.FLOAT_MIXES)}.")
+@click.option(
+    "-t",
+    "--type",
+    "qtype",
+    default="Q4_K_M",
+    show_default=True,
+    metavar="TYPE",
+    help=f"The quantized type or mix: {', '.join(t for t in mixes.type_names() if t not in mixes.FLOAT_MIXES)}.",
+)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The GGUF file to write.")
-@click.option("--teacher", default=None, metavar="MODEL",
-              help="The unquantized model's GGUF  [default: SRC converted to F16].")
-@click.option("--imatrix", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="Importance matrix (slim calibrate) for the initial quantization.")
+@click.option(
+    "--teacher", default=None, metavar="MODEL", help="The unquantized model's GGUF  [default: SRC converted to F16]."
+)
+@click.option(
+    "--imatrix",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="Importance matrix (slim calibrate) for the initial quantization.",
+)
 @training_options
 def command(source: str, qtype: str, output: str, teacher: str | None, imatrix: str | None, **options: Any) -> None:
     """Quantization-aware training: 4-bit weights trained to lose less than post-training rounding.

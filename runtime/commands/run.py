@@ -20,8 +20,16 @@ from slim.runtime.commands.options import generation_options, load_model, sampli
 @generation_options
 @click.option("--raw", is_flag=True, help="Plain completion of PROMPT, without the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON (text, token counts, timings).")
-def command(model: str, prompt: str, system: str | None, ctx: int | None, threads: int | None, raw: bool,
-            as_json: bool, **sampling: Any) -> None:
+def command(
+    model: str,
+    prompt: str,
+    system: str | None,
+    ctx: int | None,
+    threads: int | None,
+    raw: bool,
+    as_json: bool,
+    **sampling: Any,
+) -> None:
     """Generate one reply from MODEL to PROMPT and stream it to stdout.
 
     MODEL is a store name, a catalog name (smollm2-135m is fetched on first use) or a .gguf path.
@@ -62,7 +70,7 @@ def command(model: str, prompt: str, system: str | None, ctx: int | None, thread
         if raw:
             stream = llm.complete(prompt, stream=True, params=params)
         else:
-            messages = ([{"role": "system", "content": system}] if system is not None else [])
+            messages = [{"role": "system", "content": system}] if system is not None else []
             messages.append({"role": "user", "content": prompt})
             stream = llm.chat(messages, stream=True, params=params)
     except inference.ContextError as exc:

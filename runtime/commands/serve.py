@@ -64,36 +64,107 @@ class MemorySize(click.ParamType):
 
 @click.command(name="serve")
 @click.argument("models", metavar="[MODEL]...", nargs=-1)
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on; 0.0.0.0 exposes the server to the network.")
-@click.option("-p", "--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
-              help="Port to listen on (0 picks a free one).")
-@click.option("--parallel", type=click.IntRange(min=1, max=64), default=4, show_default=True,
-              help="Requests decoded together per model (KV-cache sequences).")
-@click.option("--queue", "queue_size", type=click.IntRange(min=0), default=64, show_default=True,
-              help="Requests per model that may wait for a sequence; beyond that the server answers 503.")
-@click.option("-c", "--ctx", type=click.IntRange(min=16), default=None,
-              help="Context size in tokens per sequence  [default: the model's, at most 4096].")
-@click.option("-t", "--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads for llama.cpp  [default: physical cores less one, left to the HTTP side].")
-@click.option("--keep-alive", type=click.FloatRange(min=-1), default=300.0, show_default=True, metavar="SECONDS",
-              help="Unload a model this long after its last request; 0 unloads at once, -1 never. "
-                   "The first MODEL is loaded at start and stays loaded unless another model needs its memory.")
-@click.option("--memory-budget", type=MemorySize(), default=None,
-              help="Memory the loaded models may take (8G, 512M, 60%); loading past it unloads idle models, "
-                   "least recently used first  [default: 75% of the RAM].")
-@click.option("--api-key", default=None, envvar="SLIM_API_KEY",
-              help="Require 'Authorization: Bearer KEY' on every route but /health (or set SLIM_API_KEY).")
-@click.option("--cors", "cors_origin", default=None, metavar="ORIGIN",
-              help="Allow browser pages from ORIGIN (e.g. http://localhost:3000) to call the server.")
-@click.option("--max-body", type=click.IntRange(min=1024), default=4 * 1024 * 1024, show_default=True,
-              help="Largest request body accepted, in bytes.")
-@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
-              help="The log on stderr (a line per request, every internal error's traceback): text, or one "
-                   "JSON object per line.")
-def command(models: tuple[str, ...], host: str, port: int, parallel: int, queue_size: int, ctx: int | None,
-            threads: int | None, keep_alive: float, memory_budget: int | None, api_key: str | None,
-            cors_origin: str | None, max_body: int, log_format: str) -> None:
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; 0.0.0.0 exposes the server to the network.",
+)
+@click.option(
+    "-p",
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8080,
+    show_default=True,
+    help="Port to listen on (0 picks a free one).",
+)
+@click.option(
+    "--parallel",
+    type=click.IntRange(min=1, max=64),
+    default=4,
+    show_default=True,
+    help="Requests decoded together per model (KV-cache sequences).",
+)
+@click.option(
+    "--queue",
+    "queue_size",
+    type=click.IntRange(min=0),
+    default=64,
+    show_default=True,
+    help="Requests per model that may wait for a sequence; beyond that the server answers 503.",
+)
+@click.option(
+    "-c",
+    "--ctx",
+    type=click.IntRange(min=16),
+    default=None,
+    help="Context size in tokens per sequence  [default: the model's, at most 4096].",
+)
+@click.option(
+    "-t",
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads for llama.cpp  [default: physical cores less one, left to the HTTP side].",
+)
+@click.option(
+    "--keep-alive",
+    type=click.FloatRange(min=-1),
+    default=300.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Unload a model this long after its last request; 0 unloads at once, -1 never. "
+    "The first MODEL is loaded at start and stays loaded unless another model needs its memory.",
+)
+@click.option(
+    "--memory-budget",
+    type=MemorySize(),
+    default=None,
+    help="Memory the loaded models may take (8G, 512M, 60%); loading past it unloads idle models, "
+    "least recently used first  [default: 75% of the RAM].",
+)
+@click.option(
+    "--api-key",
+    default=None,
+    envvar="SLIM_API_KEY",
+    help="Require 'Authorization: Bearer KEY' on every route but /health (or set SLIM_API_KEY).",
+)
+@click.option(
+    "--cors",
+    "cors_origin",
+    default=None,
+    metavar="ORIGIN",
+    help="Allow browser pages from ORIGIN (e.g. http://localhost:3000) to call the server.",
+)
+@click.option(
+    "--max-body",
+    type=click.IntRange(min=1024),
+    default=4 * 1024 * 1024,
+    show_default=True,
+    help="Largest request body accepted, in bytes.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="The log on stderr (a line per request, every internal error's traceback): text, or one JSON object per line.",
+)
+def command(
+    models: tuple[str, ...],
+    host: str,
+    port: int,
+    parallel: int,
+    queue_size: int,
+    ctx: int | None,
+    threads: int | None,
+    keep_alive: float,
+    memory_budget: int | None,
+    api_key: str | None,
+    cors_origin: str | None,
+    max_body: int,
+    log_format: str,
+) -> None:
     """Serve models through an OpenAI-compatible API on http://HOST:PORT/v1.
 
     Each MODEL is a store name, a catalog name or a .gguf path. Requests pick one with "model" (its
@@ -109,8 +180,8 @@ def command(models: tuple[str, ...], host: str, port: int, parallel: int, queue_
       slim serve small.gguf large.gguf --memory-budget 6G --keep-alive 600
     """
     from slim.runtime import serve, store
-    from slim.runtime.inference import physical_cores
     from slim.runtime.formats.gguf_file import check_gguf
+    from slim.runtime.inference import physical_cores
 
     try:
         named = list(dict.fromkeys(models or [store.DEFAULT_MODEL]))
@@ -120,7 +191,7 @@ def command(models: tuple[str, ...], host: str, port: int, parallel: int, queue_
         check_gguf(specs[0].path)
     except ValueError as exc:  # StoreError, GGUFError
         fail(str(exc))
-    ids = [spec.id for spec in specs[:len(named)]]
+    ids = [spec.id for spec in specs[: len(named)]]
     twice = sorted({name for name in ids if ids.count(name) > 1})
     if twice:
         fail(f"two models would both be called {twice[0]!r}; give them different file names")
@@ -129,8 +200,16 @@ def command(models: tuple[str, ...], host: str, port: int, parallel: int, queue_
     # scheduler, or they starve each other (on 2 cores, 2 threads serve several times slower than 1)
     threads = threads or max(1, physical_cores() - 1)
     serve.configure_logging(log_format)
-    pool = serve.ModelPool(specs, parallel=parallel, ctx=ctx, memory_budget=memory_budget, keep_alive=keep_alive,
-                           queue_size=queue_size, discover=None if models else store_specs, n_threads=threads)
+    pool = serve.ModelPool(
+        specs,
+        parallel=parallel,
+        ctx=ctx,
+        memory_budget=memory_budget,
+        keep_alive=keep_alive,
+        queue_size=queue_size,
+        discover=None if models else store_specs,
+        n_threads=threads,
+    )
     try:
         with pool.use(specs[0].id) as served:  # the default model is ready before the first request
             model = served.model
@@ -150,10 +229,13 @@ def command(models: tuple[str, ...], host: str, port: int, parallel: int, queue_
     if model.template_warning:
         click.echo(f"warning: {model.template_warning}", err=True)
     more = len(pool.listing()) - 1
-    click.echo(f"slim serve: {specs[0].id}{f' (and {more} more on demand)' if more else ''} on "
-               f"http://{bound_host}:{bound_port}/v1 ({parallel} parallel, {model.n_ctx} tokens each, "
-               f"{model.n_threads} threads; memory budget {serve.format_bytes(pool.memory_budget)}, keep-alive "
-               f"{'never' if keep_alive < 0 else f'{keep_alive:g} s'})" + ("" if api_key else "; no API key"), err=True)
+    click.echo(
+        f"slim serve: {specs[0].id}{f' (and {more} more on demand)' if more else ''} on "
+        f"http://{bound_host}:{bound_port}/v1 ({parallel} parallel, {model.n_ctx} tokens each, "
+        f"{model.n_threads} threads; memory budget {serve.format_bytes(pool.memory_budget)}, keep-alive "
+        f"{'never' if keep_alive < 0 else f'{keep_alive:g} s'})" + ("" if api_key else "; no API key"),
+        err=True,
+    )
     try:
         app.serve()
     except KeyboardInterrupt:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -24,8 +25,16 @@ class CheckpointError(ValueError):
 
 
 _DTYPES = {
-    "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "F64": np.float64,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 
 
@@ -47,6 +56,7 @@ def _mapped(path: Path, start: int, dtype: str, shape: tuple[int, ...]) -> Calla
             wide <<= 16  # in place: a tensor-sized temporary less at the peak
             return wide.view(np.float32).reshape(shape)
         return np.asarray(raw, dtype=np.float32).reshape(shape)
+
     return load
 
 
@@ -56,7 +66,9 @@ class Checkpoint:
     def __init__(self, directory: Path, *, allow_pickle: bool = False):
         self.directory = Path(directory)
         if not self.directory.is_dir():
-            raise CheckpointError(f"{self.directory} is not a directory; pass a Hugging Face model folder or a hub repo id")
+            raise CheckpointError(
+                f"{self.directory} is not a directory; pass a Hugging Face model folder or a hub repo id"
+            )
         config_path = self.directory / "config.json"
         if not config_path.is_file():
             raise CheckpointError(f"{self.directory} has no config.json; is it a Hugging Face model folder?")
@@ -98,7 +110,9 @@ class Checkpoint:
         missing = sorted(set(weight_map) - set(self.tensors))
         if missing:
             shards = sorted({weight_map[name] for name in missing})
-            raise CheckpointError(f"{len(missing)} tensors listed in the index are missing; is {', '.join(shards)} downloaded?")
+            raise CheckpointError(
+                f"{len(missing)} tensors listed in the index are missing; is {', '.join(shards)} downloaded?"
+            )
 
     def _load_pickled(self) -> None:
         try:
@@ -134,7 +148,9 @@ def _read_header(path: Path) -> list[TensorRef]:
             raise CheckpointError(f"{path.name}: tensor {name} has dtype {dtype}, which slim does not read")
         begin, end = entry["data_offsets"]
         if data_start + end > size:
-            raise CheckpointError(f"{path.name} is truncated: tensor {name} ends past the end of the file; download it again")
+            raise CheckpointError(
+                f"{path.name} is truncated: tensor {name} ends past the end of the file; download it again"
+            )
         shape = tuple(int(n) for n in entry["shape"])
         expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
         if end - begin != expected:
@@ -143,8 +159,9 @@ def _read_header(path: Path) -> list[TensorRef]:
     return refs
 
 
-def write_safetensors(path: Path, tensors: Iterable[tuple[str, np.ndarray]],
-                      shapes: dict[str, tuple[tuple[int, ...], str]]) -> None:
+def write_safetensors(
+    path: Path, tensors: Iterable[tuple[str, np.ndarray]], shapes: dict[str, tuple[tuple[int, ...], str]]
+) -> None:
     """Stream tensors into one safetensors file: the header first (from `shapes`), then each tensor
     as it is produced, so only one is in memory. `shapes` maps name -> (shape, dtype name), in order."""
     itemsize = {"F32": 4, "F16": 2, "BF16": 2}

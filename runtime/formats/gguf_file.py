@@ -46,11 +46,40 @@ _MAX_DIMS = 4
 
 # gguf.GGML_QUANT_SIZES by type id: (weights per block, bytes per block).
 _TENSOR_TYPE_SIZES = {
-    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 9: (32, 40),
-    10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292),
-    16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18), 21: (256, 110), 22: (256, 82),
-    23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8), 29: (256, 56), 30: (1, 2),
-    34: (256, 54), 35: (256, 66), 39: (32, 17), 40: (64, 36), 41: (128, 18),
+    0: (1, 4),
+    1: (1, 2),
+    2: (32, 18),
+    3: (32, 20),
+    6: (32, 22),
+    7: (32, 24),
+    8: (32, 34),
+    9: (32, 40),
+    10: (256, 84),
+    11: (256, 110),
+    12: (256, 144),
+    13: (256, 176),
+    14: (256, 210),
+    15: (256, 292),
+    16: (256, 66),
+    17: (256, 74),
+    18: (256, 98),
+    19: (256, 50),
+    20: (32, 18),
+    21: (256, 110),
+    22: (256, 82),
+    23: (256, 136),
+    24: (1, 1),
+    25: (1, 2),
+    26: (1, 4),
+    27: (1, 8),
+    28: (1, 8),
+    29: (256, 56),
+    30: (1, 2),
+    34: (256, 54),
+    35: (256, 66),
+    39: (32, 17),
+    40: (64, 36),
+    41: (128, 18),
 }
 
 
@@ -138,7 +167,7 @@ def _scan_header(data: mmap.mmap, size: int) -> dict[str, Any]:
                     seen = set()
                     for _ in range(count):
                         (n,) = u64(data, pos)
-                        seen.add(data[pos + 8:pos + 8 + n])
+                        seen.add(data[pos + 8 : pos + 8 + n])
                         pos += 8 + n
                     if len(seen) != count and pos <= size:
                         raise _Damaged("is damaged: tokenizer.ggml.tokens lists the same token twice")
@@ -198,5 +227,7 @@ def tensor_array(tensor: gguf.ReaderTensor) -> np.ndarray:
     name = tensor.tensor_type.name
     if name in kernels.QTYPES:
         rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
-        return kernels.dequantize(np.asarray(tensor.data).reshape(-1).view(np.uint8), name, (rows, shape[-1])).reshape(shape)
+        return kernels.dequantize(np.asarray(tensor.data).reshape(-1).view(np.uint8), name, (rows, shape[-1])).reshape(
+            shape
+        )
     return gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).astype(np.float32).reshape(shape)

@@ -137,7 +137,9 @@ def llama_order(names: list[str]) -> list[str]:
     """llama.cpp's tensor order (llama_model_loader's weight_name_comparer): non-layer tensors
     first, then by layer number, by name within a layer. llama-quantize writes in this order and
     counts attn_v/ffn_down layers in it."""
+
     def key(name: str) -> tuple[int, str]:
         match = _LAYER.match(name)
         return (int(match.group(1)) if match else -1, name)
+
     return sorted(names, key=key)

@@ -35,9 +35,15 @@ SPECIAL_TYPES = ("bos", "eos", "unk", "pad")
 # HF architectures that llama.cpp converts with its LlamaModel class, which adds two tokenizer
 # rules of its own: add_space_prefix from tokenizer_config's add_prefix_space, and
 # add_bos_token = false for 49152-token vocabularies (SmolLM, Granite).
-LLAMA_CONVERTER_ARCHITECTURES = frozenset({
-    "LLaMAForCausalLM", "LlamaForCausalLM", "LlamaModel", "MistralForCausalLM", "MixtralForCausalLM",
-})
+LLAMA_CONVERTER_ARCHITECTURES = frozenset(
+    {
+        "LLaMAForCausalLM",
+        "LlamaForCausalLM",
+        "LlamaModel",
+        "MistralForCausalLM",
+        "MixtralForCausalLM",
+    }
+)
 _NO_BOS_VOCAB_SIZE = 49152
 
 
@@ -73,8 +79,9 @@ class TokenizerSpec:
         """The spec with [PAD{id}] tokens appended up to the embedding's row count, as llama.cpp pads."""
         missing = vocab_size - len(self.tokens)
         if missing < 0:
-            raise TokenizerError(f"the tokenizer has {len(self.tokens)} tokens but the model's "
-                                 f"vocab_size is {vocab_size}")
+            raise TokenizerError(
+                f"the tokenizer has {len(self.tokens)} tokens but the model's vocab_size is {vocab_size}"
+            )
         if missing == 0:
             return self
         ids = range(len(self.tokens), vocab_size)
@@ -91,10 +98,14 @@ class TokenizerSpec:
 # The regexes are the ones the models ship (llama.cpp's llama-vocab.cpp quotes them as the
 # originals it adapts); fields that do not change token ids (trim_offsets) are not compared.
 
-_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def _byte_level(use_regex: bool) -> dict[str, Any]:
@@ -174,8 +185,9 @@ def pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str:
         steps = "+".join(str(s.get("type")) for s in _flat_steps(pre)) or "(none)"
         if _canonical_normalizer(normalizer) is not None:
             steps += f" after a {normalizer.get('type')} normalizer"
-        raise TokenizerError(f"the pre-tokenizer {steps} is not supported; supported: "
-                             f"{', '.join(sorted(PRE_TOKENIZERS))}")
+        raise TokenizerError(
+            f"the pre-tokenizer {steps} is not supported; supported: {', '.join(sorted(PRE_TOKENIZERS))}"
+        )
     return name
 
 
@@ -268,10 +280,12 @@ def _config_value(config: dict[str, Any], key: str) -> Any:
 
 def _looks_special(text: str) -> bool:
     """llama.cpp's guess for added tokens that some models forget to mark special."""
-    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
-            or (text.startswith("<|") and text.endswith("|>"))
-            or (text.startswith("<｜") and text.endswith("｜>"))
-            or (text.startswith("<unused") and text.endswith(">")))
+    return (
+        text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+        or (text.startswith("<|") and text.endswith("|>"))
+        or (text.startswith("<｜") and text.endswith("｜>"))
+        or (text.startswith("<unused") and text.endswith(">"))
+    )
 
 
 def _added_token_type(text: str, special: bool) -> tuple[str, int]:
@@ -281,14 +295,17 @@ def _added_token_type(text: str, special: bool) -> tuple[str, int]:
     return text.replace("\u2581", " "), USER_DEFINED
 
 
-def _read_byte_level_bpe(tokenizer_json: dict[str, Any], tokenizer_config: dict[str, Any] | None, path: Path,
-                         vocab_size: int | None) -> TokenizerSpec:
+def _read_byte_level_bpe(
+    tokenizer_json: dict[str, Any], tokenizer_config: dict[str, Any] | None, path: Path, vocab_size: int | None
+) -> TokenizerSpec:
     model = tokenizer_json.get("model") or {}
     decoder = (tokenizer_json.get("decoder") or {}).get("type")
     if model.get("type") != "BPE" or model.get("byte_fallback") or decoder != "ByteLevel":
-        raise TokenizerError(f"{path} is not a byte-level BPE tokenizer (model {model.get('type')}, "
-                             f"byte_fallback {bool(model.get('byte_fallback'))}, decoder {decoder}); "
-                             "only byte-level BPE tokenizer.json or a SentencePiece tokenizer.model is supported")
+        raise TokenizerError(
+            f"{path} is not a byte-level BPE tokenizer (model {model.get('type')}, "
+            f"byte_fallback {bool(model.get('byte_fallback'))}, decoder {decoder}); "
+            "only byte-level BPE tokenizer.json or a SentencePiece tokenizer.model is supported"
+        )
     pre = pre_tokenizer_name(tokenizer_json)
 
     texts: dict[int, str] = {i: t for t, i in model.get("vocab", {}).items()}
@@ -329,8 +346,9 @@ def _merges(merges: list[Any], path: Path) -> list[str]:
     raise TokenizerError(f"{path}: unknown format of model.merges")
 
 
-def _read_sentencepiece(model_dir: Path, tokenizer_config: dict[str, Any] | None,
-                        vocab_size: int | None) -> TokenizerSpec:
+def _read_sentencepiece(
+    model_dir: Path, tokenizer_config: dict[str, Any] | None, vocab_size: int | None
+) -> TokenizerSpec:
     from sentencepiece import SentencePieceProcessor
 
     path = model_dir / "tokenizer.model"
@@ -350,8 +368,17 @@ def _read_sentencepiece(model_dir: Path, tokenizer_config: dict[str, Any] | None
     for i in range(n_pieces):
         tokens[i] = processor.IdToPiece(i)
         scores[i] = processor.GetScore(i)
-        types[i] = (UNKNOWN if processor.IsUnknown(i) else CONTROL if processor.IsControl(i)
-                    else UNUSED if processor.IsUnused(i) else BYTE if processor.IsByte(i) else NORMAL)
+        types[i] = (
+            UNKNOWN
+            if processor.IsUnknown(i)
+            else CONTROL
+            if processor.IsControl(i)
+            else UNUSED
+            if processor.IsUnused(i)
+            else BYTE
+            if processor.IsByte(i)
+            else NORMAL
+        )
 
     added_tokens = _load_json(model_dir / "added_tokens.json") or {}
     for text, i in added_tokens.items():
@@ -372,16 +399,22 @@ def _token_content(entry: Any) -> str | None:
     return entry if isinstance(entry, str) else None
 
 
-def _special_tokens(tokenizer_json: dict[str, Any] | None, tokenizer_config: dict[str, Any] | None,
-                    config: dict[str, Any], n_tokens: int) -> tuple[dict[str, int], dict[str, bool]]:
+def _special_tokens(
+    tokenizer_json: dict[str, Any] | None,
+    tokenizer_config: dict[str, Any] | None,
+    config: dict[str, Any],
+    n_tokens: int,
+) -> tuple[dict[str, int], dict[str, bool]]:
     """Special token ids and add-bos/eos flags, resolved in llama.cpp's order (gguf-py SpecialVocab).
 
     Ids come from tokenizer_config's token strings looked up among tokenizer.json's added tokens,
     then from config.json's *_token_id; the first source to give one wins. The add flags come from
     tokenizer.json's post-processor, then from tokenizer_config's add_*_token where it said nothing.
     """
-    strings = {kind: _token_content((tokenizer_config or {}).get(f"{kind}_token"))
-               for kind in ("bos", "eos", "unk", "pad", "cls", "sep")}
+    strings = {
+        kind: _token_content((tokenizer_config or {}).get(f"{kind}_token"))
+        for kind in ("bos", "eos", "unk", "pad", "cls", "sep")
+    }
     add: dict[str, bool] = {}
     if tokenizer_json is not None:
         if tokenizer_config is not None:
@@ -405,8 +438,10 @@ def _special_tokens(tokenizer_json: dict[str, Any] | None, tokenizer_config: dic
                     add["bos"] = tokenizer_config is None or first in (strings["bos"], strings["cls"])
                 if last:
                     if tokenizer_config is not None and last != strings["eos"]:
-                        raise TokenizerError(f"tokenizer.json's post-processor appends {last!r}, which is not the "
-                                             f"eos token {strings['eos']!r}; such tokenizers are not supported")
+                        raise TokenizerError(
+                            f"tokenizer.json's post-processor appends {last!r}, which is not the "
+                            f"eos token {strings['eos']!r}; such tokenizers are not supported"
+                        )
                     add["eos"] = True
 
     ids: dict[str, int] = {}
@@ -442,7 +477,8 @@ def _chat_templates(model_dir: Path, tokenizer_config: dict[str, Any]) -> tuple[
             extra = sorted((model_dir / "additional_chat_templates").glob("*.jinja"))
             if extra:
                 value = [{"name": "default", "template": value}] + [
-                    {"name": p.stem, "template": p.read_text(encoding="utf-8")} for p in extra]
+                    {"name": p.stem, "template": p.read_text(encoding="utf-8")} for p in extra
+                ]
         else:
             value = (_load_json(model_dir / "chat_template.json") or {}).get("chat_template")
     if value is None or isinstance(value, str):
@@ -506,29 +542,41 @@ def write_hf_tokenizer(reader: gguf.GGUFReader, out_dir: Path) -> None:
     """
     spec = read_gguf_tokenizer(reader)
     if spec.model != "gpt2":
-        raise TokenizerError(f"exporting a {spec.model!r} tokenizer is not supported; "
-                             "only byte-level BPE ('gpt2') GGUF tokenizers can be exported")
+        raise TokenizerError(
+            f"exporting a {spec.model!r} tokenizer is not supported; "
+            "only byte-level BPE ('gpt2') GGUF tokenizers can be exported"
+        )
     pre = PRE_TOKENIZERS.get(spec.pre)
     if pre is None:
-        raise TokenizerError(f"exporting the pre-tokenizer {spec.pre!r} is not supported; supported: "
-                             f"{', '.join(sorted(PRE_TOKENIZERS))}")
+        raise TokenizerError(
+            f"exporting the pre-tokenizer {spec.pre!r} is not supported; supported: {', '.join(sorted(PRE_TOKENIZERS))}"
+        )
     architecture = reader.get_field(gguf.Keys.General.ARCHITECTURE)
-    context = None if architecture is None else reader.get_field(
-        gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=architecture.contents()))
+    context = (
+        None
+        if architecture is None
+        else reader.get_field(gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=architecture.contents()))
+    )
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_json(out_dir / "tokenizer.json", _tokenizer_json(spec, pre))
-    special_map = {f"{kind}_token": spec.tokens[i] for kind in SPECIAL_TYPES
-                   if (i := getattr(spec, f"{kind}_id")) is not None}
+    special_map = {
+        f"{kind}_token": spec.tokens[i] for kind in SPECIAL_TYPES if (i := getattr(spec, f"{kind}_id")) is not None
+    }
     config: dict[str, Any] = {}
-    for key, value in (("add_bos_token", spec.add_bos), ("add_eos_token", spec.add_eos),
-                       ("add_prefix_space", spec.add_space_prefix)):
+    for key, value in (
+        ("add_bos_token", spec.add_bos),
+        ("add_eos_token", spec.add_eos),
+        ("add_prefix_space", spec.add_space_prefix),
+    ):
         if value is not None:
             config[key] = value
-    config["added_tokens_decoder"] = {str(i): _added_token(spec.tokens[i], kind)
-                                      for i, kind in enumerate(spec.token_types)
-                                      if kind in (CONTROL, USER_DEFINED)}
+    config["added_tokens_decoder"] = {
+        str(i): _added_token(spec.tokens[i], kind)
+        for i, kind in enumerate(spec.token_types)
+        if kind in (CONTROL, USER_DEFINED)
+    }
     config.update(special_map)
     if spec.named_chat_templates:
         default = [] if spec.chat_template is None else [{"name": "default", "template": spec.chat_template}]
@@ -545,20 +593,28 @@ def write_hf_tokenizer(reader: gguf.GGUFReader, out_dir: Path) -> None:
 
 
 def _added_token(text: str, kind: int) -> dict[str, Any]:
-    return {"content": text, "lstrip": False, "normalized": False, "rstrip": False,
-            "single_word": False, "special": kind == CONTROL}
+    return {
+        "content": text,
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": False,
+        "single_word": False,
+        "special": kind == CONTROL,
+    }
 
 
 def _tokenizer_json(spec: TokenizerSpec, pre: PreTokenizer) -> dict[str, Any]:
     vocab: dict[str, int] = {}
     added = []
-    for i, (text, kind) in enumerate(zip(spec.tokens, spec.token_types)):
+    for i, (text, kind) in enumerate(zip(spec.tokens, spec.token_types, strict=True)):
         if kind == UNUSED and text == f"[PAD{i}]":
             continue
         if text in vocab:
             # `tokenizers` keys its vocabulary by text: a second id would be silently dropped.
-            raise TokenizerError(f"token {text!r} appears twice in the GGUF vocabulary (ids {vocab[text]} "
-                                 f"and {i}); such a vocabulary cannot be written as tokenizer.json")
+            raise TokenizerError(
+                f"token {text!r} appears twice in the GGUF vocabulary (ids {vocab[text]} "
+                f"and {i}); such a vocabulary cannot be written as tokenizer.json"
+            )
         vocab[text] = i
         if kind in (CONTROL, USER_DEFINED):
             added.append({"id": i, **_added_token(text, kind)})
@@ -568,21 +624,26 @@ def _tokenizer_json(spec: TokenizerSpec, pre: PreTokenizer) -> dict[str, Any]:
         cut = merge.find(" ", 1)  # llama.cpp's split: the first space after the first character
         if cut < 0:
             raise TokenizerError(f"malformed merge {merge!r} in the GGUF")
-        merges.append([merge[:cut], merge[cut + 1:]])
+        merges.append([merge[:cut], merge[cut + 1 :]])
 
     prefix = [spec.bos_id] if spec.add_bos and spec.bos_id is not None else []
     suffix = [spec.eos_id] if spec.add_eos and spec.eos_id is not None else []
     if prefix or suffix:
+
         def template(sequence: str, type_id: int) -> list[dict[str, Any]]:
-            return ([{"SpecialToken": {"id": spec.tokens[i], "type_id": type_id}} for i in prefix]
-                    + [{"Sequence": {"id": sequence, "type_id": type_id}}]
-                    + [{"SpecialToken": {"id": spec.tokens[i], "type_id": type_id}} for i in suffix])
+            return (
+                [{"SpecialToken": {"id": spec.tokens[i], "type_id": type_id}} for i in prefix]
+                + [{"Sequence": {"id": sequence, "type_id": type_id}}]
+                + [{"SpecialToken": {"id": spec.tokens[i], "type_id": type_id}} for i in suffix]
+            )
+
         post_processor: dict[str, Any] | None = {
             "type": "TemplateProcessing",
             "single": template("A", 0),
             "pair": template("A", 0) + template("B", 1),
-            "special_tokens": {spec.tokens[i]: {"id": spec.tokens[i], "ids": [i], "tokens": [spec.tokens[i]]}
-                               for i in prefix + suffix},
+            "special_tokens": {
+                spec.tokens[i]: {"id": spec.tokens[i], "ids": [i], "tokens": [spec.tokens[i]]} for i in prefix + suffix
+            },
         }
     else:
         # No post-processor rather than ByteLevel's, which llama.cpp reads as add_bos/add_eos = false.
@@ -598,9 +659,16 @@ def _tokenizer_json(spec: TokenizerSpec, pre: PreTokenizer) -> dict[str, Any]:
         "post_processor": post_processor,
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": {
-            "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-            "ignore_merges": pre.ignore_merges, "vocab": vocab, "merges": merges,
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": pre.ignore_merges,
+            "vocab": vocab,
+            "merges": merges,
         },
     }
 

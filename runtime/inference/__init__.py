@@ -45,10 +45,23 @@ no module outside this package touches an underscore name of its objects (tests/
 """
 
 from slim.runtime.inference.batching import (
-    PROMPT_BUDGET, Batch, Batcher, Done, Event, Failed, Piece, Sequence, Slot, common_prefix,
+    PROMPT_BUDGET,
+    Batch,
+    Batcher,
+    Done,
+    Event,
+    Failed,
+    Piece,
+    Sequence,
+    Slot,
+    common_prefix,
 )
 from slim.runtime.inference.chat_template import (
-    FALLBACK_STOPS, FALLBACK_TEMPLATE, compile_template, render_chat, sandboxed_environment,
+    FALLBACK_STOPS,
+    FALLBACK_TEMPLATE,
+    compile_template,
+    render_chat,
+    sandboxed_environment,
 )
 from slim.runtime.inference.embedding import Embedder
 from slim.runtime.inference.errors import ContextError, EngineError, GGUFError, TemplateError
@@ -59,9 +72,39 @@ from slim.runtime.inference.session import ChatSession
 from slim.runtime.inference.text import TextAssembler
 
 __all__ = [
-    "DEFAULT_MAX_CTX", "FALLBACK_STOPS", "FALLBACK_TEMPLATE", "PROMPT_BUDGET", "REPEAT_LAST_N", "Batch", "Batcher",
-    "ChatSession", "ContextError", "Done", "Embedder", "EngineError", "Event", "Failed", "GGUFError", "GrammarError",
-    "Model", "Piece", "Result", "Sampler", "SamplingParams", "Sequence", "Slot", "Stream", "TemplateError",
-    "TextAssembler", "Timings", "common_prefix", "compile_template", "llama_bindings", "load", "physical_cores",
-    "render_chat", "sandboxed_environment", "silence_logs",
+    "DEFAULT_MAX_CTX",
+    "FALLBACK_STOPS",
+    "FALLBACK_TEMPLATE",
+    "PROMPT_BUDGET",
+    "REPEAT_LAST_N",
+    "Batch",
+    "Batcher",
+    "ChatSession",
+    "ContextError",
+    "Done",
+    "Embedder",
+    "EngineError",
+    "Event",
+    "Failed",
+    "GGUFError",
+    "GrammarError",
+    "Model",
+    "Piece",
+    "Result",
+    "Sampler",
+    "SamplingParams",
+    "Sequence",
+    "Slot",
+    "Stream",
+    "TemplateError",
+    "TextAssembler",
+    "Timings",
+    "common_prefix",
+    "compile_template",
+    "llama_bindings",
+    "load",
+    "physical_cores",
+    "render_chat",
+    "sandboxed_environment",
+    "silence_logs",
 ]

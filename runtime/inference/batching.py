@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence as Seq
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,8 +41,7 @@ from slim.runtime.inference.text import TextAssembler
 if TYPE_CHECKING:
     from slim.runtime.inference.model import Model
 
-__all__ = ["PROMPT_BUDGET", "Batch", "Batcher", "Done", "Event", "Failed", "Piece", "Sequence", "Slot",
-           "common_prefix"]
+__all__ = ["PROMPT_BUDGET", "Batch", "Batcher", "Done", "Event", "Failed", "Piece", "Sequence", "Slot", "common_prefix"]
 
 # Prompt tokens a step takes beyond the oldest waiting prompt's chunk (8 clients: p50 first token -30%, measured)
 PROMPT_BUDGET = 40
@@ -94,6 +94,7 @@ def common_prefix(a: Seq[int], b: Seq[int]) -> int:
 
 # ---- the events a step hands out ---------------------------------------------------------------
 
+
 @dataclass(frozen=True, slots=True)
 class Piece:
     """Text a sequence produced (possibly empty when only logprobs are asked for); logprobs, when
@@ -136,7 +137,7 @@ class Sequence:
     text: TextAssembler
     epoch: int
     cached_tokens: int
-    fed: int                       # prompt tokens in the slot's cache
+    fed: int  # prompt tokens in the slot's cache
     next_token: int | None = None  # sampled, to be decoded by the next step
     generated: int = 0
     prompt_done_s: float | None = None
@@ -179,7 +180,7 @@ class Batcher:
         sampler = Sampler(self.model, params)
         try:
             if params.penalize_prompt and params.penalized:
-                sampler.accept(prompt[-params.penalty_last_n:] if params.penalty_last_n else [])
+                sampler.accept(prompt[-params.penalty_last_n :] if params.penalty_last_n else [])
             keep = min(common_prefix(slot.tokens, prompt), len(prompt) - 1)  # the last one's logits are needed
             slot.epoch += 1
             self.model.truncate(slot, keep)
@@ -187,8 +188,17 @@ class Batcher:
             sampler.close()
             raise
         self._free.remove(slot)
-        sequence = Sequence(prompt, params, logprobs, slot, sampler, TextAssembler(params.stop), slot.epoch,
-                            cached_tokens=len(slot.tokens), fed=len(slot.tokens))
+        sequence = Sequence(
+            prompt,
+            params,
+            logprobs,
+            slot,
+            sampler,
+            TextAssembler(params.stop),
+            slot.epoch,
+            cached_tokens=len(slot.tokens),
+            fed=len(slot.tokens),
+        )
         self._running.append(sequence)
         return sequence
 
@@ -217,12 +227,12 @@ class Batcher:
         prompting = [s for s in running if s.next_token is None and s.fed < len(s.prompt)]
         if prompting and room > 0:
             oldest = prompting[0]
-            fed.append((oldest, oldest.prompt[oldest.fed:oldest.fed + room]))
+            fed.append((oldest, oldest.prompt[oldest.fed : oldest.fed + room]))
             budget = min(room, self.prompt_budget) - len(fed[-1][1])
             for s in sorted(prompting[1:], key=lambda s: len(s.prompt) - s.fed):
                 if len(s.prompt) - s.fed > budget:
                     break
-                fed.append((s, s.prompt[s.fed:]))
+                fed.append((s, s.prompt[s.fed :]))
                 budget -= len(fed[-1][1])
         if not fed:
             return events

@@ -61,9 +61,16 @@ def _check_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return checked
 
 
-def render_chat(template: str, messages: Sequence[dict[str, Any]], *, bos_token: str = "", eos_token: str = "",
-                add_generation_prompt: bool = True, compiled: Any = None,
-                tools: Sequence[dict[str, Any]] | None = None) -> str:
+def render_chat(
+    template: str,
+    messages: Sequence[dict[str, Any]],
+    *,
+    bos_token: str = "",
+    eos_token: str = "",
+    add_generation_prompt: bool = True,
+    compiled: Any = None,
+    tools: Sequence[dict[str, Any]] | None = None,
+) -> str:
     """Render `messages` ({"role", "content"} dicts) with a Hugging Face style Jinja chat template,
     in jinja2's immutable sandbox. `tools` (OpenAI's function list) is passed to templates that
     render it; `compiled` is the template from compile_template, to skip compiling it again."""
@@ -73,8 +80,13 @@ def render_chat(template: str, messages: Sequence[dict[str, Any]], *, bos_token:
     extra = {} if tools is None else {"tools": list(tools)}  # a template may test `tools is defined`
     try:
         tmpl = compiled if compiled is not None else sandboxed_environment().from_string(template)
-        return tmpl.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                           bos_token=bos_token, eos_token=eos_token, **extra)
+        return tmpl.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            **extra,
+        )
     except TemplateError:
         raise
     except JinjaError as exc:

@@ -70,7 +70,7 @@ class Embedder:
             pointer = L.llama_get_embeddings_seq(self._ctx, 0)
             if not pointer:
                 raise EngineError("llama.cpp returned no embedding")
-            values = ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float))[:self.n_embd]
+            values = ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float))[: self.n_embd]
         norm = math.sqrt(sum(v * v for v in values)) or 1.0
         return [v / norm for v in values]
 

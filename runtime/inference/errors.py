@@ -16,10 +16,13 @@ class ContextError(ValueError):
 
     def __init__(self, prompt_tokens: int, max_tokens: int, n_ctx: int, detail: str = "") -> None:
         self.prompt_tokens, self.max_tokens, self.n_ctx = prompt_tokens, max_tokens, n_ctx
-        message = (f"the prompt is {prompt_tokens} tokens and up to {max_tokens} tokens are to be generated: "
-                   f"{prompt_tokens + max_tokens} do not fit in the context of {n_ctx} tokens")
-        super().__init__(message + (f" {detail}" if detail else
-                                    "; shorten the prompt, lower max_tokens or use a larger context"))
+        message = (
+            f"the prompt is {prompt_tokens} tokens and up to {max_tokens} tokens are to be generated: "
+            f"{prompt_tokens + max_tokens} do not fit in the context of {n_ctx} tokens"
+        )
+        super().__init__(
+            message + (f" {detail}" if detail else "; shorten the prompt, lower max_tokens or use a larger context")
+        )
 
 
 class TemplateError(ValueError):

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -69,7 +70,7 @@ def chunk_tokens(tokens: list[int], n_ctx: int, bos: int | None) -> list[list[in
     when the model adds one."""
     chunks = []
     for start in range(0, len(tokens) - n_ctx + 1, n_ctx):
-        chunk = tokens[start:start + n_ctx]
+        chunk = tokens[start : start + n_ctx]
         if bos is not None:
             chunk[0] = bos
         chunks.append(chunk)
@@ -85,8 +86,12 @@ class ReferenceLogits:
 
     def save(self, path: Path) -> None:
         with atomic_open(path) as partial:
-            np.savez(partial, tokens=np.array(self.tokens, dtype=np.int32), n_ctx=np.int32(self.n_ctx),
-                     log_probs=np.stack(self.log_probs).astype(np.float16))
+            np.savez(
+                partial,
+                tokens=np.array(self.tokens, dtype=np.int32),
+                n_ctx=np.int32(self.n_ctx),
+                log_probs=np.stack(self.log_probs).astype(np.float16),
+            )
 
     @classmethod
     def load(cls, path: Path) -> ReferenceLogits:
@@ -124,8 +129,10 @@ def evaluate(
         tokens = model.tokenize(text, add_special=True, parse_special=False)
         chunks = chunk_tokens(tokens, n_ctx, model.prompt_bos)
         if not chunks:
-            raise EvalError(f"the text is {len(tokens)} tokens, shorter than one chunk of --ctx {n_ctx}; "
-                            "give a longer text or a smaller --ctx")
+            raise EvalError(
+                f"the text is {len(tokens)} tokens, shorter than one chunk of --ctx {n_ctx}; "
+                "give a longer text or a smaller --ctx"
+            )
         if isinstance(reference, (str, Path)) and Path(reference).suffix != ".npz":
             ref_model = inference.load(reference, n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=n_threads)
             if ref_model.tokenize(text, add_special=True, parse_special=False) != tokens:
@@ -143,7 +150,7 @@ def evaluate(
         same_top: list[np.ndarray] = []
         delta_p: list[np.ndarray] = []
         for index, chunk in enumerate(chunks):
-            targets = np.array(chunk[first + 1:])
+            targets = np.array(chunk[first + 1 :])
             rows = np.arange(len(targets))
             log_p = log_softmax(model.logits(chunk, first)[:-1])
             nll.append(-log_p[rows, targets])
@@ -166,15 +173,18 @@ def evaluate(
 
     losses = np.concatenate(nll)
     mean = float(losses.mean())
-    variance = float((losses ** 2).mean()) - mean * mean
+    variance = float((losses**2).mean()) - mean * mean
     ppl = math.exp(mean)
     error = math.sqrt(variance / (len(losses) - 1)) * ppl if variance > 0 and len(losses) > 1 else 0.0
     divergence = None
     if kl:
         k = np.concatenate(kl)
         divergence = Divergence(
-            kl_mean=float(k.mean()), kl_median=float(np.median(k)), kl_p99=float(np.percentile(k, 99)),
-            kl_max=float(k.max()), top1_agreement=float(np.concatenate(same_top).mean()),
+            kl_mean=float(k.mean()),
+            kl_median=float(np.median(k)),
+            kl_p99=float(np.percentile(k, 99)),
+            kl_max=float(k.max()),
+            top1_agreement=float(np.concatenate(same_top).mean()),
             rms_delta_p=float(np.sqrt((np.concatenate(delta_p) ** 2).mean())),
         )
     info = describe(Path(model_path))
@@ -182,8 +192,9 @@ def evaluate(
         if not isinstance(reference, ReferenceLogits):
             raise EvalError("--save-logits needs --reference MODEL.gguf: it saves the reference's logits")
         reference.save(Path(save_logits))
-    report = EvalReport(str(model_path), info.size_bytes, info.bits_per_weight, n_ctx, len(chunks), len(losses),
-                        ppl, error, divergence)
+    report = EvalReport(
+        str(model_path), info.size_bytes, info.bits_per_weight, n_ctx, len(chunks), len(losses), ppl, error, divergence
+    )
     return report, reference if isinstance(reference, ReferenceLogits) else None
 
 

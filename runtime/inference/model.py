@@ -67,7 +67,7 @@ class Stream:
         self._generator = generator
         self.result: Result | None = None
 
-    def __iter__(self) -> "Stream":
+    def __iter__(self) -> Stream:
         return self
 
     def __next__(self) -> str:
@@ -80,7 +80,7 @@ class Stream:
     def close(self) -> None:
         self._generator.close()
 
-    def __enter__(self) -> "Stream":
+    def __enter__(self) -> Stream:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -94,7 +94,7 @@ class Stream:
         return self.result
 
 
-def load(model_path: str | os.PathLike[str], **options: Any) -> "Model":
+def load(model_path: str | os.PathLike[str], **options: Any) -> Model:
     """Load a GGUF for generation. Options: n_ctx (default min(model's context, 4096)),
     n_threads (default: physical cores), n_batch (512: prompt tokens per llama_decode), n_ubatch
     (default n_batch: tokens per compute pass), n_seq_max (1: KV-cache sequences, sharing n_ctx),
@@ -119,9 +119,18 @@ class Model:
     The other modules of slim.runtime.inference share its llama.cpp handles (_L, _model, _ctx,
     _vocab); nothing outside the package does."""
 
-    def __init__(self, model_path: str | os.PathLike[str], *, n_ctx: int | None = None,
-                 n_threads: int | None = None, n_batch: int = 512, n_ubatch: int | None = None,
-                 n_seq_max: int = 1, extra_buffers: bool | None = None, eval_callback: Any = None) -> None:
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        *,
+        n_ctx: int | None = None,
+        n_threads: int | None = None,
+        n_batch: int = 512,
+        n_ubatch: int | None = None,
+        n_seq_max: int = 1,
+        extra_buffers: bool | None = None,
+        eval_callback: Any = None,
+    ) -> None:
         self.path = Path(model_path)
         self._model = self._ctx = None
         self._batch: Batch | None = None
@@ -146,8 +155,10 @@ class Model:
         self._model = L.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._model:
             arch = self.metadata.get("general.architecture", "?")
-            raise EngineError(f"llama.cpp could not load {self.path} (architecture {arch!r}): "
-                              "the architecture is unsupported by this llama.cpp or the file is damaged")
+            raise EngineError(
+                f"llama.cpp could not load {self.path} (architecture {arch!r}): "
+                "the architecture is unsupported by this llama.cpp or the file is damaged"
+            )
         self._vocab = L.llama_model_get_vocab(self._model)
         self.n_ctx_train = int(L.llama_model_n_ctx_train(self._model))
         self.n_threads = n_threads or physical_cores()
@@ -163,8 +174,7 @@ class Model:
         self._ctx = L.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             self.close()
-            raise EngineError(f"llama.cpp could not create a context of {cparams.n_ctx} tokens "
-                              "(not enough memory?)")
+            raise EngineError(f"llama.cpp could not create a context of {cparams.n_ctx} tokens (not enough memory?)")
         self.n_ctx = int(L.llama_n_ctx_seq(self._ctx))  # per sequence
         self.n_ctx_total = int(L.llama_n_ctx(self._ctx))  # all sequences together
         self.n_batch = int(L.llama_n_batch(self._ctx))
@@ -178,9 +188,14 @@ class Model:
         template = L.llama_model_chat_template(self._model, None)
         self.has_chat_template = bool(template)
         self.chat_template = template.decode("utf-8", errors="replace") if template else FALLBACK_TEMPLATE
-        self.template_warning: str | None = None if template else (
-            f"{self.path.name} has no chat template; using a generic ChatML layout, so replies may be "
-            "poor (plain completion needs no template)")
+        self.template_warning: str | None = (
+            None
+            if template
+            else (
+                f"{self.path.name} has no chat template; using a generic ChatML layout, so replies may be "
+                "poor (plain completion needs no template)"
+            )
+        )
         self._compiled_template: Any = None
         self.bos_token = self._special_text(L.llama_vocab_bos(self._vocab))
         self.eos_token = self._special_text(L.llama_vocab_eos(self._vocab))
@@ -206,7 +221,7 @@ class Model:
             L.llama_model_free(self._model)
             self._model = None
 
-    def __enter__(self) -> "Model":
+    def __enter__(self) -> Model:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -263,15 +278,26 @@ class Model:
 
     # ---- prompts ----------------------------------------------------------------------------
 
-    def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, *,
-                    tools: Sequence[dict[str, Any]] | None = None) -> str:
+    def render_chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> str:
         """The prompt text the model's chat template makes of `messages` (and `tools`, OpenAI's
         function list, for templates that render it)."""
         if self._compiled_template is None:
             self._compiled_template = compile_template(self.chat_template)
-        return render_chat(self.chat_template, messages, bos_token=self.bos_token, eos_token=self.eos_token,
-                           add_generation_prompt=add_generation_prompt, compiled=self._compiled_template,
-                           tools=tools)
+        return render_chat(
+            self.chat_template,
+            messages,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+            add_generation_prompt=add_generation_prompt,
+            compiled=self._compiled_template,
+            tools=tools,
+        )
 
     def chat_tokens(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         return self.tokenize(self.render_chat(messages))
@@ -285,23 +311,31 @@ class Model:
 
     # ---- requests ---------------------------------------------------------------------------
 
-    def complete(self, prompt: str, *, stream: bool = False, params: SamplingParams | None = None,
-                 **sampling: Any) -> Result | Stream:
+    def complete(
+        self, prompt: str, *, stream: bool = False, params: SamplingParams | None = None, **sampling: Any
+    ) -> Result | Stream:
         """Continue `prompt` as plain text (no chat template). Returns a Result, or with
         stream=True a Stream of text pieces. Sampling options as in SamplingParams."""
         params = (params or SamplingParams()).with_options(**sampling)
         return self.generate(self.tokenize(prompt), params, stream=stream)
 
-    def chat(self, messages: Sequence[dict[str, Any]], *, stream: bool = False,
-             params: SamplingParams | None = None, **sampling: Any) -> Result | Stream:
+    def chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        stream: bool = False,
+        params: SamplingParams | None = None,
+        **sampling: Any,
+    ) -> Result | Stream:
         """The assistant's reply to `messages` ([{"role": "system"|"user"|"assistant", "content": str}]),
         rendered with the model's chat template. Returns a Result, or a Stream with stream=True.
         Calls with a growing history reuse the KV cache of the previous call."""
         params = self.chat_params((params or SamplingParams()).with_options(**sampling))
         return self.generate(self.chat_tokens(messages), params, stream=stream)
 
-    def generate(self, tokens: Sequence[int], params: SamplingParams, *, stream: bool = False,
-                 slot: Slot | None = None) -> Result | Stream:
+    def generate(
+        self, tokens: Sequence[int], params: SamplingParams, *, stream: bool = False, slot: Slot | None = None
+    ) -> Result | Stream:
         """Continue the prompt `tokens` on `slot` (default: the slots in turn). A Result, or a
         Stream with stream=True; ContextError when the prompt plus max_tokens do not fit."""
         if self._ctx is None:
@@ -332,7 +366,7 @@ class Model:
         self.truncate(slot, 0)
         rows = []
         for start in range(0, len(tokens), batch.capacity):
-            chunk = list(tokens[start:start + batch.capacity])
+            chunk = list(tokens[start : start + batch.capacity])
             batch.clear()
             for i, token in enumerate(chunk):
                 batch.add(token, start + i, slot.seq_id, start + i >= first)
@@ -348,14 +382,24 @@ class Model:
                 rows.append(out.reshape(wanted, self.n_vocab).copy())
         return np.concatenate(rows) if rows else np.zeros((0, self.n_vocab), dtype=np.float32)
 
-    def session(self, system: str | None = None, *, context_policy: str = "stop",
-                params: SamplingParams | None = None, **sampling: Any) -> ChatSession:
+    def session(
+        self,
+        system: str | None = None,
+        *,
+        context_policy: str = "stop",
+        params: SamplingParams | None = None,
+        **sampling: Any,
+    ) -> ChatSession:
         """A multi-turn chat. context_policy: "stop" raises ContextError when the history no longer
         fits, "drop-oldest" drops the oldest non-system messages until it does."""
         from slim.runtime.inference.session import ChatSession
 
-        return ChatSession(self, system=system, context_policy=context_policy,
-                           params=(params or SamplingParams()).with_options(**sampling))
+        return ChatSession(
+            self,
+            system=system,
+            context_policy=context_policy,
+            params=(params or SamplingParams()).with_options(**sampling),
+        )
 
     def clear_cache(self) -> None:
         """Forget every cached prompt: the next request evaluates its whole prompt."""
@@ -441,9 +485,19 @@ class Model:
         gen_s = t_last - t_first
         n_generated = sequence.generated
         timings = Timings(
-            prompt_eval_s=prompt_s, time_to_first_token_s=t_first - t_start, generation_s=gen_s,
-            total_s=t_end - t_start, prompt_tokens_per_s=n_eval / prompt_s if prompt_s > 0 else 0.0,
-            generation_tokens_per_s=(n_generated - 1) / gen_s if n_generated > 1 and gen_s > 0 else 0.0)
-        return Result(text="".join(pieces), finish_reason=finish, prompt_tokens=len(prompt),
-                      completion_tokens=n_generated, prompt_eval_tokens=n_eval, cached_tokens=sequence.cached_tokens,
-                      timings=timings)
+            prompt_eval_s=prompt_s,
+            time_to_first_token_s=t_first - t_start,
+            generation_s=gen_s,
+            total_s=t_end - t_start,
+            prompt_tokens_per_s=n_eval / prompt_s if prompt_s > 0 else 0.0,
+            generation_tokens_per_s=(n_generated - 1) / gen_s if n_generated > 1 and gen_s > 0 else 0.0,
+        )
+        return Result(
+            text="".join(pieces),
+            finish_reason=finish,
+            prompt_tokens=len(prompt),
+            completion_tokens=n_generated,
+            prompt_eval_tokens=n_eval,
+            cached_tokens=sequence.cached_tokens,
+            timings=timings,
+        )

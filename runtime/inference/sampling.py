@@ -56,8 +56,10 @@ class SamplingParams:
             (self.top_k >= 0, "top_k must be >= 0 (0 turns it off)"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (self.repeat_penalty > 0, "repeat_penalty must be > 0 (1 turns it off)"),
-            (math.isfinite(self.frequency_penalty) and math.isfinite(self.presence_penalty),
-             "frequency_penalty and presence_penalty must be finite numbers"),
+            (
+                math.isfinite(self.frequency_penalty) and math.isfinite(self.presence_penalty),
+                "frequency_penalty and presence_penalty must be finite numbers",
+            ),
             (self.penalty_last_n >= 0, "penalty_last_n must be >= 0"),
             (self.max_tokens >= 1, "max_tokens must be >= 1"),
             (self.seed is None or 0 <= self.seed < 0xFFFFFFFF, "seed must be in [0, 4294967295)"),
@@ -72,7 +74,7 @@ class SamplingParams:
         """Whether any penalty is on."""
         return self.repeat_penalty != 1.0 or bool(self.frequency_penalty) or bool(self.presence_penalty)
 
-    def with_options(self, **options: Any) -> "SamplingParams":
+    def with_options(self, **options: Any) -> SamplingParams:
         """A copy with the given fields changed; unknown names raise TypeError, None values are ignored."""
         known = {f.name for f in fields(self)}
         unknown = sorted(set(options) - known)
@@ -98,8 +100,15 @@ class Sampler:
                 raise GrammarError("llama.cpp could not parse the grammar")
             add(sampler)
         if params.penalized:
-            add(L.llama_sampler_init_penalties(model.n_vocab, params.penalty_last_n, params.repeat_penalty,
-                                               params.frequency_penalty, params.presence_penalty))
+            add(
+                L.llama_sampler_init_penalties(
+                    model.n_vocab,
+                    params.penalty_last_n,
+                    params.repeat_penalty,
+                    params.frequency_penalty,
+                    params.presence_penalty,
+                )
+            )
         if params.temperature <= 0:
             add(L.llama_sampler_init_greedy())
             return

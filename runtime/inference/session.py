@@ -34,8 +34,14 @@ class ChatSession:
 
     POLICIES = ("stop", "drop-oldest")
 
-    def __init__(self, model: Model, system: str | None = None, *, context_policy: str = "stop",
-                 params: SamplingParams | None = None) -> None:
+    def __init__(
+        self,
+        model: Model,
+        system: str | None = None,
+        *,
+        context_policy: str = "stop",
+        params: SamplingParams | None = None,
+    ) -> None:
         if context_policy not in self.POLICIES:
             raise ValueError(f"context_policy must be one of {', '.join(self.POLICIES)}, not {context_policy!r}")
         self.model = model
@@ -46,8 +52,9 @@ class ChatSession:
         self.slot = model._take_slot()
         self._pending: _Turn | None = None
 
-    def send(self, content: str, *, stream: bool = False, params: SamplingParams | None = None,
-             **sampling: Any) -> Result | Stream:
+    def send(
+        self, content: str, *, stream: bool = False, params: SamplingParams | None = None, **sampling: Any
+    ) -> Result | Stream:
         """Send one user message and get the assistant's reply."""
         self._settle()
         params = self.model.chat_params((params or self.params).with_options(**sampling))
@@ -109,13 +116,21 @@ class ChatSession:
                 self.messages[:] = messages
                 return tokens, dropped
             if self.context_policy == "stop":
-                raise ContextError(len(tokens), params.max_tokens, model.n_ctx,
-                                   "; start a new chat, lower max_tokens or use a larger context")
+                raise ContextError(
+                    len(tokens),
+                    params.max_tokens,
+                    model.n_ctx,
+                    "; start a new chat, lower max_tokens or use a larger context",
+                )
             oldest = next((i for i, m in enumerate(messages[:-1]) if m["role"] != "system"), None)
             if oldest is None:
-                raise ContextError(len(tokens), params.max_tokens, model.n_ctx,
-                                   "even with every earlier message dropped; shorten the message, "
-                                   "lower max_tokens or use a larger context")
+                raise ContextError(
+                    len(tokens),
+                    params.max_tokens,
+                    model.n_ctx,
+                    "even with every earlier message dropped; shorten the message, "
+                    "lower max_tokens or use a larger context",
+                )
             removed = messages.pop(oldest)
             if removed["role"] == "user" and oldest < len(messages) - 1 and messages[oldest]["role"] == "assistant":
                 del messages[oldest]  # its reply goes with it

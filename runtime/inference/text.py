@@ -49,5 +49,5 @@ class TextAssembler:
                 if buffer.endswith(stop[:k]):
                     hold = k
                     break
-        self._held = buffer[len(buffer) - hold:] if hold else ""
+        self._held = buffer[len(buffer) - hold :] if hold else ""
         return buffer[: len(buffer) - hold]

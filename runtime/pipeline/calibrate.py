@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import gguf
 import numpy as np
@@ -52,7 +53,6 @@ class _GgmlTensor(ctypes.Structure):
         ("data", ctypes.c_void_p),
         ("name", ctypes.c_char * 64),
     ]
-
 
 
 def _rows(t: _GgmlTensor) -> np.ndarray:
@@ -117,20 +117,25 @@ class Calibration:
 
         kind = scalar(gguf.Keys.General.TYPE)
         if kind != IMATRIX_TYPE:
-            raise CalibrationError(f"{path} is a GGUF but not an importance matrix ({gguf.Keys.General.TYPE} is "
-                                   f"{kind!r}); make one with `slim calibrate`")
+            raise CalibrationError(
+                f"{path} is a GGUF but not an importance matrix ({gguf.Keys.General.TYPE} is "
+                f"{kind!r}); make one with `slim calibrate`"
+            )
         tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
-        cal = cls(chunk_size=int(scalar(_IMATRIX_KEYS.CHUNK_SIZE) or 0),
-                  chunk_count=int(scalar(_IMATRIX_KEYS.CHUNK_COUNT) or 0),
-                  datasets=list(scalar(_IMATRIX_KEYS.DATASETS) or []))
+        cal = cls(
+            chunk_size=int(scalar(_IMATRIX_KEYS.CHUNK_SIZE) or 0),
+            chunk_count=int(scalar(_IMATRIX_KEYS.CHUNK_COUNT) or 0),
+            datasets=list(scalar(_IMATRIX_KEYS.DATASETS) or []),
+        )
         for key, values in tensors.items():
             if not key.endswith(".in_sum2"):
                 continue
             name = key[: -len(".in_sum2")]
             counts = tensors.get(f"{name}.counts")
             if counts is None or counts.size != 1:
-                raise CalibrationError(f"{path}: {name} has no single token count (an expert-split "
-                                       "imatrix is not supported)")
+                raise CalibrationError(
+                    f"{path}: {name} has no single token count (an expert-split imatrix is not supported)"
+                )
             cal.sums[name] = values.reshape(-1).astype(np.float64)
             cal.counts[name] = int(counts.reshape(-1)[0])
         return cal
@@ -217,8 +222,10 @@ class _Collector:
             return
         if len(self._hidden) != self.n_layer + 1:
             missing = sorted(set(range(self.n_layer + 1)) - set(self._hidden))
-            raise CalibrationError(f"llama.cpp did not expose the hidden states {missing}; "
-                                   "this architecture's graph names them differently")
+            raise CalibrationError(
+                f"llama.cpp did not expose the hidden states {missing}; "
+                "this architecture's graph names them differently"
+            )
         h = np.stack([self._hidden[i] for i in range(self.n_layer + 1)])  # (L+1, T, E)
         h /= np.maximum(np.linalg.norm(h, axis=-1, keepdims=True), 1e-30)
         self.cosine_sum += np.einsum("ate,bte->ab", h, h)
@@ -246,8 +253,8 @@ def calibrate(
     include_output also collects output.weight (llama-imatrix --process-output).
     """
     from slim.runtime import inference
-    from slim.runtime.inference.evaluate import chunk_tokens
     from slim.runtime.formats.gguf_file import check_gguf
+    from slim.runtime.inference.evaluate import chunk_tokens
 
     if ctx < _MIN_ROWS:
         raise CalibrationError(f"--ctx must be at least {_MIN_ROWS} tokens, got {ctx}")
@@ -264,8 +271,10 @@ def calibrate(
         tokens = llm.tokenize(text, add_special=True, parse_special=False)
         pieces = chunk_tokens(tokens, ctx, llm.prompt_bos)
         if not pieces:
-            raise CalibrationError(f"the calibration text is {len(tokens)} tokens, shorter than one "
-                                   f"chunk of --ctx {ctx}; give a longer text or a smaller --ctx")
+            raise CalibrationError(
+                f"the calibration text is {len(tokens)} tokens, shorter than one "
+                f"chunk of --ctx {ctx}; give a longer text or a smaller --ctx"
+            )
         pieces = pieces[:chunks] if chunks else pieces
         for done, piece in enumerate(pieces, 1):
             try:
@@ -282,7 +291,10 @@ def calibrate(
     if not collector.sums:
         raise CalibrationError(f"llama.cpp ran no weight matmuls that could be observed in {model}")
     return Calibration(
-        sums=collector.sums, counts=collector.counts, chunk_size=ctx, chunk_count=len(pieces),
+        sums=collector.sums,
+        counts=collector.counts,
+        chunk_size=ctx,
+        chunk_count=len(pieces),
         datasets=[dataset] if dataset else [],
         hidden_cosine=collector.cosine_sum / collector.cosine_tokens if hidden_states else None,
     )

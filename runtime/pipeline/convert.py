@@ -13,22 +13,24 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import gguf
 import numpy as np
 
 from slim import kernels, models
 from slim.kernels import QTYPES
-from slim.runtime.formats import mixes
 from slim.runtime.files import atomic_path
+from slim.runtime.formats import mixes
 from slim.runtime.formats.checkpoint import Checkpoint, CheckpointError, TensorRef
 
 if TYPE_CHECKING:
     from slim.runtime.pipeline.calibrate import Calibration
+
 
 class ConvertError(ValueError):
     """A conversion that cannot go ahead; the message says what to do."""
@@ -49,10 +51,16 @@ class ConvertSummary:
 
     def line(self) -> str:
         counts = ", ".join(f"{n} {t}" for t, n in sorted(self.tensor_types.items(), key=lambda kv: -kv[1]))
-        extras = "".join([f", importance from {Path(self.imatrix).name}" if self.imatrix else "",
-                          f", {self.search} search" if self.search != "reference" else ""])
-        return (f"wrote {self.output}: {self.size_bytes / 1e6:.1f} MB, {self.bits_per_weight:.2f} bits/weight, "
-                f"{self.parameters / 1e6:.1f}M parameters ({counts}{extras}) in {self.seconds:.1f} s")
+        extras = "".join(
+            [
+                f", importance from {Path(self.imatrix).name}" if self.imatrix else "",
+                f", {self.search} search" if self.search != "reference" else "",
+            ]
+        )
+        return (
+            f"wrote {self.output}: {self.size_bytes / 1e6:.1f} MB, {self.bits_per_weight:.2f} bits/weight, "
+            f"{self.parameters / 1e6:.1f}M parameters ({counts}{extras}) in {self.seconds:.1f} s"
+        )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -99,8 +107,10 @@ def convert(
 
     started = time.perf_counter()
     if not isinstance(quantization, (mixes.Mix, mixes.TypePlan)):
-        raise TypeError(f"convert takes a mixes.Mix or mixes.TypePlan, not {quantization!r}; "
-                        "parse a --type name with mixes.mix(name)")
+        raise TypeError(
+            f"convert takes a mixes.Mix or mixes.TypePlan, not {quantization!r}; "
+            "parse a --type name with mixes.mix(name)"
+        )
     chosen = quantization if isinstance(quantization, mixes.Mix) else quantization.mix
     if search not in kernels.SEARCHES:
         raise ConvertError(f"unknown search {search!r}; choose {' or '.join(kernels.SEARCHES)}")
@@ -132,14 +142,19 @@ def convert(
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         write_to_gguf(tokenizer, writer, vocab_size=arch.vocab_size)
         for item in planned:
-            writer.add_tensor_info(item.gguf_name, item.shape, np.dtype(np.float32), item.nbytes,
-                                   raw_dtype=gguf.GGMLQuantizationType[item.qtype])
+            writer.add_tensor_info(
+                item.gguf_name,
+                item.shape,
+                np.dtype(np.float32),
+                item.nbytes,
+                raw_dtype=gguf.GGMLQuantizationType[item.qtype],
+            )
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         if on_plan:
             on_plan(sum(item.nbytes for item in planned))
-        for item, data in _quantized_in_order(planned, backend, search, threads or os.cpu_count() or 1):
+        for _item, data in _quantized_in_order(planned, backend, search, threads or os.cpu_count() or 1):
             writer.write_tensor_data(data)
             if progress:
                 progress(data.nbytes)
@@ -151,10 +166,16 @@ def convert(
         counts[item.qtype] = counts.get(item.qtype, 0) + 1
     size = output.stat().st_size
     return ConvertSummary(
-        output=str(output), type=chosen.name, architecture=arch.gguf_arch, parameters=n_params,
-        size_bytes=size, bits_per_weight=8 * sum(i.nbytes for i in planned) / n_params,
-        tensor_types=counts, seconds=time.perf_counter() - started,
-        imatrix=str(imatrix) if imatrix is not None else None, search=search,
+        output=str(output),
+        type=chosen.name,
+        architecture=arch.gguf_arch,
+        parameters=n_params,
+        size_bytes=size,
+        bits_per_weight=8 * sum(i.nbytes for i in planned) / n_params,
+        tensor_types=counts,
+        seconds=time.perf_counter() - started,
+        imatrix=str(imatrix) if imatrix is not None else None,
+        search=search,
     )
 
 
@@ -170,7 +191,7 @@ def resolve_source(source: str | os.PathLike[str]) -> Path:
     return download_checkpoint(str(source))
 
 
-def load_imatrix(path: str | os.PathLike[str]) -> "Calibration":
+def load_imatrix(path: str | os.PathLike[str]) -> Calibration:
     """An importance matrix file, with convert's error for a missing one."""
     from slim.runtime.pipeline.calibrate import Calibration
 
@@ -179,8 +200,12 @@ def load_imatrix(path: str | os.PathLike[str]) -> "Calibration":
     return Calibration.load(path)
 
 
-def _plan(checkpoint: Checkpoint, arch: models.DecoderArchitecture, quantization: mixes.Mix | mixes.TypePlan,
-          calibration: "Calibration | None" = None) -> list[_Planned]:
+def _plan(
+    checkpoint: Checkpoint,
+    arch: models.DecoderArchitecture,
+    quantization: mixes.Mix | mixes.TypePlan,
+    calibration: Calibration | None = None,
+) -> list[_Planned]:
     """Every tensor the GGUF holds, with its type, in llama.cpp's order."""
     found: dict[str, _Planned] = {}
     for ref in checkpoint:
@@ -193,11 +218,17 @@ def _plan(checkpoint: Checkpoint, arch: models.DecoderArchitecture, quantization
     if isinstance(quantization, mixes.TypePlan):
         plan = quantization
         if plan.types.keys() != found.keys():
-            raise ConvertError(f"the type plan was made for other tensors than this checkpoint's "
-                               f"({len(plan.types)} planned, {len(found)} found); plan it for this checkpoint")
+            raise ConvertError(
+                f"the type plan was made for other tensors than this checkpoint's "
+                f"({len(plan.types)} planned, {len(found)} found); plan it for this checkpoint"
+            )
     else:
-        plan = mixes.plan({name: item.shape for name, item in found.items()}, quantization, arch.n_layer,
-                          has_imatrix=calibration is not None)
+        plan = mixes.plan(
+            {name: item.shape for name, item in found.items()},
+            quantization,
+            arch.n_layer,
+            has_imatrix=calibration is not None,
+        )
     for name, qtype in plan.types.items():
         found[name].qtype = qtype
     if calibration is not None:
@@ -205,7 +236,7 @@ def _plan(checkpoint: Checkpoint, arch: models.DecoderArchitecture, quantization
     return [found[name] for name in mixes.llama_order(list(found))]
 
 
-def _attach_importance(found: dict[str, _Planned], calibration: "Calibration") -> None:
+def _attach_importance(found: dict[str, _Planned], calibration: Calibration) -> None:
     """Give each weight the imatrix entry of the same name, as llama-quantize does. An entry whose
     length is not the weight's row length means the matrix was made for another model."""
     matched = 0
@@ -213,13 +244,16 @@ def _attach_importance(found: dict[str, _Planned], calibration: "Calibration") -
         if name not in calibration.sums:
             continue
         if len(calibration.sums[name]) != item.shape[-1]:
-            raise ConvertError(f"the importance matrix has {len(calibration.sums[name])} columns for {name}, "
-                               f"which has {item.shape[-1]}: it was made for a different model")
+            raise ConvertError(
+                f"the importance matrix has {len(calibration.sums[name])} columns for {name}, "
+                f"which has {item.shape[-1]}: it was made for a different model"
+            )
         item.importance = calibration.mean_squares(name)
         matched += 1
     if not matched:
-        raise ConvertError("the importance matrix names none of this model's weights: it was made for a "
-                           "different model")
+        raise ConvertError(
+            "the importance matrix names none of this model's weights: it was made for a different model"
+        )
 
 
 def _transformed(arch: models.DecoderArchitecture, name: str, ref: TensorRef) -> Callable[[], np.ndarray]:
@@ -228,14 +262,26 @@ def _transformed(arch: models.DecoderArchitecture, name: str, ref: TensorRef) ->
 
 def _check_complete(arch: models.DecoderArchitecture, found: dict[str, _Planned]) -> None:
     needed = ["token_embd.weight", "output_norm.weight"] + [
-        f"blk.{i}.{part}" for i in range(arch.n_layer)
-        for part in ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
-                     "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+        f"blk.{i}.{part}"
+        for i in range(arch.n_layer)
+        for part in (
+            "attn_norm.weight",
+            "attn_q.weight",
+            "attn_k.weight",
+            "attn_v.weight",
+            "attn_output.weight",
+            "ffn_norm.weight",
+            "ffn_gate.weight",
+            "ffn_up.weight",
+            "ffn_down.weight",
+        )
     ]
     missing = [name for name in needed if name not in found]
     if missing:
-        raise CheckpointError(f"the checkpoint lacks {len(missing)} tensors {arch.gguf_arch} needs, e.g. {missing[0]}; "
-                              "is the download complete?")
+        raise CheckpointError(
+            f"the checkpoint lacks {len(missing)} tensors {arch.gguf_arch} needs, e.g. {missing[0]}; "
+            "is the download complete?"
+        )
     embd = found["token_embd.weight"].shape
     if embd[0] != arch.vocab_size:
         raise CheckpointError(f"token embedding has {embd[0]} rows but config.json says vocab_size {arch.vocab_size}")
@@ -246,8 +292,7 @@ def _quantize(item: _Planned, backend: str, search: str) -> np.ndarray:
     if item.qtype == "F32" or array.ndim == 1:
         return np.ascontiguousarray(array, dtype=np.float32).reshape(-1).view(np.uint8)
     rows = array.reshape(-1, array.shape[-1])
-    return kernels.quantize(rows, item.qtype, backend=backend, importance=item.importance,
-                            search=search).reshape(-1)
+    return kernels.quantize(rows, item.qtype, backend=backend, importance=item.importance, search=search).reshape(-1)
 
 
 def _quantized_in_order(planned: list[_Planned], backend: str, search: str, threads: int):

@@ -35,8 +35,10 @@ class ExportSummary:
     seconds: float
 
     def line(self) -> str:
-        return (f"wrote {self.output}: {self.architecture}, {self.parameters / 1e6:.1f}M parameters "
-                f"as {self.dtype} in {self.seconds:.1f} s")
+        return (
+            f"wrote {self.output}: {self.architecture}, {self.parameters / 1e6:.1f}M parameters "
+            f"as {self.dtype} in {self.seconds:.1f} s"
+        )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

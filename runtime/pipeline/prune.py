@@ -27,9 +27,10 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -38,17 +39,26 @@ from slim.kernels import QTYPES
 from slim.models.base import IGNORED
 from slim.runtime.files import atomic_folder, move_into_place
 from slim.runtime.formats import mixes
+from slim.runtime.formats.checkpoint import Checkpoint, TensorRef, write_safetensors
 from slim.runtime.pipeline import Progress
 from slim.runtime.pipeline.calibrate import Calibration
-from slim.runtime.formats.checkpoint import Checkpoint, TensorRef, write_safetensors
 
 UNSTRUCTURED = ("magnitude", "wanda")
 METHODS = UNSTRUCTURED + ("layers", "width")
 LAYER_SCORES = ("angular", "influence")
 # The matrices inside a block, by their Hugging Face suffix: what unstructured pruning touches.
-BLOCK_MATRICES = tuple(f"{part}.weight" for part in (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+BLOCK_MATRICES = tuple(
+    f"{part}.weight"
+    for part in (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    )
+)
 # Kept FFN widths are a multiple of this when the original is, so 32-weight quant blocks still fit.
 WIDTH_STEP = 32
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -74,11 +84,16 @@ class Plan:
 
     def describe(self, arch: models.DecoderArchitecture) -> str:
         if self.method in UNSTRUCTURED:
-            amount = f"{self.sparsity:.0%} of each row" if self.pattern is None else f"{self.pattern[0]}:{self.pattern[1]}"
-            return f"{self.method}: zero {amount} in the {len(BLOCK_MATRICES)} matrices of each of {arch.n_layer} blocks"
+            amount = (
+                f"{self.sparsity:.0%} of each row" if self.pattern is None else f"{self.pattern[0]}:{self.pattern[1]}"
+            )
+            return (
+                f"{self.method}: zero {amount} in the {len(BLOCK_MATRICES)} matrices of each of {arch.n_layer} blocks"
+            )
         if self.method == "layers":
-            blocks = ", ".join(f"{i} ({self.block_scores[i]:.4f})" if i in self.block_scores else str(i)
-                               for i in self.removed_blocks)
+            blocks = ", ".join(
+                f"{i} ({self.block_scores[i]:.4f})" if i in self.block_scores else str(i) for i in self.removed_blocks
+            )
             return f"layers: remove blocks {blocks}; {arch.n_layer} -> {arch.n_layer - len(self.removed_blocks)} blocks"
         parts = []
         if self.ffn_kept:
@@ -86,8 +101,9 @@ class Plan:
         if self.kv_kept:
             groups = len(next(iter(self.kv_kept.values())))
             per_group = arch.n_head // arch.n_head_kv
-            parts.append(f"attention heads {arch.n_head} -> {groups * per_group} "
-                         f"(KV groups {arch.n_head_kv} -> {groups})")
+            parts.append(
+                f"attention heads {arch.n_head} -> {groups * per_group} (KV groups {arch.n_head_kv} -> {groups})"
+            )
         return "width: " + ", ".join(parts) + " in every block"
 
 
@@ -117,9 +133,16 @@ def parse_pattern(text: str) -> tuple[int, int]:
     return n, m
 
 
-def check_amounts(arch: models.DecoderArchitecture, method: str, *, sparsity: float | None = None,
-                  pattern: tuple[int, int] | None = None, remove: int | None = None, ffn: float = 1.0,
-                  heads: float = 1.0) -> None:
+def check_amounts(
+    arch: models.DecoderArchitecture,
+    method: str,
+    *,
+    sparsity: float | None = None,
+    pattern: tuple[int, int] | None = None,
+    remove: int | None = None,
+    ffn: float = 1.0,
+    heads: float = 1.0,
+) -> None:
     """Refuse amounts the model cannot take, before any calibration is spent on them."""
     if method in UNSTRUCTURED:
         if (sparsity is None) == (pattern is None):
@@ -128,12 +151,15 @@ def check_amounts(arch: models.DecoderArchitecture, method: str, *, sparsity: fl
             raise PruneError(f"--sparsity must be in [0, 1) (the fraction of each row to zero), got {sparsity}")
         row_lengths = {arch.hidden, arch.ffn, arch.n_head * arch.head_dim}
         if pattern is not None and any(length % pattern[1] for length in row_lengths):
-            raise PruneError(f"--pattern {pattern[0]}:{pattern[1]}: M={pattern[1]} does not divide every row length "
-                             f"of this model ({', '.join(map(str, sorted(row_lengths)))})")
+            raise PruneError(
+                f"--pattern {pattern[0]}:{pattern[1]}: M={pattern[1]} does not divide every row length "
+                f"of this model ({', '.join(map(str, sorted(row_lengths)))})"
+            )
     elif method == "layers":
         if remove is None or not 1 <= remove < arch.n_layer:
-            raise PruneError(f"--remove must be between 1 and {arch.n_layer - 1} "
-                             f"(the model has {arch.n_layer} blocks), got {remove}")
+            raise PruneError(
+                f"--remove must be between 1 and {arch.n_layer - 1} (the model has {arch.n_layer} blocks), got {remove}"
+            )
     elif method == "width":
         for label, fraction in (("--ffn", ffn), ("--heads", heads)):
             if not 0 < fraction <= 1:
@@ -144,8 +170,14 @@ def check_amounts(arch: models.DecoderArchitecture, method: str, *, sparsity: fl
         raise PruneError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def plan_unstructured(arch: models.DecoderArchitecture, method: str, *, sparsity: float | None = None,
-                      pattern: tuple[int, int] | None = None, calibration: Calibration | None = None) -> Plan:
+def plan_unstructured(
+    arch: models.DecoderArchitecture,
+    method: str,
+    *,
+    sparsity: float | None = None,
+    pattern: tuple[int, int] | None = None,
+    calibration: Calibration | None = None,
+) -> Plan:
     """Zero single weights; Wanda takes ||X_j||_2 = sqrt(sum of x_j^2) from the calibration."""
     check_amounts(arch, method, sparsity=sparsity, pattern=pattern)
     norms = {}
@@ -159,15 +191,20 @@ def plan_unstructured(arch: models.DecoderArchitecture, method: str, *, sparsity
     return Plan(method, sparsity=sparsity, pattern=pattern, column_norms=norms)
 
 
-def plan_layers(arch: models.DecoderArchitecture, calibration: Calibration, remove: int,
-                score: str = "angular") -> Plan:
+def plan_layers(
+    arch: models.DecoderArchitecture, calibration: Calibration, remove: int, score: str = "angular"
+) -> Plan:
     check_amounts(arch, "layers", remove=remove)
     cosine = calibration.hidden_cosine
     if cosine is None:
-        raise PruneError("--method layers needs the hidden states of a calibration pass: give --text FILE "
-                         "(a saved --imatrix holds only column statistics)")
+        raise PruneError(
+            "--method layers needs the hidden states of a calibration pass: give --text FILE "
+            "(a saved --imatrix holds only column statistics)"
+        )
     if cosine.shape != (arch.n_layer + 1, arch.n_layer + 1):
-        raise PruneError(f"the calibration has hidden states for {cosine.shape[0] - 1} blocks, the model {arch.n_layer}")
+        raise PruneError(
+            f"the calibration has hidden states for {cosine.shape[0] - 1} blocks, the model {arch.n_layer}"
+        )
     removed, scores = choose_blocks(cosine, remove, score)
     return Plan("layers", removed_blocks=removed, block_scores=scores)
 
@@ -181,8 +218,9 @@ def choose_blocks(cosine: np.ndarray, remove: int, score: str = "angular") -> tu
     """
     n_layer = cosine.shape[0] - 1
     if score == "angular":
-        distance = [float(np.arccos(np.clip(cosine[i, i + remove], -1.0, 1.0)) / np.pi)
-                    for i in range(n_layer - remove + 1)]
+        distance = [
+            float(np.arccos(np.clip(cosine[i, i + remove], -1.0, 1.0)) / np.pi) for i in range(n_layer - remove + 1)
+        ]
         start = int(np.argmin(distance))
         return list(range(start, start + remove)), {i: distance[start] for i in range(start, start + remove)}
     if score == "influence":
@@ -192,8 +230,13 @@ def choose_blocks(cosine: np.ndarray, remove: int, score: str = "angular") -> tu
     raise PruneError(f"unknown layer score {score!r}; choose one of {', '.join(LAYER_SCORES)}")
 
 
-def plan_width(checkpoint: Checkpoint, arch: models.DecoderArchitecture, calibration: Calibration,
-               ffn: float = 1.0, heads: float = 1.0) -> Plan:
+def plan_width(
+    checkpoint: Checkpoint,
+    arch: models.DecoderArchitecture,
+    calibration: Calibration,
+    ffn: float = 1.0,
+    heads: float = 1.0,
+) -> Plan:
     """Keep the top `ffn` fraction of FFN neurons and `heads` fraction of KV groups in every block."""
     check_amounts(arch, "width", ffn=ffn, heads=heads)
     n_ffn = round(ffn * arch.ffn)
@@ -233,8 +276,9 @@ def _top(scores: np.ndarray, count: int) -> np.ndarray:
 # ---- zeroing single weights -------------------------------------------------------------------
 
 
-def sparsify(weight: np.ndarray, scores: np.ndarray, *, sparsity: float | None = None,
-             pattern: tuple[int, int] | None = None) -> np.ndarray:
+def sparsify(
+    weight: np.ndarray, scores: np.ndarray, *, sparsity: float | None = None, pattern: tuple[int, int] | None = None
+) -> np.ndarray:
     """A copy of `weight` with the lowest-scoring weights of each row set to zero: the lowest
     floor(sparsity * cols) of the row, or all but the top N of every M consecutive columns."""
     rows, cols = weight.shape
@@ -255,8 +299,13 @@ def sparsify(weight: np.ndarray, scores: np.ndarray, *, sparsity: float | None =
 # ---- writing the pruned checkpoint ------------------------------------------------------------
 
 
-def prune_checkpoint(source: str | os.PathLike[str], output: str | os.PathLike[str], plan: Plan, *,
-                     progress: Callable[[int], None] | None = None) -> PruneSummary:
+def prune_checkpoint(
+    source: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    plan: Plan,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> PruneSummary:
     """Prune the HF checkpoint in `source` into a new HF folder `output` (config, weights, tokenizer).
 
     Tensors are read, pruned and written one at a time; the folder is assembled under a temporary
@@ -291,15 +340,20 @@ def prune_checkpoint(source: str | os.PathLike[str], output: str | os.PathLike[s
         (partial / "config.json").write_text(json.dumps(pruned_config(checkpoint.config, arch, plan), indent=2) + "\n")
         write_safetensors(partial / "model.safetensors", tensors(), shapes)
     return PruneSummary(
-        output=str(output), method=plan.method, removed=plan.describe(arch),
+        output=str(output),
+        method=plan.method,
+        removed=plan.describe(arch),
         parameters_before=parameter_count(checkpoint),
-        parameters_after=sum(_numel(shape) for shape, _ in shapes.values()), zeroed=zeroed, block_weights=block_weights,
+        parameters_after=sum(_numel(shape) for shape, _ in shapes.values()),
+        zeroed=zeroed,
+        block_weights=block_weights,
         size_bytes=(output / "model.safetensors").stat().st_size,
     )
 
 
-def pruned_tensors(checkpoint: Checkpoint, arch: models.DecoderArchitecture,
-                   plan: Plan) -> dict[str, tuple[tuple[int, ...], str, Callable[[], np.ndarray]]]:
+def pruned_tensors(
+    checkpoint: Checkpoint, arch: models.DecoderArchitecture, plan: Plan
+) -> dict[str, tuple[tuple[int, ...], str, Callable[[], np.ndarray]]]:
     """New name -> (shape, safetensors dtype, loader of the pruned tensor), blocks renumbered."""
     kept_blocks = [i for i in range(arch.n_layer) if i not in plan.removed_blocks]
     result = {}
@@ -324,8 +378,9 @@ def pruned_tensors(checkpoint: Checkpoint, arch: models.DecoderArchitecture,
     return result
 
 
-def _kept_indices(arch: models.DecoderArchitecture, plan: Plan, block: int,
-                  suffix: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+def _kept_indices(
+    arch: models.DecoderArchitecture, plan: Plan, block: int, suffix: str
+) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Which rows and columns of a block tensor stay (None: all)."""
     neurons = plan.ffn_kept.get(block)
     groups = plan.kv_kept.get(block)
@@ -342,8 +397,9 @@ def _kept_indices(arch: models.DecoderArchitecture, plan: Plan, block: int,
     return None, None
 
 
-def _loader(arch: models.DecoderArchitecture, plan: Plan, ref: TensorRef, rows: np.ndarray | None,
-            cols: np.ndarray | None) -> Callable[[], np.ndarray]:
+def _loader(
+    arch: models.DecoderArchitecture, plan: Plan, ref: TensorRef, rows: np.ndarray | None, cols: np.ndarray | None
+) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
         array = ref.load()
         if rows is not None:
@@ -356,6 +412,7 @@ def _loader(arch: models.DecoderArchitecture, plan: Plan, ref: TensorRef, rows: 
                 scores *= plan.column_norms[arch.gguf_name(ref.name)][None, :].astype(np.float32)
             array = sparsify(array, scores, sparsity=plan.sparsity, pattern=plan.pattern)
         return array
+
     return load
 
 
@@ -388,8 +445,9 @@ def expected_size(checkpoint: Checkpoint, plan: Plan, mix: mixes.Mix | None) -> 
     shapes = {smaller.gguf_name(name): shape for name, (shape, _, _) in pruned.items()}
     shapes.pop(None, None)
     types = mixes.plan(shapes, mix, smaller.n_layer).types
-    return n_params, sum(_numel(shapes[name][:-1]) * QTYPES[qtype].row_bytes(shapes[name][-1])
-                         for name, qtype in types.items())
+    return n_params, sum(
+        _numel(shapes[name][:-1]) * QTYPES[qtype].row_bytes(shapes[name][-1]) for name, qtype in types.items()
+    )
 
 
 def parameter_count(checkpoint: Checkpoint) -> int:
@@ -456,8 +514,9 @@ class PruneOptions:
         if method != "magnitude" and text is None and not imatrix:
             raise PruneError(f"--method {method} needs a calibration text: --text FILE (or --imatrix FILE)")
         if method == "layers" and imatrix:
-            raise PruneError("--method layers needs the hidden states of a calibration pass: "
-                             "give --text, not --imatrix")
+            raise PruneError(
+                "--method layers needs the hidden states of a calibration pass: give --text, not --imatrix"
+            )
         if method not in UNSTRUCTURED and (self.sparsity is not None or self.pattern):
             raise PruneError(f"--sparsity and --pattern belong to magnitude and wanda, not --method {method}")
         if method != "layers" and self.remove is not None:
@@ -496,8 +555,9 @@ class PruneReport:
 DEFAULT_GGUF_MIX = "Q4_K_M"
 
 
-def prune_model(source: str, output: str | os.PathLike[str], options: PruneOptions, *,
-                progress: Progress | None = None) -> PruneReport:
+def prune_model(
+    source: str, output: str | os.PathLike[str], options: PruneOptions, *, progress: Progress | None = None
+) -> PruneReport:
     """Prune `source` (an HF folder, a hub repo id, or a GGUF: a path, store or catalog name) into
     `output`: an HF folder, or a GGUF of options.mix when the name ends in .gguf. Calibrates on
     options.text when the method needs it, heals and evaluates when asked. progress(stage, done,
@@ -527,19 +587,34 @@ def _prune_model(source: str, out: Path, work: Path, options: PruneOptions, prog
     arch = models.for_hf_config(checkpoint.config)
     method, text, mix, threads = options.method, options.text, options.mix, options.threads
     pattern = parse_pattern(options.pattern) if options.pattern else None
-    check_amounts(arch, method, sparsity=options.sparsity, pattern=pattern, remove=options.remove,
-                  ffn=options.ffn, heads=options.heads)
+    check_amounts(
+        arch,
+        method,
+        sparsity=options.sparsity,
+        pattern=pattern,
+        remove=options.remove,
+        ffn=options.ffn,
+        heads=options.heads,
+    )
 
     calibration = Calibration.load(options.imatrix) if options.imatrix else None
-    if source_gguf is None and (options.heal is not None or (text is not None and not options.imatrix
-                                                             and method != "magnitude")):
+    if source_gguf is None and (
+        options.heal is not None or (text is not None and not options.imatrix and method != "magnitude")
+    ):
         source_gguf = work / "source-f16.gguf"  # llama.cpp runs the calibration and the healing teacher
         convert(hf_source, source_gguf, mixes.MIXES["F16"])
     if calibration is None and text is not None and method != "magnitude":
         from slim.runtime.pipeline.calibrate import calibrate
 
-        calibration = calibrate(source_gguf, text, ctx=options.ctx, chunks=options.chunks, threads=threads,
-                                hidden_states=method == "layers", progress=_stage(progress, "calibrating"))
+        calibration = calibrate(
+            source_gguf,
+            text,
+            ctx=options.ctx,
+            chunks=options.chunks,
+            threads=threads,
+            hidden_states=method == "layers",
+            progress=_stage(progress, "calibrating"),
+        )
 
     if method in UNSTRUCTURED:
         plan = plan_unstructured(arch, method, sparsity=options.sparsity, pattern=pattern, calibration=calibration)
@@ -549,9 +624,15 @@ def _prune_model(source: str, out: Path, work: Path, options: PruneOptions, prog
         plan = plan_width(checkpoint, arch, calibration, options.ffn, options.heads)
 
     n_after, size_after = expected_size(checkpoint, plan, mix)
-    report = PruneReport(source=source, output=str(out), method=method, removed=plan.describe(arch),
-                         parameters_before=parameter_count(checkpoint), parameters_after=n_after,
-                         source_bytes=source_bytes)
+    report = PruneReport(
+        source=source,
+        output=str(out),
+        method=method,
+        removed=plan.describe(arch),
+        parameters_before=parameter_count(checkpoint),
+        parameters_after=n_after,
+        source_bytes=source_bytes,
+    )
     if options.dry_run:
         report.expected_bytes, report.dry_run = size_after, True
         return report
@@ -575,8 +656,16 @@ def _prune_model(source: str, out: Path, work: Path, options: PruneOptions, prog
         def healing_step(step: int, total: int, loss: float) -> None:
             progress("healing", step, total, loss=loss)
 
-        healing = distill(source_gguf, hf_out, text, healed, steps=options.heal, threads=threads,
-                          progress=healing_step, teacher_progress=_stage(progress, "teacher"))
+        healing = distill(
+            source_gguf,
+            hf_out,
+            text,
+            healed,
+            steps=options.heal,
+            threads=threads,
+            progress=healing_step,
+            teacher_progress=_stage(progress, "teacher"),
+        )
         report.healed = {"steps": healing.steps, "loss_first": healing.first_loss, "loss_last": healing.last_loss}
         hf_out = healed
         if mix is None:
@@ -600,8 +689,9 @@ def _prune_model(source: str, out: Path, work: Path, options: PruneOptions, prog
         if evaluated is None:
             evaluated = work / "pruned-f16.gguf"
             convert(hf_out, evaluated, mixes.MIXES["F16"])
-        result, _ = evaluate(evaluated, options.held_out, n_ctx=options.ctx, n_threads=threads,
-                             progress=_stage(progress, "perplexity"))
+        result, _ = evaluate(
+            evaluated, options.held_out, n_ctx=options.ctx, n_threads=threads, progress=_stage(progress, "perplexity")
+        )
         report.perplexity, report.perplexity_error = result.perplexity, result.perplexity_error
         report.perplexity_of = evaluated.name if evaluated == out else "the pruned model as F16"
     return report

@@ -25,8 +25,9 @@ class Pulled:
     type_name: str | None  # the GGUF's file type (Q4_K_M, Q8_0, ...) where known; None for a catalog model
 
 
-def pull(source: str, type_name: str | None = None, name: str | None = None, *,
-         progress: Progress | None = None) -> Pulled:
+def pull(
+    source: str, type_name: str | None = None, name: str | None = None, *, progress: Progress | None = None
+) -> Pulled:
     """Fetch `source`, a catalog name or a hub repo id, into the store as `name` (default: see
     default_name). type_name: in a GGUF repo, the file whose name holds it; for a checkpoint repo,
     the mix to convert to (default Q4_K_M). progress: None also silences huggingface_hub's bars."""
@@ -34,12 +35,15 @@ def pull(source: str, type_name: str | None = None, name: str | None = None, *,
         store.check_name(name)
     if source in store.CATALOG:
         if type_name is not None:
-            raise store.StoreError(f"{source} is a catalog model with one fixed file ({store.CATALOG[source].asset}); "
-                                   "--type applies to hub repos")
+            raise store.StoreError(
+                f"{source} is a catalog model with one fixed file ({store.CATALOG[source].asset}); "
+                "--type applies to hub repos"
+            )
         return Pulled(store.pull_catalog(source, name), None)
     if not hub.is_repo_id(source):
-        raise store.StoreError(f"{source!r} is neither a catalog model ({', '.join(store.CATALOG)}) "
-                               "nor a hub repo id like owner/name")
+        raise store.StoreError(
+            f"{source!r} is neither a catalog model ({', '.join(store.CATALOG)}) nor a hub repo id like owner/name"
+        )
     return pull_hub(source, type_name, name, progress=progress)
 
 
@@ -49,8 +53,9 @@ def default_name(repo_id: str, type_name: str | None) -> str:
     return f"{base}:{type_name.lower()}" if type_name else base
 
 
-def pull_hub(repo_id: str, type_name: str | None = None, name: str | None = None, *,
-             progress: Progress | None = None) -> Pulled:
+def pull_hub(
+    repo_id: str, type_name: str | None = None, name: str | None = None, *, progress: Progress | None = None
+) -> Pulled:
     """One GGUF of a hub repo, or its checkpoint converted, into the store (see `pull`)."""
     name = name or default_name(repo_id, type_name)
     try:
@@ -65,13 +70,16 @@ def pull_hub(repo_id: str, type_name: str | None = None, name: str | None = None
         file_type = _convert_checkpoint(repo_id, mix, target, progress)
     else:
         shown = ", ".join(listing.files[:12]) + (" ..." if len(listing.files) > 12 else "")
-        raise hub.HubInputError(f"hub repo {repo_id} has neither a GGUF file nor a safetensors checkpoint "
-                                f"(config.json + *.safetensors); it holds: {shown or 'no files'}")
+        raise hub.HubInputError(
+            f"hub repo {repo_id} has neither a GGUF file nor a safetensors checkpoint "
+            f"(config.json + *.safetensors); it holds: {shown or 'no files'}"
+        )
     return Pulled(store.add(name, target, f"hub:{repo_id}"), file_type)
 
 
-def _download_gguf(listing: hub.RepoListing, type_name: str | None, target: Path,
-                   progress: Progress | None) -> str | None:
+def _download_gguf(
+    listing: hub.RepoListing, type_name: str | None, target: Path, progress: Progress | None
+) -> str | None:
     """Download the chosen GGUF to `target` (checked before it is moved there); its file type."""
     from slim.runtime.files import file_sha256, move_into_place
     from slim.runtime.formats.gguf_file import open_gguf

@@ -52,13 +52,32 @@ Imports: inference's public API, formats and store; never an underscore name of 
 
 from slim.runtime.serve.logs import LOG_FORMATS, configure_logging
 from slim.runtime.serve.pool import (
-    MemoryEstimate, ModelPool, ModelSpec, Served, default_memory_budget, estimate_memory, format_bytes, ram_bytes,
+    MemoryEstimate,
+    ModelPool,
+    ModelSpec,
+    Served,
+    default_memory_budget,
+    estimate_memory,
+    format_bytes,
+    ram_bytes,
 )
 from slim.runtime.serve.requests import APIError
 from slim.runtime.serve.routes import MAX_BODY_BYTES, Server
 from slim.runtime.serve.tools import parse_tool_calls
 
 __all__ = [
-    "LOG_FORMATS", "MAX_BODY_BYTES", "APIError", "MemoryEstimate", "ModelPool", "ModelSpec", "Served", "Server",
-    "configure_logging", "default_memory_budget", "estimate_memory", "format_bytes", "parse_tool_calls", "ram_bytes",
+    "LOG_FORMATS",
+    "MAX_BODY_BYTES",
+    "APIError",
+    "MemoryEstimate",
+    "ModelPool",
+    "ModelSpec",
+    "Served",
+    "Server",
+    "configure_logging",
+    "default_memory_budget",
+    "estimate_memory",
+    "format_bytes",
+    "parse_tool_calls",
+    "ram_bytes",
 ]

@@ -44,7 +44,8 @@ class _JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         document: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower()}
+            "level": record.levelname.lower(),
+        }
         request = getattr(record, "request", None)
         if request is not None:
             document.update(request)
@@ -70,12 +71,30 @@ def configure_logging(log_format: str = "text", stream: IO[str] | None = None) -
     return handler
 
 
-def log_request(method: str, route: str, model: str | None, status: int | None, prompt_tokens: int | None,
-                completion_tokens: int | None, seconds: float) -> None:
+def log_request(
+    method: str,
+    route: str,
+    model: str | None,
+    status: int | None,
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+    seconds: float,
+) -> None:
     """The request's line: method, route, model, status, tokens and seconds (None when not known)."""
-    logger.info("request", extra={"request": {
-        "method": method, "route": route, "model": model, "status": status, "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens, "seconds": round(seconds, 3)}})
+    logger.info(
+        "request",
+        extra={
+            "request": {
+                "method": method,
+                "route": route,
+                "model": model,
+                "status": status,
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "seconds": round(seconds, 3),
+            }
+        },
+    )
 
 
 def log_internal_error(where: str, exc: BaseException) -> None:

@@ -16,13 +16,26 @@ from typing import Any
 from slim.runtime.formats.gguf_file import check_gguf
 from slim.runtime.inference import DEFAULT_MAX_CTX, Embedder, EngineError, Model, SamplingParams, TemplateError, load
 from slim.runtime.serve.requests import (
-    APIError, ChatRequest, CompletionRequest, EmbeddingRequest, bad_request, fit_max_tokens,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    bad_request,
+    fit_max_tokens,
 )
 from slim.runtime.serve.scheduler import Job, Scheduler
 from slim.runtime.serve.tools import tool_call_grammar
 
-__all__ = ["MemoryEstimate", "ModelPool", "ModelSpec", "Served", "default_memory_budget", "estimate_memory",
-           "format_bytes", "ram_bytes"]
+__all__ = [
+    "MemoryEstimate",
+    "ModelPool",
+    "ModelSpec",
+    "Served",
+    "default_memory_budget",
+    "estimate_memory",
+    "format_bytes",
+    "ram_bytes",
+]
 
 
 @dataclass(frozen=True)
@@ -41,8 +54,10 @@ class MemoryEstimate:
         return self.weights + self.kv_cache + self.compute
 
     def __str__(self) -> str:
-        return (f"{format_bytes(self.total)} (file {format_bytes(self.weights)} + KV cache "
-                f"{format_bytes(self.kv_cache)} + compute buffers {format_bytes(self.compute)})")
+        return (
+            f"{format_bytes(self.total)} (file {format_bytes(self.weights)} + KV cache "
+            f"{format_bytes(self.kv_cache)} + compute buffers {format_bytes(self.compute)})"
+        )
 
 
 FALLBACK_VOCAB = 256 * 1024  # a GGUF without {arch}.vocab_size: assume a large vocabulary
@@ -69,7 +84,7 @@ def estimate_memory(path: Path, metadata: dict[str, Any], n_ctx: int, n_ubatch: 
 
 def format_bytes(n: int) -> str:
     """1.50 GiB, 92 MiB: how sizes read in messages."""
-    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.0f} MiB"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 class Served:
@@ -77,8 +92,9 @@ class Served:
     and what turns validated requests for it into jobs (tokenizing and chat templates need the
     model). `users` counts the requests using it; the pool unloads it only when that is zero."""
 
-    def __init__(self, model_id: str, model: Model, memory: MemoryEstimate, *, queue_size: int = 64,
-                 owns_model: bool = True) -> None:
+    def __init__(
+        self, model_id: str, model: Model, memory: MemoryEstimate, *, queue_size: int = 64, owns_model: bool = True
+    ) -> None:
         self.id = model_id
         self.model = model
         self._memory = memory
@@ -98,8 +114,9 @@ class Served:
         if not self.embedder.is_open:
             return self._memory
         extra = estimate_memory(self.model.path, self.model.metadata, self.embedder.n_ctx, self.embedder.n_ctx)
-        return MemoryEstimate(self._memory.weights, self._memory.kv_cache + extra.kv_cache,
-                              self._memory.compute + extra.compute)
+        return MemoryEstimate(
+            self._memory.weights, self._memory.kv_cache + extra.kv_cache, self._memory.compute + extra.compute
+        )
 
     def close(self) -> None:
         """Stop the scheduler (failing what still runs), free the embedder, and the model if it is ours."""
@@ -113,8 +130,9 @@ class Served:
     def chat_job(self, request: ChatRequest) -> Job:
         model = self.model
         if request.tools is not None and not self.supports_tools:
-            raise bad_request(f"the chat template of {self.id} does not support tools", "tools",
-                              "unsupported_parameter")
+            raise bad_request(
+                f"the chat template of {self.id} does not support tools", "tools", "unsupported_parameter"
+            )
         try:
             prompt = model.render_chat(request.messages, tools=request.tools)
         except TemplateError as exc:
@@ -122,8 +140,9 @@ class Served:
         params = model.chat_params(request.params)
         if request.forced_tool is not None:
             assert request.tools is not None
-            params = params.with_options(grammar=tool_call_grammar(request.tools, request.forced_tool,
-                                                                   self.tagged_tool_calls))
+            params = params.with_options(
+                grammar=tool_call_grammar(request.tools, request.forced_tool, self.tagged_tool_calls)
+            )
         job = self._job(model.tokenize(prompt), request.max_tokens, params, request.top_logprobs)
         job.tools = request.tools is not None
         return job
@@ -137,8 +156,7 @@ class Served:
             raise bad_request("token ids in 'prompt' must be in the model's vocabulary", "prompt")
         return self._job(tokens, request.max_tokens, request.params, request.top_logprobs)
 
-    def _job(self, prompt: list[int], max_tokens: int | None, params: SamplingParams,
-             top_logprobs: int | None) -> Job:
+    def _job(self, prompt: list[int], max_tokens: int | None, params: SamplingParams, top_logprobs: int | None) -> Job:
         if not prompt:
             raise bad_request("the prompt is empty", "prompt")
         max_tokens = fit_max_tokens(max_tokens, len(prompt), self.model.n_ctx, "messages")
@@ -157,8 +175,12 @@ class Served:
             if not tokens:
                 raise bad_request(f"input[{i}] is empty", "input")
             if len(tokens) > self.embedder.n_ctx:
-                raise APIError(400, f"input[{i}] is {len(tokens)} tokens; at most {self.embedder.n_ctx} can be "
-                               "embedded", param="input", code="context_length_exceeded")
+                raise APIError(
+                    400,
+                    f"input[{i}] is {len(tokens)} tokens; at most {self.embedder.n_ctx} can be embedded",
+                    param="input",
+                    code="context_length_exceeded",
+                )
             inputs.append(tokens)
         return inputs
 
@@ -167,7 +189,6 @@ class Served:
             return self.embedder.embed(tokens)
         except EngineError as exc:
             raise APIError(500, str(exc), "server_error") from None
-
 
 
 @dataclass
@@ -214,9 +235,18 @@ class ModelPool:
     apply to every model. `discover` returns the current specs (the store), asked again for a
     name the pool does not know and for the listing."""
 
-    def __init__(self, specs: Sequence[ModelSpec], *, parallel: int = 4, ctx: int | None = None,
-                 memory_budget: int | None = None, keep_alive: float = 300.0, queue_size: int = 64,
-                 discover: Callable[[], Sequence[ModelSpec]] | None = None, **load_options: Any) -> None:
+    def __init__(
+        self,
+        specs: Sequence[ModelSpec],
+        *,
+        parallel: int = 4,
+        ctx: int | None = None,
+        memory_budget: int | None = None,
+        keep_alive: float = 300.0,
+        queue_size: int = 64,
+        discover: Callable[[], Sequence[ModelSpec]] | None = None,
+        **load_options: Any,
+    ) -> None:
         self.parallel, self.ctx, self.keep_alive, self.queue_size = parallel, ctx, keep_alive, queue_size
         self.memory_budget = default_memory_budget() if memory_budget is None else memory_budget
         self.load_options = load_options
@@ -235,7 +265,7 @@ class ModelPool:
             self._reaper.start()
 
     @classmethod
-    def of(cls, model: Model, names: Sequence[str], *, queue_size: int = 64) -> "ModelPool":
+    def of(cls, model: Model, names: Sequence[str], *, queue_size: int = 64) -> ModelPool:
         """A pool of one model the caller loaded (and closes): always loaded, never unloaded."""
         spec = ModelSpec(list(dict.fromkeys(names)), model.path, keep_loaded=True)
         pool = cls([spec], parallel=len(model.slots), keep_alive=-1, queue_size=queue_size)
@@ -270,8 +300,12 @@ class ModelPool:
             self._refresh()
             spec = self._names.get(name)
         if spec is None:
-            raise APIError(404, f"The model '{name}' does not exist; this server serves "
-                           f"{', '.join(self._specs) or 'no models'}", param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model '{name}' does not exist; this server serves {', '.join(self._specs) or 'no models'}",
+                param="model",
+                code="model_not_found",
+            )
         return spec
 
     # ---- using a model ----------------------------------------------------------------------
@@ -312,8 +346,13 @@ class ModelPool:
             loading.error = error
             raise
         except BaseException:
-            loading.error = APIError(500, f"loading the model '{spec.id}' was interrupted", "server_error",
-                                     param="model", code="model_load_failed")
+            loading.error = APIError(
+                500,
+                f"loading the model '{spec.id}' was interrupted",
+                "server_error",
+                param="model",
+                code="model_load_failed",
+            )
             raise
         finally:
             with self._cond:
@@ -351,39 +390,53 @@ class ModelPool:
         return min(int(trained), DEFAULT_MAX_CTX) if trained else DEFAULT_MAX_CTX
 
     def _used(self) -> int:
-        return (sum(s.memory.total for s in self._loaded.values())
-                + sum(loading.memory.total for loading in self._loading.values()))
+        return sum(s.memory.total for s in self._loaded.values()) + sum(
+            loading.memory.total for loading in self._loading.values()
+        )
 
     def _make_room(self, spec: ModelSpec, memory: MemoryEstimate) -> None:
         """Unload idle models, least recently used first, until `memory` fits in the budget."""
         if memory.total > self.memory_budget:
-            raise APIError(400, f"the model '{spec.id}' needs about {memory}, more than the whole memory budget "
-                           f"of {format_bytes(self.memory_budget)} (--memory-budget)", param="model",
-                           code="model_too_large")
+            raise APIError(
+                400,
+                f"the model '{spec.id}' needs about {memory}, more than the whole memory budget "
+                f"of {format_bytes(self.memory_budget)} (--memory-budget)",
+                param="model",
+                code="model_too_large",
+            )
         while self._used() + memory.total > self.memory_budget:
             idle = [s for s in self._loaded.values() if s.users == 0 and s.owns_model]
             if not idle:
                 busy = ", ".join(f"{s.id} ({format_bytes(s.memory.total)})" for s in self._loaded.values())
-                raise APIError(503, f"the model '{spec.id}' needs about {format_bytes(memory.total)}, which does "
-                               f"not fit in the memory budget of {format_bytes(self.memory_budget)} next to the "
-                               f"models in use ({busy}); retry when they are idle", "server_error",
-                               code="model_busy", headers={"Retry-After": "5"})
+                raise APIError(
+                    503,
+                    f"the model '{spec.id}' needs about {format_bytes(memory.total)}, which does "
+                    f"not fit in the memory budget of {format_bytes(self.memory_budget)} next to the "
+                    f"models in use ({busy}); retry when they are idle",
+                    "server_error",
+                    code="model_busy",
+                    headers={"Retry-After": "5"},
+                )
             self._unload(min(idle, key=lambda s: s.last_used))
 
     def _load(self, spec: ModelSpec, memory: MemoryEstimate) -> Served:
         try:
             n_ctx = self._context(check_gguf(spec.path))
             with _LOAD_LOCK:
-                model = load(spec.path, n_ctx=n_ctx * self.parallel, n_seq_max=self.parallel,
-                                    **self.load_options)
+                model = load(spec.path, n_ctx=n_ctx * self.parallel, n_seq_max=self.parallel, **self.load_options)
         except (OSError, ValueError, EngineError) as exc:
             raise self._load_error(spec, exc) from None
         return Served(spec.id, model, memory, queue_size=self.queue_size)
 
     @staticmethod
     def _load_error(spec: ModelSpec, exc: Exception) -> APIError:
-        return APIError(500, f"the model '{spec.id}' could not be loaded: {exc}", "server_error", param="model",
-                        code="model_load_failed")
+        return APIError(
+            500,
+            f"the model '{spec.id}' could not be loaded: {exc}",
+            "server_error",
+            param="model",
+            code="model_load_failed",
+        )
 
     def _unload(self, served: Served) -> None:
         del self._loaded[served.id]
@@ -394,8 +447,11 @@ class ModelPool:
         with self._cond:
             while not self._closed:
                 now = time.monotonic()
-                idle = [s for s in self._loaded.values()
-                        if s.users == 0 and s.owns_model and not self._specs[s.id].keep_loaded]
+                idle = [
+                    s
+                    for s in self._loaded.values()
+                    if s.users == 0 and s.owns_model and not self._specs[s.id].keep_loaded
+                ]
                 for served in idle:
                     if now - served.last_used >= self.keep_alive:
                         self._unload(served)
@@ -428,12 +484,22 @@ class ModelPool:
     def health(self) -> dict[str, Any]:
         """Load per loaded model and in all, and the memory the loaded models are estimated to use."""
         with self._cond:
-            models = {s.id: {"state": "loaded", **s.scheduler.load(), "memory_bytes": s.memory.total}
-                      for s in self._loaded.values()}
-            models.update({name: {"state": "loading", "memory_bytes": loading.memory.total}
-                           for name, loading in self._loading.items()})
+            models = {
+                s.id: {"state": "loaded", **s.scheduler.load(), "memory_bytes": s.memory.total}
+                for s in self._loaded.values()
+            }
+            models.update(
+                {
+                    name: {"state": "loading", "memory_bytes": loading.memory.total}
+                    for name, loading in self._loading.items()
+                }
+            )
             used = self._used()
-        return {"running": sum(m.get("running", 0) for m in models.values()),
-                "waiting": sum(m.get("waiting", 0) for m in models.values()),
-                "parallel": self.parallel, "memory_budget_bytes": self.memory_budget, "memory_used_bytes": used,
-                "models": models}
+        return {
+            "running": sum(m.get("running", 0) for m in models.values()),
+            "waiting": sum(m.get("waiting", 0) for m in models.values()),
+            "parallel": self.parallel,
+            "memory_budget_bytes": self.memory_budget,
+            "memory_used_bytes": used,
+            "models": models,
+        }

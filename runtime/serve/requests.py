@@ -11,9 +11,21 @@ from typing import Any
 
 from slim.runtime.inference import ContextError, SamplingParams
 
-__all__ = ["MAX_EMBEDDING_INPUTS", "MAX_STOPS", "MAX_TOP_LOGPROBS", "APIError", "ChatRequest", "CompletionRequest",
-           "EmbeddingRequest", "bad_request", "fit_max_tokens", "model_name", "parse_chat", "parse_completion",
-           "parse_embeddings"]
+__all__ = [
+    "MAX_EMBEDDING_INPUTS",
+    "MAX_STOPS",
+    "MAX_TOP_LOGPROBS",
+    "APIError",
+    "ChatRequest",
+    "CompletionRequest",
+    "EmbeddingRequest",
+    "bad_request",
+    "fit_max_tokens",
+    "model_name",
+    "parse_chat",
+    "parse_completion",
+    "parse_embeddings",
+]
 
 MAX_STOPS = 4
 MAX_TOP_LOGPROBS = 20
@@ -23,8 +35,15 @@ MAX_EMBEDDING_INPUTS = 256
 class APIError(Exception):
     """An error answered in OpenAI's shape."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
@@ -39,6 +58,7 @@ def bad_request(message: str, param: str | None = None, code: str | None = "inva
 
 
 # ---- the requests ------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class CompletionRequest:
@@ -108,8 +128,16 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
     if top is not None and not logprobs:
         raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     max_tokens = _max_tokens(body)
-    return ChatRequest(model_name(body), checked, tools, forced, _params(body), max_tokens,
-                       (top or 0) if logprobs else None, *_streaming(body))
+    return ChatRequest(
+        model_name(body),
+        checked,
+        tools,
+        forced,
+        _params(body),
+        max_tokens,
+        (top or 0) if logprobs else None,
+        *_streaming(body),
+    )
 
 
 def parse_completion(body: dict[str, Any]) -> CompletionRequest:
@@ -119,8 +147,11 @@ def parse_completion(body: dict[str, Any]) -> CompletionRequest:
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         prompt = list(prompt)
     elif not isinstance(prompt, str):
-        raise bad_request("'prompt' must be a string (or one list of token ids); batches of prompts are not supported",
-                          "prompt", "invalid_type")
+        raise bad_request(
+            "'prompt' must be a string (or one list of token ids); batches of prompts are not supported",
+            "prompt",
+            "invalid_type",
+        )
     if body.get("echo") or body.get("suffix") or (body.get("best_of") not in (None, 1)):
         raise bad_request("'echo', 'suffix' and 'best_of' are not supported", "echo", "unsupported_parameter")
     max_tokens = _max_tokens(body)
@@ -135,16 +166,18 @@ def parse_embeddings(body: dict[str, Any]) -> EmbeddingRequest:
     if body.get("dimensions") is not None:
         raise bad_request("'dimensions' is not supported", "dimensions", "unsupported_parameter")
     value = body.get("input")
-    if isinstance(value, str) or (isinstance(value, list) and value and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in value)):
+    if isinstance(value, str) or (
+        isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    ):
         value = [value]
     if not isinstance(value, list) or not value:
         raise bad_request("'input' must be a string, a list of strings, or token ids", "input", "invalid_type")
     if len(value) > MAX_EMBEDDING_INPUTS:
         raise bad_request(f"'input' may hold at most {MAX_EMBEDDING_INPUTS} items", "input")
     for i, item in enumerate(value):
-        if not isinstance(item, str) and not (isinstance(item, list) and all(
-                isinstance(t, int) and not isinstance(t, bool) for t in item)):
+        if not isinstance(item, str) and not (
+            isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item)
+        ):
             raise bad_request(f"input[{i}] must be a string or a list of token ids", "input", "invalid_type")
     return EmbeddingRequest(model_name(body), value, encoding)
 
@@ -154,16 +187,17 @@ def fit_max_tokens(max_tokens: int | None, prompt_tokens: int, n_ctx: int, param
     (about `param` when nothing was asked) when they do not fit."""
     if max_tokens is None:
         if prompt_tokens >= n_ctx:
-            raise APIError(400, str(ContextError(prompt_tokens, 1, n_ctx)), param=param,
-                           code="context_length_exceeded")
+            raise APIError(400, str(ContextError(prompt_tokens, 1, n_ctx)), param=param, code="context_length_exceeded")
         return n_ctx - prompt_tokens
     if prompt_tokens + max_tokens > n_ctx:
-        raise APIError(400, str(ContextError(prompt_tokens, max_tokens, n_ctx)), param="max_tokens",
-                       code="context_length_exceeded")
+        raise APIError(
+            400, str(ContextError(prompt_tokens, max_tokens, n_ctx)), param="max_tokens", code="context_length_exceeded"
+        )
     return max_tokens
 
 
 # ---- fields --------------------------------------------------------------------------------------
+
 
 def _number(body: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
     value = body.get(name)
@@ -211,13 +245,19 @@ def _params(body: dict[str, Any]) -> SamplingParams:
     """OpenAI's sampling: temperature 1, top_p 1, no top-k or min-p; the penalties count the
     generated tokens only. max_tokens and penalty_last_n are settled once the prompt is known."""
     stops = _stops(body)
-    seed = _integer(body, "seed", -(2 ** 63))
+    seed = _integer(body, "seed", -(2**63))
     return SamplingParams(
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1e-6, top_k=0, min_p=0.0,
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1e-6,
+        top_k=0,
+        min_p=0.0,
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
-        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0), penalize_prompt=False,
-        seed=None if seed is None else seed % 0xFFFFFFFF, stop=stops, grammar=_grammar(body))
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        penalize_prompt=False,
+        seed=None if seed is None else seed % 0xFFFFFFFF,
+        stop=stops,
+        grammar=_grammar(body),
+    )
 
 
 def _streaming(body: dict[str, Any]) -> tuple[bool, bool]:
@@ -235,22 +275,26 @@ def _message(message: Any, i: int) -> dict[str, Any]:
         raise bad_request(f"messages[{i}] must be an object", f"messages[{i}]", "invalid_type")
     role = message.get("role")
     if role not in ("system", "developer", "user", "assistant", "tool"):
-        raise bad_request(f"messages[{i}].role must be one of system, developer, user, assistant, tool",
-                          f"messages[{i}].role")
+        raise bad_request(
+            f"messages[{i}].role must be one of system, developer, user, assistant, tool", f"messages[{i}].role"
+        )
     content = message.get("content")
     if isinstance(content, list):
         parts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise bad_request(f"messages[{i}].content parts must be text parts ({{'type': 'text', 'text': ...}})",
-                                  f"messages[{i}].content")
+                raise bad_request(
+                    f"messages[{i}].content parts must be text parts ({{'type': 'text', 'text': ...}})",
+                    f"messages[{i}].content",
+                )
             parts.append(part["text"])
         content = "".join(parts)
     if content is None and role == "assistant" or (content is None and message.get("tool_calls")):
         content = ""
     if not isinstance(content, str):
-        raise bad_request(f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content",
-                          "invalid_type")
+        raise bad_request(
+            f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content", "invalid_type"
+        )
     checked: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
     calls = message.get("tool_calls")
     if calls:
@@ -260,17 +304,24 @@ def _message(message: Any, i: int) -> dict[str, Any]:
         for call in calls:
             function = call.get("function") if isinstance(call, dict) else None
             if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-                raise bad_request(f"messages[{i}].tool_calls entries need a function with a name",
-                                  f"messages[{i}].tool_calls")
+                raise bad_request(
+                    f"messages[{i}].tool_calls entries need a function with a name", f"messages[{i}].tool_calls"
+                )
             arguments = function.get("arguments", "{}")
             if isinstance(arguments, str):  # chat templates expect the arguments as an object
                 try:
                     arguments = json.loads(arguments or "{}")
                 except ValueError:
-                    raise bad_request(f"messages[{i}].tool_calls arguments must be JSON",
-                                      f"messages[{i}].tool_calls") from None
-            checked["tool_calls"].append({"id": call.get("id"), "type": "function",
-                                          "function": {"name": function["name"], "arguments": arguments}})
+                    raise bad_request(
+                        f"messages[{i}].tool_calls arguments must be JSON", f"messages[{i}].tool_calls"
+                    ) from None
+            checked["tool_calls"].append(
+                {
+                    "id": call.get("id"),
+                    "type": "function",
+                    "function": {"name": function["name"], "arguments": arguments},
+                }
+            )
     for key in ("tool_call_id", "name"):
         if isinstance(message.get(key), str):
             checked[key] = message[key]
@@ -282,8 +333,9 @@ def _grammar(body: dict[str, Any]) -> str | None:
     if fmt is None:
         return None
     if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
-        raise bad_request("'response_format' must be {'type': 'text' | 'json_object' | 'json_schema', ...}",
-                          "response_format")
+        raise bad_request(
+            "'response_format' must be {'type': 'text' | 'json_object' | 'json_schema', ...}", "response_format"
+        )
     from llama_cpp import llama_grammar
 
     if fmt["type"] == "text":
@@ -307,10 +359,17 @@ def _tools(tools: Any, choice: Any) -> tuple[list[dict[str, Any]], str | None]:
     names = []
     for i, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict) \
-                or not isinstance(function.get("name"), str) or not isinstance(function.get("parameters", {}), dict):
-            raise bad_request(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., "
-                              f"'parameters': {{...}}}}}}", f"tools[{i}]")
+        if (
+            not isinstance(tool, dict)
+            or tool.get("type") != "function"
+            or not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+            or not isinstance(function.get("parameters", {}), dict)
+        ):
+            raise bad_request(
+                f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., 'parameters': {{...}}}}}}",
+                f"tools[{i}]",
+            )
         names.append(function["name"])
     if choice is None or choice == "auto":
         return tools, None
@@ -321,5 +380,7 @@ def _tools(tools: Any, choice: Any) -> tuple[list[dict[str, Any]], str | None]:
         if name not in names:
             raise bad_request(f"tool_choice names {name!r}, which is not one of the tools", "tool_choice")
         return tools, name
-    raise bad_request("'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', 'function': "
-                      "{'name': ...}}", "tool_choice")
+    raise bad_request(
+        "'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}",
+        "tool_choice",
+    )

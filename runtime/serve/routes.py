@@ -21,7 +21,12 @@ from slim.runtime.inference import Done, Event, Failed, Model, Piece
 from slim.runtime.serve.logs import log_internal_error, log_request
 from slim.runtime.serve.pool import ModelPool, ModelSpec, Served
 from slim.runtime.serve.requests import (
-    APIError, bad_request, model_name, parse_chat, parse_completion, parse_embeddings,
+    APIError,
+    bad_request,
+    model_name,
+    parse_chat,
+    parse_completion,
+    parse_embeddings,
 )
 from slim.runtime.serve.scheduler import Job
 from slim.runtime.serve.tools import parse_tool_calls
@@ -37,11 +42,19 @@ class Server:
     """The HTTP routes over a ModelPool (or over one model the caller loaded: `Server(model, names)`,
     where `model_names` are the names requests may give in "model", the first its id)."""
 
-    def __init__(self, models: ModelPool | Model, model_names: Sequence[str] = (), *,
-                 api_key: str | None = None, cors_origin: str | None = None, queue_size: int = 64,
-                 max_body_bytes: int = MAX_BODY_BYTES) -> None:
-        self.pool = models if isinstance(models, ModelPool) else ModelPool.of(models, model_names,
-                                                                               queue_size=queue_size)
+    def __init__(
+        self,
+        models: ModelPool | Model,
+        model_names: Sequence[str] = (),
+        *,
+        api_key: str | None = None,
+        cors_origin: str | None = None,
+        queue_size: int = 64,
+        max_body_bytes: int = MAX_BODY_BYTES,
+    ) -> None:
+        self.pool = (
+            models if isinstance(models, ModelPool) else ModelPool.of(models, model_names, queue_size=queue_size)
+        )
         self.api_key = api_key
         self.cors_origin = cors_origin
         self.max_body_bytes = max_body_bytes
@@ -80,8 +93,14 @@ class Server:
 
     def model_entry(self, spec: ModelSpec) -> dict[str, Any]:
         """OpenAI's model object, plus `state` (loaded, loading or unloaded) and the other names."""
-        return {"id": spec.id, "object": "model", "created": int(spec.path.stat().st_mtime) if spec.path.exists()
-                else 0, "owned_by": "slim", "state": self.pool.state(spec), "aliases": spec.names[1:]}
+        return {
+            "id": spec.id,
+            "object": "model",
+            "created": int(spec.path.stat().st_mtime) if spec.path.exists() else 0,
+            "owned_by": "slim",
+            "state": self.pool.state(spec),
+            "aliases": spec.names[1:],
+        }
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -120,8 +139,14 @@ class _Handler(BaseHTTPRequestHandler):
             super().handle_one_request()
         finally:
             if self.command:
-                log_request(self.command, self.path.split("?", 1)[0], self._model, self._status, *self._tokens,
-                            time.monotonic() - self._started)
+                log_request(
+                    self.command,
+                    self.path.split("?", 1)[0],
+                    self._model,
+                    self._status,
+                    *self._tokens,
+                    time.monotonic() - self._started,
+                )
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         self._status = int(code) if isinstance(code, int) else None
@@ -171,8 +196,12 @@ class _Handler(BaseHTTPRequestHandler):
         return bool(given) and hmac.compare_digest(given.encode(), key.encode())
 
     def _unauthorized(self) -> APIError:
-        return APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)", "authentication_error",
-                        code="invalid_api_key")
+        return APIError(
+            401,
+            "missing or wrong API key (send Authorization: Bearer KEY)",
+            "authentication_error",
+            code="invalid_api_key",
+        )
 
     def _route(self) -> str:
         return self.path.split("?", 1)[0].rstrip("/") or "/"
@@ -190,8 +219,11 @@ class _Handler(BaseHTTPRequestHandler):
             raise bad_request("bad Content-Length", None, "invalid_request")
         if length > self.app.max_body_bytes:
             self.close_connection = True  # the body is not read
-            raise APIError(413, f"the request body is {length} bytes; the limit is {self.app.max_body_bytes}",
-                           code="request_too_large")
+            raise APIError(
+                413,
+                f"the request body is {length} bytes; the limit is {self.app.max_body_bytes}",
+                code="request_too_large",
+            )
         raw = self.rfile.read(length)
         try:
             body = json.loads(raw)
@@ -207,10 +239,16 @@ class _Handler(BaseHTTPRequestHandler):
         if not self.app.cors_origin:
             self._error(APIError(405, "method not allowed", code="method_not_allowed"))
             return
-        self._headers(204, "text/plain", 0, {
-            "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-            "Access-Control-Allow-Headers": "Authorization, Content-Type",
-            "Access-Control-Max-Age": "600"})
+        self._headers(
+            204,
+            "text/plain",
+            0,
+            {
+                "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                "Access-Control-Allow-Headers": "Authorization, Content-Type",
+                "Access-Control-Max-Age": "600",
+            },
+        )
 
     def do_GET(self) -> None:
         route = self._route()
@@ -224,7 +262,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200, {"object": "list", "data": [self.app.model_entry(s) for s in self.app.pool.listing()]})
         elif route.startswith("/v1/models/"):
             try:
-                self._json(200, self.app.model_entry(self.app.pool.spec(route[len("/v1/models/"):])))
+                self._json(200, self.app.model_entry(self.app.pool.spec(route[len("/v1/models/") :])))
             except APIError as error:
                 self._error(error)
         else:
@@ -294,8 +332,9 @@ class _Handler(BaseHTTPRequestHandler):
             data.append({"object": "embedding", "index": i, "embedding": vector})
         n = sum(len(t) for t in inputs)
         self._tokens = (n, None)
-        self._json(200, {"object": "list", "data": data, "model": served.id,
-                         "usage": {"prompt_tokens": n, "total_tokens": n}})
+        self._json(
+            200, {"object": "list", "data": data, "model": served.id, "usage": {"prompt_tokens": n, "total_tokens": n}}
+        )
 
     def _events(self, job: Job) -> Iterator[Event]:
         """The job's events; stops (cancelling the job) if the client goes away meanwhile."""
@@ -320,9 +359,12 @@ class _Handler(BaseHTTPRequestHandler):
                 return
 
     def _usage(self, job: Job, completion_tokens: int) -> dict[str, Any]:
-        return {"prompt_tokens": len(job.prompt), "completion_tokens": completion_tokens,
-                "total_tokens": len(job.prompt) + completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": job.cached_tokens}}
+        return {
+            "prompt_tokens": len(job.prompt),
+            "completion_tokens": completion_tokens,
+            "total_tokens": len(job.prompt) + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": job.cached_tokens},
+        }
 
     def _failed(self, event: Failed) -> APIError:
         error = event.error
@@ -349,15 +391,31 @@ class _Handler(BaseHTTPRequestHandler):
                 content, calls = parse_tool_calls(text)
                 if calls:
                     message, reason = {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
-            choice = {"index": 0, "message": message,
-                      "logprobs": {"content": logprobs} if job.top_logprobs is not None else None,
-                      "finish_reason": reason}
+            choice = {
+                "index": 0,
+                "message": message,
+                "logprobs": {"content": logprobs} if job.top_logprobs is not None else None,
+                "finish_reason": reason,
+            }
         else:
-            choice = {"index": 0, "text": text, "logprobs": _completion_logprobs(logprobs)
-                      if job.top_logprobs is not None else None, "finish_reason": reason}
-        self._json(200, {"id": rid, "object": "chat.completion" if chat else "text_completion",
-                         "created": int(time.time()), "model": model_id, "system_fingerprint": "slim",
-                         "choices": [choice], "usage": self._usage(job, n)})
+            choice = {
+                "index": 0,
+                "text": text,
+                "logprobs": _completion_logprobs(logprobs) if job.top_logprobs is not None else None,
+                "finish_reason": reason,
+            }
+        self._json(
+            200,
+            {
+                "id": rid,
+                "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()),
+                "model": model_id,
+                "system_fingerprint": "slim",
+                "choices": [choice],
+                "usage": self._usage(job, n),
+            },
+        )
 
     def _stream(self, job: Job, model_id: str, chat: bool, include_usage: bool) -> None:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -365,8 +423,14 @@ class _Handler(BaseHTTPRequestHandler):
         started = False
 
         def send(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> None:
-            chunk: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                     "created": created, "model": model_id, "system_fingerprint": "slim", "choices": choices}
+            chunk: dict[str, Any] = {
+                "id": rid,
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": created,
+                "model": model_id,
+                "system_fingerprint": "slim",
+                "choices": choices,
+            }
             if include_usage:
                 chunk["usage"] = usage
             self.wfile.write(b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n")
@@ -377,8 +441,16 @@ class _Handler(BaseHTTPRequestHandler):
             if not started:
                 self._headers(200, "text/event-stream", None)
                 if chat:
-                    send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                           "finish_reason": None}])
+                    send(
+                        [
+                            {
+                                "index": 0,
+                                "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ]
+                    )
                 started = True
 
         held: list[str] = []  # a reply that may hold tool calls is sent when it is complete
@@ -396,20 +468,43 @@ class _Handler(BaseHTTPRequestHandler):
             elif isinstance(event, Piece):
                 lp = event.logprobs
                 if chat:
-                    send([{"index": 0, "delta": {"content": event.text},
-                           "logprobs": {"content": [lp]} if lp is not None else None, "finish_reason": None}])
+                    send(
+                        [
+                            {
+                                "index": 0,
+                                "delta": {"content": event.text},
+                                "logprobs": {"content": [lp]} if lp is not None else None,
+                                "finish_reason": None,
+                            }
+                        ]
+                    )
                 else:
-                    send([{"index": 0, "text": event.text, "logprobs": _completion_logprobs([lp])
-                           if lp is not None else None, "finish_reason": None}])
+                    send(
+                        [
+                            {
+                                "index": 0,
+                                "text": event.text,
+                                "logprobs": _completion_logprobs([lp]) if lp is not None else None,
+                                "finish_reason": None,
+                            }
+                        ]
+                    )
             else:
                 reason = event.finish_reason
                 if job.tools:
                     content, calls = parse_tool_calls("".join(held))
                     if calls:
                         reason = "tool_calls"
-                        send([{"index": 0, "delta": {"tool_calls": [{"index": i, **call} for i, call in
-                                                                    enumerate(calls)]},
-                               "logprobs": None, "finish_reason": None}])
+                        send(
+                            [
+                                {
+                                    "index": 0,
+                                    "delta": {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]},
+                                    "logprobs": None,
+                                    "finish_reason": None,
+                                }
+                            ]
+                        )
                     if content:
                         send([{"index": 0, "delta": {"content": content}, "logprobs": None, "finish_reason": None}])
                 if chat:
@@ -428,6 +523,9 @@ def _completion_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
     for e in entries:
         offsets.append(at)
         at += len(e["token"])
-    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
-            "text_offset": offsets}
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+        "text_offset": offsets,
+    }

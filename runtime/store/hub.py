@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
 from slim.runtime.files import sha256_digest
@@ -30,8 +30,10 @@ def download_checkpoint(repo_id: str) -> Path:
         raise HubError(f"hub repo {repo_id} was not found (or is private: run `hf auth login`)") from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise HubError(f"could not download {repo_id} from the hub ({detail}); "
-                       "check the connection or HF_ENDPOINT, or pass a local folder") from None
+        raise HubError(
+            f"could not download {repo_id} from the hub ({detail}); "
+            "check the connection or HF_ENDPOINT, or pass a local folder"
+        ) from None
 
 
 # --- slim pull: listing a repo, choosing a GGUF, and a download that resumes across runs ---------------------
@@ -93,15 +95,22 @@ def _hub_errors(repo_id: str, what: str) -> Iterator[None]:
     """huggingface_hub's and httpx's exceptions as one HubError line each."""
     import httpx2
     from huggingface_hub.errors import (
-        EntryNotFoundError, GatedRepoError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled,
-        RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
     try:
         yield
     except GatedRepoError:
-        raise HubInputError(f"hub repo {repo_id} is gated: accept its terms on the hub, "
-                            "then run `hf auth login`") from None
+        raise HubInputError(
+            f"hub repo {repo_id} is gated: accept its terms on the hub, then run `hf auth login`"
+        ) from None
     except RepositoryNotFoundError:
         raise HubInputError(f"hub repo {repo_id} was not found (or is private: run `hf auth login`)") from None
     except (RevisionNotFoundError, RemoteEntryNotFoundError, EntryNotFoundError):
@@ -115,8 +124,9 @@ def _hub_errors(repo_id: str, what: str) -> Iterator[None]:
         raise HubError(f"cannot {what}: the hub at {endpoint()} answered {status}; try again later") from None
     except httpx2.TransportError as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise HubError(f"could not reach the Hugging Face Hub at {endpoint()} ({reason}); "
-                       "check the connection or HF_ENDPOINT") from None
+        raise HubError(
+            f"could not reach the Hugging Face Hub at {endpoint()} ({reason}); check the connection or HF_ENDPOINT"
+        ) from None
 
 
 def list_repo(repo_id: str) -> RepoListing:
@@ -143,12 +153,16 @@ def pick_gguf(listing: RepoListing, qtype: str | None) -> str:
         if not candidates:
             raise HubInputError(f"no GGUF in {listing.repo_id} matches --type {qtype}; available: {available}")
     if candidates and all(_SHARD.search(f) for f in candidates):
-        raise HubInputError(f"{candidates[0]} is split into {int(_SHARD.search(candidates[0]).group(1))} parts; "
-                            "slim pulls single-file GGUFs only (merge them with llama-gguf-split --merge)")
+        raise HubInputError(
+            f"{candidates[0]} is split into {int(_SHARD.search(candidates[0]).group(1))} parts; "
+            "slim pulls single-file GGUFs only (merge them with llama-gguf-split --merge)"
+        )
     if len(candidates) > 1:
         hint = "name one with --type" if not qtype else "give a more specific --type"
-        raise HubInputError(f"{listing.repo_id} has several GGUFs{' matching ' + qtype if qtype else ''}; "
-                            f"{hint}: {', '.join(candidates)}")
+        raise HubInputError(
+            f"{listing.repo_id} has several GGUFs{' matching ' + qtype if qtype else ''}; "
+            f"{hint}: {', '.join(candidates)}"
+        )
     return candidates[0]
 
 
@@ -163,8 +177,13 @@ def remote_file(repo_id: str, filename: str, revision: str | None = None) -> Rem
     return RemoteFile(repo_id, filename, meta.location, meta.size, meta.etag)
 
 
-def download(remote: RemoteFile, dest: Path, *, on_start: Callable[[int | None, int], None] | None = None,
-             progress: Callable[[int], None] | None = None) -> None:
+def download(
+    remote: RemoteFile,
+    dest: Path,
+    *,
+    on_start: Callable[[int | None, int], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> None:
     """Download `remote` into `dest`, continuing from what `dest` already holds (HTTP Range).
 
     An interrupted download leaves `dest` behind, so the next call resumes it; a dropped connection
@@ -225,9 +244,13 @@ def download(remote: RemoteFile, dest: Path, *, on_start: Callable[[int | None, 
             reason = "the connection timed out"
         else:
             reason = str(failure).strip().splitlines()[0] if failure is not None else "the server sent too little"
-        raise HubError(f"download of {remote.filename} stopped at {have / 1e6:.1f}{total} MB ({reason}); "
-                       "run the same command again to resume it")
+        raise HubError(
+            f"download of {remote.filename} stopped at {have / 1e6:.1f}{total} MB ({reason}); "
+            "run the same command again to resume it"
+        )
     if remote.sha256 and digest.hexdigest() != remote.sha256:
         dest.unlink()
-        raise HubError(f"{remote.filename} from {remote.repo_id} does not match its sha256; "
-                       "the download was discarded, run the command again")
+        raise HubError(
+            f"{remote.filename} from {remote.repo_id} does not match its sha256; "
+            "the download was discarded, run the command again"
+        )

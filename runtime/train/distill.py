@@ -25,9 +25,10 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,9 +36,9 @@ import torch.nn.functional as F
 
 from slim.runtime.files import atomic_open, file_sha256
 from slim.runtime.formats.mixes import Mix
-from slim.runtime.train import student as student_lib
-from slim.runtime.store.assets import slim_home
 from slim.runtime.inference.evaluate import chunk_tokens, log_softmax
+from slim.runtime.store.assets import slim_home
+from slim.runtime.train import student as student_lib
 
 CACHE_VERSION = 1
 # The tail bucket holds at least this much probability, so an empty tail (k = vocabulary) stays finite.
@@ -94,8 +95,10 @@ class Summary:
 
     def line(self) -> str:
         extra = f", and {self.gguf}" if self.gguf else ""
-        return (f"wrote {self.output}{extra}: {self.steps} steps, {self.tokens_trained} tokens, "
-                f"loss {self.first_loss:.4f} -> {self.last_loss:.4f} in {self.seconds:.0f} s")
+        return (
+            f"wrote {self.output}{extra}: {self.steps} steps, {self.tokens_trained} tokens, "
+            f"loss {self.first_loss:.4f} -> {self.last_loss:.4f} in {self.seconds:.0f} s"
+        )
 
     def to_json(self) -> str:
         return json.dumps({k: v for k, v in asdict(self).items() if k != "losses"})
@@ -116,14 +119,26 @@ class Targets:
 
 def cache_key(teacher: Path, text: str, seq_len: int, top_k: int) -> str:
     """sha256 of everything the cached top-k depends on: the teacher's bytes, the text, seq_len, k."""
-    parts = [f"v{CACHE_VERSION}", file_sha256(teacher), hashlib.sha256(text.encode()).hexdigest(),
-             str(seq_len), str(top_k)]
+    parts = [
+        f"v{CACHE_VERSION}",
+        file_sha256(teacher),
+        hashlib.sha256(text.encode()).hexdigest(),
+        str(seq_len),
+        str(top_k),
+    ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def teacher_targets(teacher: Path, text: str, seq_len: int, top_k: int, *, threads: int | None = None,
-                    cache_dir: Path | None = None,
-                    progress: Callable[[int, int], None] | None = None) -> Targets:
+def teacher_targets(
+    teacher: Path,
+    text: str,
+    seq_len: int,
+    top_k: int,
+    *,
+    threads: int | None = None,
+    cache_dir: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Targets:
     """The text tokenized by the teacher GGUF and cut into seq_len windows (BOS first where the
     model uses one), with the teacher's top-k log-probabilities per position, from the cache
     when present."""
@@ -138,8 +153,10 @@ def teacher_targets(teacher: Path, text: str, seq_len: int, top_k: int, *, threa
         tokens = model.tokenize(text, add_special=True, parse_special=False)
         chunks = chunk_tokens(tokens, seq_len, model.prompt_bos)
         if not chunks:
-            raise DistillError(f"the text is {len(tokens)} tokens, shorter than one sequence of {seq_len}; "
-                               "give a longer text or a shorter --seq-len")
+            raise DistillError(
+                f"the text is {len(tokens)} tokens, shorter than one sequence of {seq_len}; "
+                "give a longer text or a shorter --seq-len"
+            )
         ids = np.empty((len(chunks), seq_len - 1, top_k), dtype=np.int32)
         values = np.empty((len(chunks), seq_len - 1, top_k), dtype=np.float32)
         for index, chunk in enumerate(chunks):
@@ -165,11 +182,15 @@ def check_vocabulary(student_dir: Path, teacher_tokens: list[str]) -> None:
     except TokenizerError as exc:
         raise DistillError(f"the student's tokenizer: {exc}") from None
     if mine != teacher_tokens:
-        differ = next((i for i, (a, b) in enumerate(zip(mine, teacher_tokens)) if a != b),
-                      min(len(mine), len(teacher_tokens)))
-        raise DistillError(f"the student's vocabulary differs from the teacher's ({len(mine)} vs "
-                           f"{len(teacher_tokens)} tokens, first difference at id {differ}): "
-                           "distillation needs the teacher's tokenizer")
+        differ = next(
+            (i for i, (a, b) in enumerate(zip(mine, teacher_tokens, strict=False)) if a != b),
+            min(len(mine), len(teacher_tokens)),
+        )
+        raise DistillError(
+            f"the student's vocabulary differs from the teacher's ({len(mine)} vs "
+            f"{len(teacher_tokens)} tokens, first difference at id {differ}): "
+            "distillation needs the teacher's tokenizer"
+        )
 
 
 def gguf_tokens(path: Path) -> list[str]:
@@ -182,9 +203,16 @@ def gguf_tokens(path: Path) -> list[str]:
 # ----------------------------------------------------------------------------- the loss
 
 
-def distill_loss(logits: torch.Tensor, tokens: torch.Tensor, *, alpha: float, temperature: float,
-                 top_ids: torch.Tensor | None = None, top_log_probs: torch.Tensor | None = None,
-                 teacher_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def distill_loss(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float,
+    top_ids: torch.Tensor | None = None,
+    top_log_probs: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, KL, cross-entropy) for student logits (B, L, V) on token sequences (B, L).
 
     Position t predicts token t+1, so the last position is not scored. The teacher is either its
@@ -203,11 +231,13 @@ def distill_loss(logits: torch.Tensor, tokens: torch.Tensor, *, alpha: float, te
         student = F.log_softmax(logits, dim=-1)
         student_tail = student.scatter(-1, top_ids, float("-inf")).logsumexp(-1, keepdim=True)
         teacher_tail = (1 - top_log_probs.exp().sum(-1, keepdim=True)).clamp(min=_TAIL_FLOOR).log()
-        buckets = (torch.cat([student.gather(-1, top_ids), student_tail.clamp(min=_LOG_TAIL_FLOOR)], -1),
-                   torch.cat([top_log_probs, teacher_tail], -1))
+        buckets = (
+            torch.cat([student.gather(-1, top_ids), student_tail.clamp(min=_LOG_TAIL_FLOOR)], -1),
+            torch.cat([top_log_probs, teacher_tail], -1),
+        )
         student_t, teacher_t = (F.log_softmax(b / temperature, dim=-1) for b in buckets)
     kl = (teacher_t.exp() * (teacher_t - student_t)).sum(-1).mean()
-    loss = alpha * temperature ** 2 * kl + (1 - alpha) * ce
+    loss = alpha * temperature**2 * kl + (1 - alpha) * ce
     return loss, kl.detach(), ce.detach()
 
 
@@ -218,8 +248,12 @@ def batch_indices(step: int, batch_size: int, n_sequences: int, seed: int) -> np
     """The sequences of a step: each epoch visits every sequence once, in an order fixed by seed."""
     flat = np.arange(step * batch_size, (step + 1) * batch_size)
     epochs, positions = flat // n_sequences, flat % n_sequences
-    return np.array([np.random.default_rng([seed, int(e)]).permutation(n_sequences)[p]
-                     for e, p in zip(epochs, positions)])
+    return np.array(
+        [
+            np.random.default_rng([seed, int(e)]).permutation(n_sequences)[p]
+            for e, p in zip(epochs, positions, strict=True)
+        ]
+    )
 
 
 def learning_rate(step: int, options: Options) -> float:
@@ -231,9 +265,16 @@ def learning_rate(step: int, options: Options) -> float:
     return options.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(model: torch.nn.Module, targets: Targets, options: Options, checkpoint: Path, *,
-          resume: bool = False, teacher: torch.nn.Module | None = None,
-          progress: Callable[[int, int, float], None] | None = None) -> list[float]:
+def train(
+    model: torch.nn.Module,
+    targets: Targets,
+    options: Options,
+    checkpoint: Path,
+    *,
+    resume: bool = False,
+    teacher: torch.nn.Module | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> list[float]:
     """Train `model` in place for options.steps steps (fewer when options.time_limit runs out);
     returns the loss of each step run here.
 
@@ -242,8 +283,7 @@ def train(model: torch.nn.Module, targets: Targets, options: Options, checkpoint
     if options.threads:
         torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=options.lr,
-                                  weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=options.lr, weight_decay=0.0)
     start = 0
     if resume:
         start = _load_state(checkpoint, model, optimizer, options)
@@ -262,8 +302,9 @@ def train(model: torch.nn.Module, targets: Targets, options: Options, checkpoint
         else:
             teacher_part["top_ids"] = torch.from_numpy(targets.top_ids[chosen]).long()
             teacher_part["top_log_probs"] = torch.from_numpy(targets.top_log_probs[chosen])
-        loss, _, _ = distill_loss(model(tokens), tokens, alpha=options.alpha, temperature=options.temperature,
-                                  **teacher_part)
+        loss, _, _ = distill_loss(
+            model(tokens), tokens, alpha=options.alpha, temperature=options.temperature, **teacher_part
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -279,10 +320,16 @@ def train(model: torch.nn.Module, targets: Targets, options: Options, checkpoint
     return losses
 
 
-def _save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                options: Options) -> None:
-    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "rng": torch.get_rng_state(), "options": json.dumps(options.resumable(), sort_keys=True)}
+def _save_state(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, options: Options
+) -> None:
+    state = {
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": torch.get_rng_state(),
+        "options": json.dumps(options.resumable(), sort_keys=True),
+    }
     with atomic_open(path) as partial:
         torch.save(state, partial)
 
@@ -295,19 +342,27 @@ def _load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
     except Exception as exc:
         raise DistillError(f"{path} is not a training checkpoint slim wrote ({exc.__class__.__name__})") from None
     if state.get("options") != json.dumps(options.resumable(), sort_keys=True):
-        raise DistillError(f"{path} was written with other training options; resume with the same ones, "
-                           f"or start afresh without --resume ({state.get('options')})")
+        raise DistillError(
+            f"{path} was written with other training options; resume with the same ones, "
+            f"or start afresh without --resume ({state.get('options')})"
+        )
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
     return int(state["step"])
 
 
-def summarize(output: Path, options: Options, losses: list[float], started: float,
-              gguf: Path | None = None) -> Summary:
-    return Summary(str(output), len(losses), len(losses) * options.batch_size * options.seq_len,
-                   losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"),
-                   time.perf_counter() - started, str(gguf) if gguf else None, losses)
+def summarize(output: Path, options: Options, losses: list[float], started: float, gguf: Path | None = None) -> Summary:
+    return Summary(
+        str(output),
+        len(losses),
+        len(losses) * options.batch_size * options.seq_len,
+        losses[0] if losses else float("nan"),
+        losses[-1] if losses else float("nan"),
+        time.perf_counter() - started,
+        str(gguf) if gguf else None,
+        losses,
+    )
 
 
 def checkpoint_path(output: Path) -> Path:
@@ -317,11 +372,20 @@ def checkpoint_path(output: Path) -> Path:
 # ----------------------------------------------------------------------------- the command's job
 
 
-def distill(teacher: str | os.PathLike[str], student_dir: str | os.PathLike[str], text: str,
-            out_dir: str | os.PathLike[str], *, online: bool = False, mix: Mix | None = None,
-            resume: bool = False, cache_dir: str | os.PathLike[str] | None = None,
-            progress: Callable[[int, int, float], None] | None = None,
-            teacher_progress: Callable[[int, int], None] | None = None, **options: Any) -> Summary:
+def distill(
+    teacher: str | os.PathLike[str],
+    student_dir: str | os.PathLike[str],
+    text: str,
+    out_dir: str | os.PathLike[str],
+    *,
+    online: bool = False,
+    mix: Mix | None = None,
+    resume: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+    teacher_progress: Callable[[int, int], None] | None = None,
+    **options: Any,
+) -> Summary:
     """Distill `teacher` into the HF checkpoint `student_dir`; write the result to `out_dir` (an HF
     folder) and, with a mix, a GGUF of that mix next to it (OUT-<type>.gguf).
 
@@ -351,15 +415,25 @@ def distill(teacher: str | os.PathLike[str], student_dir: str | os.PathLike[str]
         targets = Targets(hf_tokens(teacher, text, settings.seq_len))
     else:
         if teacher.is_dir():
-            raise DistillError(f"{teacher} is a folder: offline distillation reads a GGUF teacher "
-                               "(convert it with slim convert, or pass --online)")
+            raise DistillError(
+                f"{teacher} is a folder: offline distillation reads a GGUF teacher "
+                "(convert it with slim convert, or pass --online)"
+            )
         check_vocabulary(student_dir, gguf_tokens(teacher))
-        targets = teacher_targets(teacher, text, settings.seq_len, settings.top_k, threads=settings.threads,
-                                  cache_dir=Path(cache_dir) if cache_dir else None, progress=teacher_progress)
+        targets = teacher_targets(
+            teacher,
+            text,
+            settings.seq_len,
+            settings.top_k,
+            threads=settings.threads,
+            cache_dir=Path(cache_dir) if cache_dir else None,
+            progress=teacher_progress,
+        )
 
     model = student_lib.load(student_dir)
-    losses = train(model, targets, settings, checkpoint_path(out_dir), resume=resume, teacher=teacher_model,
-                   progress=progress)
+    losses = train(
+        model, targets, settings, checkpoint_path(out_dir), resume=resume, teacher=teacher_model, progress=progress
+    )
     student_lib.save(model, student_dir, out_dir)
     gguf_path = None
     if mix is not None:
@@ -377,8 +451,8 @@ def hf_tokens(model_dir: Path, text: str, seq_len: int) -> np.ndarray:
 
     from slim import models
     from slim.runtime.formats.checkpoint import Checkpoint
-    from slim.runtime.pipeline.convert import add_metadata_value
     from slim.runtime.formats.tokenizer import read_hf_tokenizer, write_to_gguf
+    from slim.runtime.pipeline.convert import add_metadata_value
 
     arch = models.for_hf_config(Checkpoint(model_dir).config)
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,15 +31,24 @@ from slim.kernels import grid as grids
 from slim.runtime.files import atomic_path
 from slim.runtime.formats import mixes
 from slim.runtime.train import student as student_lib
-from slim.runtime.train.distill import (DistillError, Options, Summary, check_vocabulary, checkpoint_path, gguf_tokens,
-                                  summarize, teacher_targets, train)
+from slim.runtime.train.distill import (
+    DistillError,
+    Options,
+    Summary,
+    check_vocabulary,
+    checkpoint_path,
+    gguf_tokens,
+    summarize,
+    teacher_targets,
+    train,
+)
 
 
 class _RoundToGrid(torch.autograd.Function):
     """Forward: the weights rounded onto the grid. Backward: the gradient passes straight through."""
 
     @staticmethod
-    def forward(ctx: Any, w: torch.Tensor, on_grid: "OnGrid") -> torch.Tensor:
+    def forward(ctx: Any, w: torch.Tensor, on_grid: OnGrid) -> torch.Tensor:
         return on_grid.values(on_grid.codes(w))
 
     @staticmethod
@@ -80,8 +90,9 @@ def type_plan(model: student_lib.Decoder, mix: mixes.Mix, has_imatrix: bool = Fa
     return mixes.plan(shapes, mix, arch.n_layer, has_imatrix=has_imatrix)
 
 
-def attach_grids(model: student_lib.Decoder, plan: mixes.TypePlan, calibration: Any = None
-                 ) -> dict[str, tuple[str, str, np.ndarray]]:
+def attach_grids(
+    model: student_lib.Decoder, plan: mixes.TypePlan, calibration: Any = None
+) -> dict[str, tuple[str, str, np.ndarray]]:
     """Quantize each weight the plan quantizes (post-training, importance-weighted where the
     calibration, a slim.runtime.pipeline.calibrate.Calibration, covers it), freeze its grid, and make the
     forward pass use the weight rounded onto it. Returns HF name -> (GGUF name, type, initial blocks)."""
@@ -113,8 +124,7 @@ def attach_grids(model: student_lib.Decoder, plan: mixes.TypePlan, calibration: 
     return attached
 
 
-def final_blocks(model: student_lib.Decoder, attached: dict[str, tuple[str, str, np.ndarray]]
-                 ) -> dict[str, np.ndarray]:
+def final_blocks(model: student_lib.Decoder, attached: dict[str, tuple[str, str, np.ndarray]]) -> dict[str, np.ndarray]:
     """GGUF name -> the blocks holding the codes the last forward pass used, in llama.cpp's row order."""
     out = {}
     for name, (gguf_name, qtype, blocks) in attached.items():
@@ -127,16 +137,24 @@ def final_blocks(model: student_lib.Decoder, attached: dict[str, tuple[str, str,
     return out
 
 
-def write_gguf(model: student_lib.Decoder, source: Path, blocks: dict[str, np.ndarray], plan: mixes.TypePlan,
-               output: Path, imatrix: Path | None = None) -> None:
+def write_gguf(
+    model: student_lib.Decoder,
+    source: Path,
+    blocks: dict[str, np.ndarray],
+    plan: mixes.TypePlan,
+    output: Path,
+    imatrix: Path | None = None,
+) -> None:
     """The trained model as a GGUF of the plan's types: slim convert writes the file (metadata,
     tokenizer, F32 tensors from the trained weights), then every quantized tensor's data is replaced
     by the trained blocks, which have the same type and size."""
-    from slim.runtime.pipeline.convert import convert
     from slim.runtime.formats.gguf_file import open_gguf
+    from slim.runtime.pipeline.convert import convert
 
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp, \
-            atomic_path(output) as partial:
+    with (
+        tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp,
+        atomic_path(output) as partial,
+    ):
         student_lib.save(model, source, Path(tmp) / "hf")
         convert(Path(tmp) / "hf", partial, plan, imatrix=imatrix)  # imatrix: each weight's importance
         placed = {t.name: (t.data_offset, t.n_bytes, t.tensor_type.name) for t in open_gguf(partial).tensors}
@@ -148,12 +166,20 @@ def write_gguf(model: student_lib.Decoder, source: Path, blocks: dict[str, np.nd
                 f.write(np.ascontiguousarray(data).tobytes())
 
 
-def qat(source: str | os.PathLike[str], mix: mixes.Mix, text: str, output: str | os.PathLike[str], *,
-        teacher: str | os.PathLike[str] | None = None, imatrix: str | os.PathLike[str] | None = None,
-        resume: bool = False,
-        cache_dir: str | os.PathLike[str] | None = None,
-        progress: Callable[[int, int, float], None] | None = None,
-        teacher_progress: Callable[[int, int], None] | None = None, **options: Any) -> Summary:
+def qat(
+    source: str | os.PathLike[str],
+    mix: mixes.Mix,
+    text: str,
+    output: str | os.PathLike[str],
+    *,
+    teacher: str | os.PathLike[str] | None = None,
+    imatrix: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+    teacher_progress: Callable[[int, int], None] | None = None,
+    **options: Any,
+) -> Summary:
     """Quantization-aware training of the HF checkpoint `source` for a quantized mix; writes
     the GGUF `output`. teacher: a GGUF of the unquantized model (default: `source` converted to F16).
     imatrix: an importance matrix (slim calibrate) for the initial quantization. options: see
@@ -183,13 +209,21 @@ def qat(source: str | os.PathLike[str], mix: mixes.Mix, text: str, output: str |
             convert(source, teacher, mixes.MIXES["F16"])
         teacher = Path(teacher)
         check_vocabulary(source, gguf_tokens(teacher))
-        targets = teacher_targets(teacher, text, settings.seq_len, settings.top_k, threads=settings.threads,
-                                  cache_dir=Path(cache_dir) if cache_dir else None, progress=teacher_progress)
+        targets = teacher_targets(
+            teacher,
+            text,
+            settings.seq_len,
+            settings.top_k,
+            threads=settings.threads,
+            cache_dir=Path(cache_dir) if cache_dir else None,
+            progress=teacher_progress,
+        )
 
     model = student_lib.load(source)
     plan = type_plan(model, mix, has_imatrix=calibration is not None)
     attached = attach_grids(model, plan, calibration)
     losses = train(model, targets, settings, checkpoint_path(output), resume=resume, progress=progress)
-    write_gguf(model, source, final_blocks(model, attached), plan, output,
-               Path(imatrix) if imatrix is not None else None)
+    write_gguf(
+        model, source, final_blocks(model, attached), plan, output, Path(imatrix) if imatrix is not None else None
+    )
     return summarize(output, settings, losses, started)

@@ -27,8 +27,14 @@ from slim.runtime.files import atomic_folder
 from slim.runtime.formats.checkpoint import Checkpoint, write_safetensors
 
 # Files copied from the source folder so the result is a complete model (tokenizer, template).
-_SIDE_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-               "chat_template.jinja", "generation_config.json")
+_SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 # torch.nn.utils.parametrize keeps a parametrized weight as <module>.parametrizations.weight.original
 _PARAMETRIZED = re.compile(r"\.parametrizations\.(\w+)\.original$")
 
@@ -146,7 +152,7 @@ def rope_inverse_frequencies(arch: models.DecoderArchitecture) -> torch.Tensor:
     """theta^(-2i/d) per rotated pair; Llama 3.1's per-frequency factors (the rope_freqs tensor
     slim writes into the GGUF) divide them."""
     exponents = torch.arange(0, arch.head_dim, 2, dtype=torch.int64).float() / arch.head_dim
-    inv_freq = 1.0 / (arch.rope_theta ** exponents)
+    inv_freq = 1.0 / (arch.rope_theta**exponents)
     factors = arch.extra_tensors().get("rope_freqs.weight")
     if factors is not None:
         inv_freq = inv_freq / torch.from_numpy(factors)
@@ -176,8 +182,9 @@ def load(directory: str | os.PathLike[str]) -> Decoder:
         raise models.ArchitectureError(f"{directory} lacks {len(missing)} tensors, e.g. {missing[0]}")
     for name, tensor in found.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise models.ArchitectureError(f"{name} has shape {tuple(tensor.shape)}, config.json implies "
-                                           f"{tuple(expected[name].shape)}")
+            raise models.ArchitectureError(
+                f"{name} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[name].shape)}"
+            )
     model.load_state_dict(found, strict=False)
     return model
 
@@ -195,6 +202,8 @@ def save(model: Decoder, source: str | os.PathLike[str], output: str | os.PathLi
             if (source / name).is_file():
                 shutil.copy(source / name, partial / name)
         state = model.hf_state()
-        write_safetensors(partial / "model.safetensors",
-                          ((name, tensor.detach().numpy()) for name, tensor in state.items()),
-                          {name: (tuple(tensor.shape), "F32") for name, tensor in state.items()})
+        write_safetensors(
+            partial / "model.safetensors",
+            ((name, tensor.detach().numpy()) for name, tensor in state.items()),
+            {name: (tuple(tensor.shape), "F32") for name, tensor in state.items()},
+        )
