@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from helpers import run_slim
 from slim.runtime.pipeline.convert import convert
 from slim.runtime.inference.evaluate import evaluate
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
-from llama_cpp_source import build_tool  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +23,13 @@ def text_file(heldout_text: str, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 def slim_eval(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "slim.runtime.cli", "eval", *args], capture_output=True, text=True)
+    return run_slim("eval", *args)
 
 
-@pytest.mark.slow
-def test_perplexity_equals_llama_perplexity(smollm2_gguf: Path, text_file: Path) -> None:
+def test_perplexity_equals_llama_perplexity(smollm2_gguf: Path, text_file: Path,
+                                            llama_tool: Callable[[str], Path]) -> None:
     """llama-perplexity is built once (cached under SLIM_HOME) from the sources llama-cpp-python vendors."""
-    binary = build_tool("llama-perplexity")
+    binary = llama_tool("llama-perplexity")
     run = subprocess.run([str(binary), "-m", str(smollm2_gguf), "-f", str(text_file), "-c", "256", "-t", "2"],
                          capture_output=True, text=True, check=True)
     theirs = float(re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", run.stderr + run.stdout).group(1))
