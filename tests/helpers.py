@@ -130,7 +130,8 @@ def make_qwen2_checkpoint(directory: Path, tokenizer_from: Path, *, hidden: int,
     return directory
 
 
-def run_slim(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_slim(*args: str, input: str | None = None,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`slim ARGS` run in this process by click's test runner: the exit code, stdout and stderr that a
     subprocess gives, without starting an interpreter and importing numpy, llama.cpp and torch again.
 

@@ -80,9 +80,9 @@ def tiny_64(smollm2_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -
     ("Q4_1", "tiny_64", {"Q4_1", "Q8_0"}),
     ("Q5_1", "tiny_64", {"Q5_1", "Q8_0"}),
 ])
-def test_exported_gguf_holds_exactly_the_trained_weights(mix_name: str, model: str, types: set[str],
-                                                         request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    source = request.getfixturevalue(model)
+def test_exported_gguf_holds_exactly_the_trained_weights(mix_name: str, model: str, types: set[str], tiny_256: Path,
+                                                         tiny_64: Path, tmp_path: Path) -> None:
+    source = {"tiny_256": tiny_256, "tiny_64": tiny_64}[model]
     student = student_lib.load(source)
     attached = qat_lib.attach_grids(student, mix_name)
     rng = np.random.default_rng(0)
@@ -119,9 +119,8 @@ def test_exported_gguf_holds_exactly_the_trained_weights(mix_name: str, model: s
 
 @pytest.mark.parametrize("model", ["tiny_256", "tiny_64"])
 @pytest.mark.parametrize("with_imatrix", [False, True])
-def test_training_starts_from_exactly_the_post_training_quantization(model: str, with_imatrix: bool,
-                                                                     request: pytest.FixtureRequest,
-                                                                     tmp_path: Path) -> None:
+def test_training_starts_from_exactly_the_post_training_quantization(model: str, with_imatrix: bool, tiny_256: Path,
+                                                                     tiny_64: Path, tmp_path: Path) -> None:
     """Untrained, the grids give back slim convert's blocks byte for byte: QAT starts where
     post-training quantization ends (with the importance matrix too), even where the quantizer's
     codes are not the nearest ones."""
@@ -129,7 +128,7 @@ def test_training_starts_from_exactly_the_post_training_quantization(model: str,
     from slim.runtime.pipeline.calibrate import calibrate
     from slim.runtime.pipeline.convert import convert
 
-    source = request.getfixturevalue(model)
+    source = {"tiny_256": tiny_256, "tiny_64": tiny_64}[model]
     imatrix, calibration = None, None
     if with_imatrix:
         convert(source, tmp_path / "f32.gguf", "F32")

@@ -562,8 +562,8 @@ def tiny_ggufs(smollm2_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory
     paths = []
     for seed in (1, 2):
         folder = tmp_path_factory.mktemp(f"tiny{seed}")
-        hf = make_llama_checkpoint(folder / "hf", smollm2_tokenizer, hidden=64, n_layer=2, n_head=2, n_head_kv=1, ffn=128,
-                                   seed=seed)
+        hf = make_llama_checkpoint(folder / "hf", smollm2_tokenizer, hidden=64, n_layer=2, n_head=2, n_head_kv=1,
+                                   ffn=128, seed=seed)
         convert(hf, folder / f"tiny{seed}.gguf", "Q8_0")
         paths.append(folder / f"tiny{seed}.gguf")
     return paths
