@@ -20,8 +20,8 @@ import pytest
 
 from slim.runtime.store import assets
 
-SLOW_FIXTURES = frozenset({"smollm2_gguf", "smollm2_hf", "smollm2_f32", "heldout_text", "llama_tool",
-                           "llama_cpp_sources"})
+# The roots: every fixture built on one of these (smollm2_hf, smollm2_tokenizer, llama_tool...) is slow too.
+SLOW_FIXTURES = frozenset({"smollm2_gguf", "heldout_text", "llama_cpp_sources"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -46,13 +46,26 @@ def smollm2_hf(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="session")
-def smollm2_f32(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real model as slim's F32 GGUF of smollm2_hf: what llama-quantize starts from in the oracles."""
+def smollm2_converted(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """slim convert's GGUF of smollm2_hf for a --type, as <TYPE>.gguf: converted on first use, then
+    shared, since several oracles (llama-quantize, llama.cpp's logits, slim eval) read the same files."""
     from slim.runtime.pipeline.convert import convert
 
-    out = tmp_path_factory.mktemp("smollm2-f32") / "f32.gguf"
-    convert(smollm2_hf, out, "F32")
-    return out
+    folder = tmp_path_factory.mktemp("smollm2-converted")
+
+    def converted(type_name: str) -> Path:
+        path = folder / f"{type_name}.gguf"
+        if not path.exists():
+            convert(smollm2_hf, path, type_name)
+        return path
+
+    return converted
+
+
+@pytest.fixture(scope="session")
+def smollm2_f32(smollm2_converted: Callable[[str], Path]) -> Path:
+    """The real model as slim's F32 GGUF: what llama-quantize starts from in the oracles."""
+    return smollm2_converted("F32")
 
 
 @pytest.fixture(scope="session")

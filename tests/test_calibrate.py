@@ -133,14 +133,14 @@ def test_convert_with_imatrix_equals_llama_quantize(smollm2_hf: Path, smollm2_f3
         assert got[name] == expected[name], name
 
 
-def test_convert_imatrix_c_path_equals_numpy(smollm2_hf: Path, imatrix_file: Path, tmp_path: Path) -> None:
+def test_convert_imatrix_c_path_equals_numpy(smollm2_hf: Path, smollm2_converted: Callable[[str], Path],
+                                            imatrix_file: Path, tmp_path: Path) -> None:
     from helpers import gguf_tensors
 
     from slim.runtime.pipeline.convert import convert
 
     convert(smollm2_hf, tmp_path / "c.gguf", "Q4_K_M", imatrix=imatrix_file, backend="ggml")
-    convert(smollm2_hf, tmp_path / "plain.gguf", "Q4_K_M", backend="ggml")
-    with_imatrix, plain = gguf_tensors(tmp_path / "c.gguf"), gguf_tensors(tmp_path / "plain.gguf")
+    with_imatrix, plain = gguf_tensors(tmp_path / "c.gguf"), gguf_tensors(smollm2_converted("Q4_K_M"))
     # the importance changes the quantized weights it covers, and only those
     assert with_imatrix["blk.0.ffn_down.weight"] != plain["blk.0.ffn_down.weight"]
     assert with_imatrix["token_embd.weight"] == plain["token_embd.weight"]

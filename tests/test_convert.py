@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -75,10 +76,10 @@ def test_bf16_checkpoint_matches(smollm2_tokenizer: Path, tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q5_0", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "F16"])
-def test_real_model_matches_llama_quantize(smollm2_hf: Path, smollm2_f32: Path, type_name: str, tmp_path: Path) -> None:
-    convert(smollm2_hf, tmp_path / "slim.gguf", type_name)
+def test_real_model_matches_llama_quantize(smollm2_converted: Callable[[str], Path], smollm2_f32: Path, type_name: str,
+                                           tmp_path: Path) -> None:
     llama_quantize(smollm2_f32, tmp_path / "llama.gguf", type_name)
-    assert gguf_tensors(tmp_path / "slim.gguf") == gguf_tensors(tmp_path / "llama.gguf")
+    assert gguf_tensors(smollm2_converted(type_name)) == gguf_tensors(tmp_path / "llama.gguf")
 
 
 def test_export_round_trip_is_lossless(smollm2_gguf: Path, smollm2_hf: Path, smollm2_f32: Path, tmp_path: Path) -> None:
@@ -87,8 +88,8 @@ def test_export_round_trip_is_lossless(smollm2_gguf: Path, smollm2_hf: Path, smo
     assert gguf_tensors(tmp_path / "q4_1.gguf") == gguf_tensors(smollm2_gguf)
 
 
-def test_export_round_trip_keeps_the_distribution(smollm2_gguf: Path, smollm2_hf: Path, heldout_text: str,
-                                                   tmp_path: Path) -> None:
+def test_export_round_trip_keeps_the_distribution(smollm2_gguf: Path, smollm2_converted: Callable[[str], Path],
+                                                   heldout_text: str) -> None:
     """GGUF -> HF -> F16 GGUF: llama.cpp's next-token distributions on 2,000 real tokens agree.
 
     Not bit for bit: llama.cpp multiplies Q4_1 weights with activations rounded to 8 bits (Q8_1)
@@ -96,12 +97,12 @@ def test_export_round_trip_keeps_the_distribution(smollm2_gguf: Path, smollm2_hf
     though the weights are the same numbers (measured: mean KL 0.0032, top-1 96.6%, and the same
     for F32). The exact proof is test_export_round_trip_is_lossless.
     """
-    convert(smollm2_hf, tmp_path / "f16.gguf", "F16")
+    f16 = smollm2_converted("F16")
     tokens = tokenize(smollm2_gguf, heldout_text[:20000])[:2000]
     assert len(tokens) == 2000
-    assert tokenize(tmp_path / "f16.gguf", heldout_text[:20000])[:2000] == tokens
+    assert tokenize(f16, heldout_text[:20000])[:2000] == tokens
     original = log_softmax(llama_logits(smollm2_gguf, tokens))
-    round_trip = log_softmax(llama_logits(tmp_path / "f16.gguf", tokens))
+    round_trip = log_softmax(llama_logits(f16, tokens))
     kl = (np.exp(original) * (original - round_trip)).sum(axis=-1)
     top1 = (original.argmax(-1) == round_trip.argmax(-1)).mean()
     assert kl.mean() <= 0.005, kl.mean()

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from helpers import run_slim
-from slim.runtime.pipeline.convert import convert
 from slim.runtime.inference.evaluate import evaluate
 
 
@@ -37,11 +36,11 @@ def test_perplexity_equals_llama_perplexity(smollm2_gguf: Path, text_file: Path,
     assert abs(report.perplexity - theirs) / theirs < 1e-3, (report.perplexity, theirs)
 
 
-def test_divergence_orders_quantizations(smollm2_hf: Path, text_file: Path, tmp_path: Path) -> None:
-    for type_name in ("F16", "Q8_0", "Q4_0"):
-        convert(smollm2_hf, tmp_path / f"{type_name}.gguf", type_name)
-    result = slim_eval(str(tmp_path / "Q8_0.gguf"), str(tmp_path / "Q4_0.gguf"), "--text", str(text_file),
-                       "--ctx", "256", "--reference", str(tmp_path / "F16.gguf"),
+def test_divergence_orders_quantizations(smollm2_converted: Callable[[str], Path], text_file: Path,
+                                         tmp_path: Path) -> None:
+    f16, q8_0, q4_0 = (smollm2_converted(type_name) for type_name in ("F16", "Q8_0", "Q4_0"))
+    result = slim_eval(str(q8_0), str(q4_0), "--text", str(text_file),
+                       "--ctx", "256", "--reference", str(f16),
                        "--save-logits", str(tmp_path / "f16.npz"), "--json")
     assert result.returncode == 0, result.stderr
     q8, q4 = json.loads(result.stdout)
@@ -50,14 +49,14 @@ def test_divergence_orders_quantizations(smollm2_hf: Path, text_file: Path, tmp_
     assert q8["perplexity"] > 1 and q8["bits_per_weight"] > q4["bits_per_weight"]
 
     # The saved reference gives the same numbers without loading the reference model again.
-    again = slim_eval(str(tmp_path / "Q4_0.gguf"), "--text", str(text_file), "--ctx", "256",
+    again = slim_eval(str(q4_0), "--text", str(text_file), "--ctx", "256",
                       "--reference-logits", str(tmp_path / "f16.npz"), "--json")
     assert again.returncode == 0, again.stderr
     saved = json.loads(again.stdout)[0]["divergence"]
     assert saved["top1_agreement"] == pytest.approx(q4["divergence"]["top1_agreement"], abs=0.01)
     assert saved["kl_mean"] == pytest.approx(q4["divergence"]["kl_mean"], rel=0.05)  # saved as float16
 
-    table = slim_eval(str(tmp_path / "Q8_0.gguf"), "--text", str(text_file), "--ctx", "256",
+    table = slim_eval(str(q8_0), "--text", str(text_file), "--ctx", "256",
                       "--reference-logits", str(tmp_path / "f16.npz"))
     assert "KL mean" in table.stdout and "Q8_0.gguf" in table.stdout
 

@@ -22,11 +22,9 @@ def transformers_logits(directory: Path, tokens: list[int]) -> np.ndarray:
         return model(torch.tensor([tokens])).logits[0].numpy()
 
 
-def test_real_model_logits_match_transformers(smollm2_hf: Path, heldout_text: str, tmp_path: Path) -> None:
-    gguf_path = tmp_path / "f32.gguf"
-    convert(smollm2_hf, gguf_path, "F32")
-    tokens = tokenize(gguf_path, heldout_text[:3000])[:256]
-    ours = llama_logits(gguf_path, tokens, exact=True)
+def test_real_model_logits_match_transformers(smollm2_hf: Path, smollm2_f32: Path, heldout_text: str) -> None:
+    tokens = tokenize(smollm2_f32, heldout_text[:3000])[:256]
+    ours = llama_logits(smollm2_f32, tokens, exact=True)
     theirs = transformers_logits(smollm2_hf, tokens)
     assert np.abs(ours - theirs).max() < 1e-3
 
