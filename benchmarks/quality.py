@@ -14,21 +14,18 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+from llama_cpp_source import build_tool
 
-from llama_cpp_source import build_tool  # noqa: E402
-
-from slim.runtime.store import assets  # noqa: E402
-from slim.runtime.pipeline.calibrate import Calibration, calibrate  # noqa: E402
-from slim.runtime.pipeline.convert import convert  # noqa: E402
-from slim.runtime.formats.mixes import mix  # noqa: E402
-from slim.runtime.inference.evaluate import evaluate  # noqa: E402
-from slim.runtime.pipeline.export import export  # noqa: E402
+from slim.runtime.store import assets
+from slim.runtime.pipeline.calibrate import Calibration, calibrate
+from slim.runtime.pipeline.convert import convert
+from slim.runtime.formats.mixes import mix
+from slim.runtime.inference.evaluate import evaluate
+from slim.runtime.pipeline.export import export
 
 
 def main() -> None:

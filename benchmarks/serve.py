@@ -233,7 +233,6 @@ def main() -> None:
             "--interrupt_requests", "False"], str(path))
     llama_server = args.llama_server
     if llama_server is None and args.build_llama_server:
-        sys.path.insert(0, str(Path(__file__).parent))
         from llama_cpp_source import build_tool
 
         llama_server = str(build_tool("llama-server"))

@@ -1,10 +1,12 @@
-"""Test helpers that drive real llama.cpp (through llama-cpp-python) as the oracle."""
+"""Shared test helpers: llama.cpp (through llama-cpp-python) as the oracle, the factory for tiny
+random-weight checkpoints, and the one way tests run the `slim` command."""
 
 from __future__ import annotations
 
 import ctypes
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -101,3 +103,45 @@ def make_llama_checkpoint(directory: Path, tokenizer_from: Path, *, hidden: int 
 
     write_safetensors(directory / "model.safetensors", tensors(), {n: (s, dtype) for n, s in shapes.items()})
     return directory
+
+
+def make_qwen2_checkpoint(directory: Path, tokenizer_from: Path, *, hidden: int, ffn: int, n_layer: int = 2,
+                          n_head: int = 4, n_head_kv: int = 2, **config: object) -> Path:
+    """A random-weight Qwen2 checkpoint saved by transformers itself, with a real tokenizer; weights
+    and biases larger than transformers' default init, so attention and biases matter."""
+    import torch
+    import transformers
+
+    model_config = transformers.Qwen2Config(vocab_size=49152, hidden_size=hidden, intermediate_size=ffn,
+                                            num_hidden_layers=n_layer, num_attention_heads=n_head,
+                                            num_key_value_heads=n_head_kv, tie_word_embeddings=False,
+                                            rope_theta=10000.0, **config)
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(model_config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)
+            elif param.ndim == 2:
+                param.normal_(0, 0.08)
+    model.save_pretrained(directory, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_from / name, directory / name)
+    return directory
+
+
+def run_slim(*args: str, input: str | None = None,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`slim ARGS` run in this process by click's test runner: the exit code, stdout and stderr that a
+    subprocess gives, without starting an interpreter and importing numpy, llama.cpp and torch again.
+
+    env: variables set for the run only (SLIM_HOME, read when a command runs). An exception the CLI
+    does not turn into an exit code is raised here, where a subprocess would print a traceback.
+    Tests about the process itself (signals, a terminal, a server, the installed entry point)
+    start a real one instead."""
+    from click.testing import CliRunner
+
+    from slim.runtime.cli import main
+
+    result = CliRunner().invoke(main, list(args), input=input, env=env, catch_exceptions=False)
+    return subprocess.CompletedProcess(["slim", *args], result.exit_code, result.stdout, result.stderr)

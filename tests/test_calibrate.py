@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers import run_slim as slim
 from slim.runtime.pipeline.calibrate import Calibration, CalibrationError, calibrate
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
-from llama_cpp_source import build_tool  # noqa: E402
 
 CTX = 128
 CHUNKS = 3
@@ -33,14 +31,10 @@ def ours(smollm2_gguf: Path, calibration_text: Path) -> Calibration:
                      threads=1, hidden_states=True)
 
 
-def slim(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "slim.runtime.cli", *args], capture_output=True, text=True)
-
-
-@pytest.mark.slow
-def test_equals_llama_imatrix(smollm2_gguf: Path, calibration_text: Path, ours: Calibration, tmp_path: Path) -> None:
+def test_equals_llama_imatrix(smollm2_gguf: Path, calibration_text: Path, ours: Calibration,
+                              llama_tool: Callable[[str], Path], tmp_path: Path) -> None:
     """llama-imatrix (built once from the vendored sources) on the same model, text and chunking."""
-    binary = build_tool("llama-imatrix")
+    binary = llama_tool("llama-imatrix")
     theirs_path = tmp_path / "theirs.imatrix.gguf"
     subprocess.run([str(binary), "-m", str(smollm2_gguf), "-f", str(calibration_text), "-o", str(theirs_path),
                     "-c", str(CTX), "-b", str(CTX), "--chunks", str(CHUNKS), "-t", "1", "--no-ppl"],
@@ -114,20 +108,10 @@ def imatrix_file(ours: Calibration, tmp_path_factory: pytest.TempPathFactory) ->
     return path
 
 
-@pytest.fixture(scope="module")
-def smollm2_f32(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from slim.runtime.pipeline.convert import convert
-    from slim.runtime.formats.mixes import mix
-
-    path = tmp_path_factory.mktemp("f32") / "smollm2-f32.gguf"
-    convert(smollm2_hf, path, mix("F32"))
-    return path
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("mix_name", ["Q4_K_M", "Q5_K_M", "Q4_0", "Q4_1"])
 def test_convert_with_imatrix_equals_llama_quantize(smollm2_hf: Path, smollm2_f32: Path, imatrix_file: Path,
-                                                    mix_name: str, tmp_path: Path) -> None:
+                                                    llama_tool: Callable[[str], Path], mix_name: str,
+                                                    tmp_path: Path) -> None:
     """Byte for byte what llama-quantize --imatrix writes from the same file. On SmolLM2 these mixes
     use all seven importance-weighted types: Q4_K, Q5_K, Q6_K on the 1536-wide ffn_down, Q5_0 and
     Q5_1 as the K-quants' fallback for 576-wide rows, Q4_0 and the Q4_1 llama-quantize puts on the
@@ -137,7 +121,7 @@ def test_convert_with_imatrix_equals_llama_quantize(smollm2_hf: Path, smollm2_f3
     from slim.runtime.pipeline.convert import convert
     from slim.runtime.formats.mixes import mix
 
-    binary = build_tool("llama-quantize")
+    binary = llama_tool("llama-quantize")
     theirs = tmp_path / "theirs.gguf"
     subprocess.run([str(binary), "--imatrix", str(imatrix_file), str(smollm2_f32), str(theirs), mix_name, "1"],
                    capture_output=True, text=True, check=True)
@@ -150,15 +134,15 @@ def test_convert_with_imatrix_equals_llama_quantize(smollm2_hf: Path, smollm2_f3
         assert got[name] == expected[name], name
 
 
-def test_convert_imatrix_c_path_equals_numpy(smollm2_hf: Path, imatrix_file: Path, tmp_path: Path) -> None:
+def test_convert_imatrix_c_path_equals_numpy(smollm2_hf: Path, smollm2_converted: Callable[[str], Path],
+                                            imatrix_file: Path, tmp_path: Path) -> None:
     from helpers import gguf_tensors
 
     from slim.runtime.pipeline.convert import convert
     from slim.runtime.formats.mixes import mix
 
     convert(smollm2_hf, tmp_path / "c.gguf", mix("Q4_K_M"), imatrix=imatrix_file, backend="ggml")
-    convert(smollm2_hf, tmp_path / "plain.gguf", mix("Q4_K_M"), backend="ggml")
-    with_imatrix, plain = gguf_tensors(tmp_path / "c.gguf"), gguf_tensors(tmp_path / "plain.gguf")
+    with_imatrix, plain = gguf_tensors(tmp_path / "c.gguf"), gguf_tensors(smollm2_converted("Q4_K_M"))
     # the importance changes the quantized weights it covers, and only those
     assert with_imatrix["blk.0.ffn_down.weight"] != plain["blk.0.ffn_down.weight"]
     assert with_imatrix["token_embd.weight"] == plain["token_embd.weight"]

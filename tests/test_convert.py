@@ -12,12 +12,13 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import gguf_tensors, llama_logits, llama_quantize, log_softmax, make_llama_checkpoint, tokenize
+from helpers import gguf_tensors, llama_logits, llama_quantize, log_softmax, make_llama_checkpoint, run_slim, tokenize
 from slim.runtime.pipeline.convert import convert
 from slim.runtime.formats.mixes import mix
 
@@ -26,23 +27,16 @@ FLOATS = ["F16", "BF16"]
 
 
 @pytest.fixture(scope="module")
-def tiny_hf(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_hf(smollm2_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Rows of 256 and 512 so the K-quants are used rather than their fallbacks; 8 layers so the
     mixes' per-layer choices differ."""
-    return make_llama_checkpoint(tmp_path_factory.mktemp("tiny") / "hf", smollm2_hf)
+    return make_llama_checkpoint(tmp_path_factory.mktemp("tiny") / "hf", smollm2_tokenizer)
 
 
 @pytest.fixture(scope="module")
 def tiny_f32(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny-f32") / "f32.gguf"
     convert(tiny_hf, out, mix("F32"))
-    return out
-
-
-@pytest.fixture(scope="module")
-def smollm2_f32(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("smol-f32") / "f32.gguf"
-    convert(smollm2_hf, out, mix("F32"))
     return out
 
 
@@ -72,9 +66,9 @@ def test_numpy_backend_writes_the_same_file(tiny_hf: Path, tmp_path: Path) -> No
     assert (tmp_path / "c.gguf").read_bytes() == (tmp_path / "np.gguf").read_bytes()
 
 
-def test_bf16_checkpoint_matches(smollm2_hf: Path, tmp_path: Path) -> None:
+def test_bf16_checkpoint_matches(smollm2_tokenizer: Path, tmp_path: Path) -> None:
     """A bf16 checkpoint is quantized straight from bf16, as llama.cpp does after --outtype bf16."""
-    hf = make_llama_checkpoint(tmp_path / "hf", smollm2_hf, dtype="BF16", n_layer=2, tied=True)
+    hf = make_llama_checkpoint(tmp_path / "hf", smollm2_tokenizer, dtype="BF16", n_layer=2, tied=True)
     convert(hf, tmp_path / "bf16.gguf", mix("BF16"))
     convert(hf, tmp_path / "q.gguf", mix("Q4_K_M"))
     llama_quantize(tmp_path / "bf16.gguf", tmp_path / "ref.gguf", "Q4_K_M")
@@ -82,24 +76,21 @@ def test_bf16_checkpoint_matches(smollm2_hf: Path, tmp_path: Path) -> None:
     assert gguf_tensors(tmp_path / "q.gguf")["token_embd.weight"][0] == "Q6_K"  # tied: plays the output
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q5_0", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "F16"])
-def test_real_model_matches_llama_quantize(smollm2_hf: Path, smollm2_f32: Path, type_name: str, tmp_path: Path) -> None:
-    convert(smollm2_hf, tmp_path / "slim.gguf", mix(type_name))
+def test_real_model_matches_llama_quantize(smollm2_converted: Callable[[str], Path], smollm2_f32: Path, type_name: str,
+                                           tmp_path: Path) -> None:
     llama_quantize(smollm2_f32, tmp_path / "llama.gguf", type_name)
-    assert gguf_tensors(tmp_path / "slim.gguf") == gguf_tensors(tmp_path / "llama.gguf")
+    assert gguf_tensors(smollm2_converted(type_name)) == gguf_tensors(tmp_path / "llama.gguf")
 
 
-@pytest.mark.slow
 def test_export_round_trip_is_lossless(smollm2_gguf: Path, smollm2_hf: Path, smollm2_f32: Path, tmp_path: Path) -> None:
     """GGUF (Q4_1) -> HF -> F32 GGUF -> llama-quantize Q4_1 gives back every tensor's exact bytes."""
     llama_quantize(smollm2_f32, tmp_path / "q4_1.gguf", "Q4_1")
     assert gguf_tensors(tmp_path / "q4_1.gguf") == gguf_tensors(smollm2_gguf)
 
 
-@pytest.mark.slow
-def test_export_round_trip_keeps_the_distribution(smollm2_gguf: Path, smollm2_hf: Path, heldout_text: str,
-                                                   tmp_path: Path) -> None:
+def test_export_round_trip_keeps_the_distribution(smollm2_gguf: Path, smollm2_converted: Callable[[str], Path],
+                                                   heldout_text: str) -> None:
     """GGUF -> HF -> F16 GGUF: llama.cpp's next-token distributions on 2,000 real tokens agree.
 
     Not bit for bit: llama.cpp multiplies Q4_1 weights with activations rounded to 8 bits (Q8_1)
@@ -107,12 +98,12 @@ def test_export_round_trip_keeps_the_distribution(smollm2_gguf: Path, smollm2_hf
     though the weights are the same numbers (measured: mean KL 0.0032, top-1 96.6%, and the same
     for F32). The exact proof is test_export_round_trip_is_lossless.
     """
-    convert(smollm2_hf, tmp_path / "f16.gguf", mix("F16"))
+    f16 = smollm2_converted("F16")
     tokens = tokenize(smollm2_gguf, heldout_text[:20000])[:2000]
     assert len(tokens) == 2000
-    assert tokenize(tmp_path / "f16.gguf", heldout_text[:20000])[:2000] == tokens
+    assert tokenize(f16, heldout_text[:20000])[:2000] == tokens
     original = log_softmax(llama_logits(smollm2_gguf, tokens))
-    round_trip = log_softmax(llama_logits(tmp_path / "f16.gguf", tokens))
+    round_trip = log_softmax(llama_logits(f16, tokens))
     kl = (np.exp(original) * (original - round_trip)).sum(axis=-1)
     top1 = (original.argmax(-1) == round_trip.argmax(-1)).mean()
     assert kl.mean() <= 0.005, kl.mean()
@@ -127,19 +118,15 @@ def test_export_writes_a_loadable_checkpoint(smollm2_hf: Path) -> None:
         assert (smollm2_hf / name).is_file(), name
 
 
-def test_tokenizer_ids_on_converted_file_equal_hf(smollm2_hf: Path, tiny_f32: Path, heldout_text: str) -> None:
+def test_tokenizer_ids_on_converted_file_equal_hf(smollm2_tokenizer: Path, tiny_f32: Path, heldout_text: str) -> None:
     from tokenizers import Tokenizer
 
-    hf = Tokenizer.from_file(str(smollm2_hf / "tokenizer.json"))
+    hf = Tokenizer.from_file(str(smollm2_tokenizer / "tokenizer.json"))
     for paragraph in heldout_text[:60000].split("\n\n"):
         assert tokenize(tiny_f32, paragraph) == hf.encode(paragraph, add_special_tokens=False).ids
 
 
 # ---- bad input: one clear line on stderr, exit code 2, and no output file ----------------------
-
-def run_slim(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "slim.runtime.cli", *args], capture_output=True, text=True)
-
 
 def assert_clean_failure(result: subprocess.CompletedProcess[str], output: Path, words: str) -> None:
     assert result.returncode == 2, result.stderr
@@ -218,15 +205,12 @@ def test_export_bad_input(tmp_path: Path) -> None:
 
 # ---- llama.cpp's own converter as the oracle for the lossless types ----------------------------
 
-@pytest.mark.slow
 @pytest.mark.parametrize("type_name", ["F32", "F16", "BF16"])
-def test_float_types_match_convert_hf_to_gguf(tiny_hf: Path, type_name: str, tmp_path: Path) -> None:
+def test_float_types_match_convert_hf_to_gguf(tiny_hf: Path, llama_cpp_sources: Path, type_name: str,
+                                               tmp_path: Path) -> None:
     """`--type F16` writes what `convert_hf_to_gguf.py --outtype f16` writes (and F32, BF16 likewise),
     running the script that ships in the llama-cpp-python source package (fetched once, cached)."""
-    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
-    from llama_cpp_source import source_dir
-
-    script = source_dir() / "convert_hf_to_gguf.py"
+    script = llama_cpp_sources / "convert_hf_to_gguf.py"
     theirs = tmp_path / "theirs.gguf"
     subprocess.run([sys.executable, str(script), str(tiny_hf), "--outtype", type_name.lower(), "--outfile", str(theirs)],
                    check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import llama_logits, log_softmax, make_llama_checkpoint
+from helpers import llama_logits, log_softmax, make_llama_checkpoint, make_qwen2_checkpoint
+from helpers import run_slim as slim
 from slim.runtime.pipeline.convert import convert
 from slim.runtime.formats.mixes import mix
 
@@ -21,10 +22,6 @@ transformers = pytest.importorskip("transformers")
 
 from slim.runtime.train import distill as distill_lib  # noqa: E402  (needs torch)
 from slim.runtime.train import student as student_lib  # noqa: E402
-
-
-def slim(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "slim.runtime.cli", *args], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +34,8 @@ def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def teacher_hf(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_llama_checkpoint(tmp_path_factory.mktemp("teacher") / "hf", smollm2_hf, hidden=64, n_layer=3,
+def teacher_hf(smollm2_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_llama_checkpoint(tmp_path_factory.mktemp("teacher") / "hf", smollm2_tokenizer, hidden=64, n_layer=3,
                                  ffn=128, tied=True, seed=1)
 
 
@@ -50,35 +47,17 @@ def teacher_gguf(teacher_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="module")
-def student_hf(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_llama_checkpoint(tmp_path_factory.mktemp("student") / "hf", smollm2_hf, hidden=64, n_layer=2,
+def student_hf(smollm2_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_llama_checkpoint(tmp_path_factory.mktemp("student") / "hf", smollm2_tokenizer, hidden=64, n_layer=2,
                                  ffn=128, tied=True, seed=2)
 
 
-def qwen2_checkpoint(directory: Path, tokenizer_from: Path) -> Path:
-    config = transformers.Qwen2Config(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                                      rope_theta=10000.0)
-    torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(config)
-    with torch.no_grad():  # biases large enough to matter
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(0, 0.5)
-            elif param.ndim == 2:
-                param.normal_(0, 0.08)
-    model.save_pretrained(directory, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_from / name, directory / name)
-    return directory
-
-
 @pytest.mark.parametrize("kind", ["llama-tied", "llama", "qwen2"])
-def test_student_matches_transformers(kind: str, smollm2_hf: Path, tmp_path: Path) -> None:
+def test_student_matches_transformers(kind: str, smollm2_tokenizer: Path, tmp_path: Path) -> None:
     if kind == "qwen2":
-        hf = qwen2_checkpoint(tmp_path / "hf", smollm2_hf)
+        hf = make_qwen2_checkpoint(tmp_path / "hf", smollm2_tokenizer, hidden=64, ffn=128)
     else:
-        hf = make_llama_checkpoint(tmp_path / "hf", smollm2_hf, hidden=64, n_layer=2, ffn=128,
+        hf = make_llama_checkpoint(tmp_path / "hf", smollm2_tokenizer, hidden=64, n_layer=2, ffn=128,
                                    tied=kind == "llama-tied")
     tokens = torch.randint(0, 49152, (2, 48), generator=torch.Generator().manual_seed(0))
     ours = student_lib.load(hf)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import run_slim
 from slim.runtime import inference
 from slim.runtime.formats.gguf_file import check_gguf
 from slim.runtime.inference import ContextError, SamplingParams, TextAssembler
@@ -49,8 +50,7 @@ def no_template_gguf(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 def slim_run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "slim.runtime.cli", "run", *args], input=stdin,
-                          capture_output=True, text=True, timeout=300)
+    return run_slim("run", *args, input=stdin)
 
 
 # ---- text assembly (no model) --------------------------------------------------------------

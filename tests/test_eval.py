@@ -5,17 +5,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from slim.runtime.pipeline.convert import convert
-from slim.runtime.formats.mixes import mix
+from helpers import run_slim
 from slim.runtime.inference.evaluate import evaluate
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
-from llama_cpp_source import build_tool  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +22,13 @@ def text_file(heldout_text: str, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 def slim_eval(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "slim.runtime.cli", "eval", *args], capture_output=True, text=True)
+    return run_slim("eval", *args)
 
 
-@pytest.mark.slow
-def test_perplexity_equals_llama_perplexity(smollm2_gguf: Path, text_file: Path) -> None:
+def test_perplexity_equals_llama_perplexity(smollm2_gguf: Path, text_file: Path,
+                                            llama_tool: Callable[[str], Path]) -> None:
     """llama-perplexity is built once (cached under SLIM_HOME) from the sources llama-cpp-python vendors."""
-    binary = build_tool("llama-perplexity")
+    binary = llama_tool("llama-perplexity")
     run = subprocess.run([str(binary), "-m", str(smollm2_gguf), "-f", str(text_file), "-c", "256", "-t", "2"],
                          capture_output=True, text=True, check=True)
     theirs = float(re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", run.stderr + run.stdout).group(1))
@@ -40,11 +36,11 @@ def test_perplexity_equals_llama_perplexity(smollm2_gguf: Path, text_file: Path)
     assert abs(report.perplexity - theirs) / theirs < 1e-3, (report.perplexity, theirs)
 
 
-def test_divergence_orders_quantizations(smollm2_hf: Path, text_file: Path, tmp_path: Path) -> None:
-    for type_name in ("F16", "Q8_0", "Q4_0"):
-        convert(smollm2_hf, tmp_path / f"{type_name}.gguf", mix(type_name))
-    result = slim_eval(str(tmp_path / "Q8_0.gguf"), str(tmp_path / "Q4_0.gguf"), "--text", str(text_file),
-                       "--ctx", "256", "--reference", str(tmp_path / "F16.gguf"),
+def test_divergence_orders_quantizations(smollm2_converted: Callable[[str], Path], text_file: Path,
+                                         tmp_path: Path) -> None:
+    f16, q8_0, q4_0 = (smollm2_converted(type_name) for type_name in ("F16", "Q8_0", "Q4_0"))
+    result = slim_eval(str(q8_0), str(q4_0), "--text", str(text_file),
+                       "--ctx", "256", "--reference", str(f16),
                        "--save-logits", str(tmp_path / "f16.npz"), "--json")
     assert result.returncode == 0, result.stderr
     q8, q4 = json.loads(result.stdout)
@@ -53,14 +49,14 @@ def test_divergence_orders_quantizations(smollm2_hf: Path, text_file: Path, tmp_
     assert q8["perplexity"] > 1 and q8["bits_per_weight"] > q4["bits_per_weight"]
 
     # The saved reference gives the same numbers without loading the reference model again.
-    again = slim_eval(str(tmp_path / "Q4_0.gguf"), "--text", str(text_file), "--ctx", "256",
+    again = slim_eval(str(q4_0), "--text", str(text_file), "--ctx", "256",
                       "--reference-logits", str(tmp_path / "f16.npz"), "--json")
     assert again.returncode == 0, again.stderr
     saved = json.loads(again.stdout)[0]["divergence"]
     assert saved["top1_agreement"] == pytest.approx(q4["divergence"]["top1_agreement"], abs=0.01)
     assert saved["kl_mean"] == pytest.approx(q4["divergence"]["kl_mean"], rel=0.05)  # saved as float16
 
-    table = slim_eval(str(tmp_path / "Q8_0.gguf"), "--text", str(text_file), "--ctx", "256",
+    table = slim_eval(str(q8_0), "--text", str(text_file), "--ctx", "256",
                       "--reference-logits", str(tmp_path / "f16.npz"))
     assert "KL mean" in table.stdout and "Q8_0.gguf" in table.stdout
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -204,11 +205,9 @@ def test_bad_row_length_is_a_value_error(qtype: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def smollm2_weights() -> list[tuple[str, np.ndarray]]:
+def smollm2_weights(smollm2_gguf: Path) -> list[tuple[str, np.ndarray]]:
     """Every 2-D weight tensor of SmolLM2-135M-Instruct (Q4_1 GGUF), dequantized to float32 rows of 256."""
-    from slim.runtime.store.assets import fetch
-
-    reader = gguf.GGUFReader(fetch("smollm2-135m-instruct-q4_1.gguf"))
+    reader = gguf.GGUFReader(smollm2_gguf)
     weights = []
     for tensor in reader.tensors:
         if len(tensor.shape) == 2:
@@ -218,7 +217,6 @@ def smollm2_weights() -> list[tuple[str, np.ndarray]]:
     return weights
 
 
-@pytest.mark.slow
 @needs_ggml
 @pytest.mark.parametrize("qtype", list(QTYPES))
 def test_real_model_matches_c_oracle(qtype: str, smollm2_weights: list[tuple[str, np.ndarray]]) -> None:

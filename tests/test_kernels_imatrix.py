@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -271,15 +272,13 @@ def test_thorough_search_runs_numpy_and_refuses_the_ggml_backend() -> None:
 
 
 @pytest.fixture(scope="module")
-def smollm2_tensors() -> list[np.ndarray]:
+def smollm2_tensors(smollm2_gguf: Path) -> list[np.ndarray]:
     """The first 96 rows of three real weight matrices of SmolLM2-135M-Instruct (from its Q4_1 GGUF),
     as float32: ffn_down ones, whose rows of 1536 fit K-quant blocks (the model's 576-wide rows do
     not). Their values sit on Q4_1's grid, which a search judged by stored values can partly recover."""
     import gguf
 
-    from slim.runtime.store.assets import fetch
-
-    reader = gguf.GGUFReader(fetch("smollm2-135m-instruct-q4_1.gguf"))
+    reader = gguf.GGUFReader(smollm2_gguf)
     wanted = ("blk.0.ffn_down.weight", "blk.14.ffn_down.weight", "blk.29.ffn_down.weight")
     tensors = {t.name: t for t in reader.tensors if t.name in wanted}
     assert sorted(tensors) == sorted(wanted)

@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 
-from helpers import llama_logits, make_llama_checkpoint, tokenize
+from helpers import llama_logits, make_llama_checkpoint, run_slim, tokenize
 from slim import models
 from slim.runtime.pipeline.calibrate import Calibration, calibrate
 from slim.runtime.formats.checkpoint import Checkpoint, write_safetensors
@@ -32,13 +31,12 @@ SAMPLE = "The quick brown fox jumps over the lazy dog. Paris is the capital of F
 
 
 def slim_prune(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "slim.runtime.cli", "prune", *args, "--threads", "1", "-q"],
-                          capture_output=True, text=True)
+    return run_slim("prune", *args, "--threads", "1", "-q")
 
 
 @pytest.fixture(scope="module")
-def tiny_hf(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_llama_checkpoint(tmp_path_factory.mktemp("tiny") / "hf", smollm2_hf, n_layer=4, ffn=512)
+def tiny_hf(smollm2_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_llama_checkpoint(tmp_path_factory.mktemp("tiny") / "hf", smollm2_tokenizer, n_layer=4, ffn=512)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import make_llama_checkpoint
+from helpers import make_llama_checkpoint, run_slim
 from hubstub import HubStub
 from slim.runtime.formats.gguf_file import open_gguf
 
@@ -39,9 +39,8 @@ def pull(home: Path, endpoint: str, *args: str) -> subprocess.CompletedProcess[s
 
 
 def store_list(home: Path) -> dict:
-    env = {**os.environ, "SLIM_HOME": str(home / "slim")}
-    result = subprocess.run([sys.executable, "-m", "slim.runtime.cli", "list", "--json"], env=env,
-                            capture_output=True, text=True, check=True)
+    result = run_slim("list", "--json", env={"SLIM_HOME": str(home / "slim")})
+    assert result.returncode == 0, result.stderr
     return {row["name"]: row for row in json.loads(result.stdout)["models"]}
 
 
@@ -96,8 +95,8 @@ def test_pull_picks_gguf_by_type(smollm2_gguf: Path, home: Path, tmp_path: Path)
     assert not list((home / "slim" / "models" / ".downloads").iterdir())
 
 
-def test_pull_checkpoint_repo_converts(smollm2_hf: Path, home: Path, tmp_path: Path) -> None:
-    checkpoint = make_llama_checkpoint(tmp_path / "ckpt", smollm2_hf, hidden=256, n_layer=2, tied=True)
+def test_pull_checkpoint_repo_converts(smollm2_tokenizer: Path, home: Path, tmp_path: Path) -> None:
+    checkpoint = make_llama_checkpoint(tmp_path / "ckpt", smollm2_tokenizer, hidden=256, n_layer=2, tied=True)
     files = {p.name: p for p in checkpoint.iterdir()}
     with HubStub({"acme/Tiny-Llama": files}) as hub:
         result = pull(home, hub.endpoint, "acme/Tiny-Llama", "--json")

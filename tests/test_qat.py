@@ -5,14 +5,12 @@ can pick; llama.cpp runs it to the torch forward's logits."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import llama_logits, make_llama_checkpoint
+from helpers import llama_logits, make_llama_checkpoint, run_slim
 from slim import kernels
 from slim.kernels import grid as grids
 from slim.runtime.formats.gguf_file import open_gguf, tensor_array
@@ -62,16 +60,16 @@ def test_the_gradient_passes_straight_through() -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_256(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_256(smollm2_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Rows of 256 and 512: the K-quants fit."""
-    return make_llama_checkpoint(tmp_path_factory.mktemp("tiny256") / "hf", smollm2_hf, hidden=256, n_layer=1,
+    return make_llama_checkpoint(tmp_path_factory.mktemp("tiny256") / "hf", smollm2_tokenizer, hidden=256, n_layer=1,
                                  ffn=512, tied=True)
 
 
 @pytest.fixture(scope="module")
-def tiny_64(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_64(smollm2_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Rows of 64 and 128, as SmolLM2's 576: the K-quants fall back to Q5_0 and Q8_0."""
-    return make_llama_checkpoint(tmp_path_factory.mktemp("tiny64") / "hf", smollm2_hf, hidden=64, n_layer=2,
+    return make_llama_checkpoint(tmp_path_factory.mktemp("tiny64") / "hf", smollm2_tokenizer, hidden=64, n_layer=2,
                                  ffn=128, tied=False)
 
 
@@ -83,9 +81,9 @@ def tiny_64(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     ("Q4_1", "tiny_64", {"Q4_1", "Q8_0"}),
     ("Q5_1", "tiny_64", {"Q5_1", "Q8_0"}),
 ])
-def test_exported_gguf_holds_exactly_the_trained_weights(mix_name: str, model: str, types: set[str],
-                                                         request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    source = request.getfixturevalue(model)
+def test_exported_gguf_holds_exactly_the_trained_weights(mix_name: str, model: str, types: set[str], tiny_256: Path,
+                                                         tiny_64: Path, tmp_path: Path) -> None:
+    source = {"tiny_256": tiny_256, "tiny_64": tiny_64}[model]
     student = student_lib.load(source)
     plan = qat_lib.type_plan(student, mix(mix_name))
     attached = qat_lib.attach_grids(student, plan)
@@ -123,9 +121,8 @@ def test_exported_gguf_holds_exactly_the_trained_weights(mix_name: str, model: s
 
 @pytest.mark.parametrize("model", ["tiny_256", "tiny_64"])
 @pytest.mark.parametrize("with_imatrix", [False, True])
-def test_training_starts_from_exactly_the_post_training_quantization(model: str, with_imatrix: bool,
-                                                                     request: pytest.FixtureRequest,
-                                                                     tmp_path: Path) -> None:
+def test_training_starts_from_exactly_the_post_training_quantization(model: str, with_imatrix: bool, tiny_256: Path,
+                                                                     tiny_64: Path, tmp_path: Path) -> None:
     """Untrained, the grids give back slim convert's blocks byte for byte: QAT starts where
     post-training quantization ends (with the importance matrix too), even where the quantizer's
     codes are not the nearest ones."""
@@ -133,7 +130,7 @@ def test_training_starts_from_exactly_the_post_training_quantization(model: str,
     from slim.runtime.pipeline.calibrate import calibrate
     from slim.runtime.pipeline.convert import convert
 
-    source = request.getfixturevalue(model)
+    source = {"tiny_256": tiny_256, "tiny_64": tiny_64}[model]
     imatrix, calibration = None, None
     if with_imatrix:
         convert(source, tmp_path / "f32.gguf", mix("F32"))
@@ -163,10 +160,8 @@ def test_qat_cli_writes_a_gguf_of_the_mix(tiny_64: Path, tmp_path: Path) -> None
     text = tmp_path / "train.txt"
     text.write_text(assets.wiki_text("train").read_text(encoding="utf-8")[:8000], encoding="utf-8")
     out = tmp_path / "qat.gguf"
-    run = subprocess.run([sys.executable, "-m", "slim.runtime.cli", "qat", str(tiny_64), "--type", "Q4_K_M",
-                          "--text", str(text), "-o", str(out), "--steps", "3", "--seq-len", "64", "--lr", "1e-3",
-                          "--threads", "1", "--json", "--cache-dir", str(tmp_path / "cache")],
-                         capture_output=True, text=True)
+    run = run_slim("qat", str(tiny_64), "--type", "Q4_K_M", "--text", str(text), "-o", str(out), "--steps", "3",
+                   "--seq-len", "64", "--lr", "1e-3", "--threads", "1", "--json", "--cache-dir", str(tmp_path / "cache"))
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout)
     assert summary["steps"] == 3 and summary["output"] == str(out)
@@ -177,6 +172,5 @@ def test_qat_cli_writes_a_gguf_of_the_mix(tiny_64: Path, tmp_path: Path) -> None
     assert ours == {t.name: t.tensor_type.name for t in open_gguf(ptq).tensors}
     assert not list(tmp_path.glob(".qat.gguf*"))  # no temporary files left behind
 
-    bad = subprocess.run([sys.executable, "-m", "slim.runtime.cli", "qat", str(tiny_64), "--type", "F16",
-                          "--text", str(text), "-o", str(tmp_path / "f16.gguf")], capture_output=True, text=True)
+    bad = run_slim("qat", str(tiny_64), "--type", "F16", "--text", str(text), "-o", str(tmp_path / "f16.gguf"))
     assert bad.returncode == 2 and bad.stderr == "error: F16 is not quantized; QAT needs a quantized --type such as Q4_K_M\n"

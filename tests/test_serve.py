@@ -552,14 +552,14 @@ POOL_OPTIONS = dict(parallel=2, ctx=256, n_threads=1, n_batch=64)
 
 
 @pytest.fixture(scope="module")
-def tiny_ggufs(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+def tiny_ggufs(smollm2_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Two small random-weight models with SmolLM2's tokenizer (different seeds, so different
     answers), converted by slim to Q8_0."""
     paths = []
     for seed in (1, 2):
         folder = tmp_path_factory.mktemp(f"tiny{seed}")
-        hf = make_llama_checkpoint(folder / "hf", smollm2_hf, hidden=64, n_layer=2, n_head=2, n_head_kv=1, ffn=128,
-                                   seed=seed)
+        hf = make_llama_checkpoint(folder / "hf", smollm2_tokenizer, hidden=64, n_layer=2, n_head=2, n_head_kv=1,
+                                   ffn=128, seed=seed)
         convert(hf, folder / f"tiny{seed}.gguf", mix("Q8_0"))
         paths.append(folder / f"tiny{seed}.gguf")
     return paths

@@ -6,11 +6,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from helpers import run_slim
 
 
 @pytest.fixture()
@@ -22,8 +23,7 @@ def home(tmp_path: Path, smollm2_gguf: Path) -> Path:
 
 
 def slim(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "SLIM_HOME": str(home)}
-    return subprocess.run([sys.executable, "-m", "slim.runtime.cli", *args], capture_output=True, text=True, env=env)
+    return run_slim(*args, env={"SLIM_HOME": str(home)})
 
 
 def test_show_describes_the_default_model(home: Path) -> None:
