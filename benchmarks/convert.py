@@ -24,8 +24,8 @@ from pathlib import Path
 
 from llama_cpp_source import source_dir
 
-from slim.runtime.store import assets
 from slim.runtime.formats.mixes import mix
+from slim.runtime.store import assets
 
 
 def measure(command: list[str]) -> tuple[float, float]:
@@ -62,24 +62,50 @@ def main() -> None:
     args = parser.parse_args()
     src, llama_cpp = checkpoint(), source_dir()
     ftype = mix(args.type).ftype
-    quantize = ("import sys, ctypes, llama_cpp; p = llama_cpp.llama_model_quantize_default_params(); "
-                f"p.ftype = {ftype}; sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), "
-                "sys.argv[2].encode(), ctypes.byref(p)))")
+    quantize = (
+        "import sys, ctypes, llama_cpp; p = llama_cpp.llama_model_quantize_default_params(); "
+        f"p.ftype = {ftype}; sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), "
+        "sys.argv[2].encode(), ctypes.byref(p)))"
+    )
     results: dict[str, list[tuple[float, float]]] = {"convert_hf_to_gguf.py": [], "llama-quantize": [], "slim": []}
     with tempfile.TemporaryDirectory() as tmp:
         bf16, theirs, ours = Path(tmp) / "bf16.gguf", Path(tmp) / "theirs.gguf", Path(tmp) / "ours.gguf"
         for _ in range(args.repeat):
-            results["convert_hf_to_gguf.py"].append(measure(
-                [sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), str(src), "--outtype", "bf16",
-                 "--outfile", str(bf16)]))
+            results["convert_hf_to_gguf.py"].append(
+                measure(
+                    [
+                        sys.executable,
+                        str(llama_cpp / "convert_hf_to_gguf.py"),
+                        str(src),
+                        "--outtype",
+                        "bf16",
+                        "--outfile",
+                        str(bf16),
+                    ]
+                )
+            )
             results["llama-quantize"].append(measure([sys.executable, "-c", quantize, str(bf16), str(theirs)]))
-            results["slim"].append(measure([sys.executable, "-m", "slim.runtime.cli", "convert", str(src),
-                                            "-o", str(ours), "--type", args.type, "--quiet"]))
+            results["slim"].append(
+                measure(
+                    [
+                        sys.executable,
+                        "-m",
+                        "slim.runtime.cli",
+                        "convert",
+                        str(src),
+                        "-o",
+                        str(ours),
+                        "--type",
+                        args.type,
+                        "--quiet",
+                    ]
+                )
+            )
         from slim.runtime.formats.gguf_file import open_gguf
 
         identical = all(
             a.name == b.name and a.tensor_type == b.tensor_type and bytes(a.data) == bytes(b.data)
-            for a, b in zip(open_gguf(theirs).tensors, open_gguf(ours).tensors)
+            for a, b in zip(open_gguf(theirs).tensors, open_gguf(ours).tensors, strict=False)
         ) and len(open_gguf(theirs).tensors) == len(open_gguf(ours).tensors)
 
     best = {name: (min(w for w, _ in runs), max(m for _, m in runs)) for name, runs in results.items()}

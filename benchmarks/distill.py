@@ -25,8 +25,8 @@ from slim.runtime.store import assets
 
 def prepare(work: Path, threads: int) -> dict:
     """The HF export of the real model, its F16 GGUF (teacher and reference) and the texts."""
-    from slim.runtime.pipeline.convert import convert
     from slim.runtime.formats.mixes import mix
+    from slim.runtime.pipeline.convert import convert
     from slim.runtime.pipeline.export import export
 
     work.mkdir(parents=True, exist_ok=True)
@@ -35,8 +35,12 @@ def prepare(work: Path, threads: int) -> dict:
         export(assets.fetch("smollm2-135m-instruct-q4_1.gguf"), hf, "F32")
     if not f16.exists():
         convert(hf, f16, mix("F16"), threads=threads)
-    return {"hf": hf, "f16": f16, "train": assets.wiki_text("train").read_text(encoding="utf-8"),
-            "test": assets.wiki_text("test").read_text(encoding="utf-8")}
+    return {
+        "hf": hf,
+        "f16": f16,
+        "train": assets.wiki_text("train").read_text(encoding="utf-8"),
+        "test": assets.wiki_text("test").read_text(encoding="utf-8"),
+    }
 
 
 def held_out(text: str, chunks: int) -> str:
@@ -48,30 +52,37 @@ def score(model: Path, text: str, threads: int, reference: Path | None = None) -
     from slim.runtime.inference.evaluate import evaluate
 
     report, _ = evaluate(model, text, n_ctx=512, reference=reference, n_threads=threads)
-    row = {"model": model.name, "size_mb": report.size_bytes / 1e6, "ppl": report.perplexity,
-           "ppl_err": report.perplexity_error, "tokens": report.tokens_scored}
+    row = {
+        "model": model.name,
+        "size_mb": report.size_bytes / 1e6,
+        "ppl": report.perplexity,
+        "ppl_err": report.perplexity_error,
+        "tokens": report.tokens_scored,
+    }
     if report.divergence:
-        row.update(kl_mean=report.divergence.kl_mean, kl_p99=report.divergence.kl_p99,
-                   top1=report.divergence.top1_agreement)
+        row.update(
+            kl_mean=report.divergence.kl_mean, kl_p99=report.divergence.kl_p99, top1=report.divergence.top1_agreement
+        )
     return row
 
 
 def heal(work: Path, args: argparse.Namespace) -> dict:
     from slim import models
-    from slim.runtime.pipeline.calibrate import calibrate
     from slim.runtime.formats.checkpoint import Checkpoint
-    from slim.runtime.pipeline.convert import convert
     from slim.runtime.formats.mixes import mix
-    from slim.runtime.train.distill import distill, teacher_targets
+    from slim.runtime.pipeline.calibrate import calibrate
+    from slim.runtime.pipeline.convert import convert
     from slim.runtime.pipeline.prune import plan_layers, prune_checkpoint
+    from slim.runtime.train.distill import distill, teacher_targets
 
     data = prepare(work, args.threads)
     test = held_out(data["test"], args.eval_chunks)
     pruned, healed = work / "pruned-hf", work / "healed-hf"
     arch = models.for_hf_config(Checkpoint(data["hf"]).config)
     if not pruned.exists():
-        calibration = calibrate(data["f16"], data["train"][:200_000], ctx=512, chunks=8, threads=args.threads,
-                                hidden_states=True)
+        calibration = calibrate(
+            data["f16"], data["train"][:200_000], ctx=512, chunks=8, threads=args.threads, hidden_states=True
+        )
         plan = plan_layers(arch, calibration, 4)
         prune_checkpoint(data["hf"], pruned, plan)
         (work / "pruned-blocks.json").write_text(json.dumps(plan.removed_blocks))
@@ -86,27 +97,45 @@ def heal(work: Path, args: argparse.Namespace) -> dict:
     teacher_targets(data["f16"], train_text, args.seq_len, 32, threads=args.threads, cache_dir=work / "cache")
     # the whole run, teacher pass included, gets --heal-minutes; a minute is kept for writing the result
     budget = args.heal_minutes * 60 - (time.perf_counter() - started) - 60
-    summary = distill(data["f16"], pruned, train_text, healed, steps=args.heal_steps,
-                      lr=args.lr, seq_len=args.seq_len, batch_size=args.batch_size, alpha=args.alpha,
-                      temperature=1.0, threads=args.threads, time_limit=budget,
-                      cache_dir=work / "cache", mix=mix("F16"),
-                      progress=lambda step, total, loss: print(f"heal step {step}/{total} loss {loss:.4f}",
-                                                               flush=True))
+    summary = distill(
+        data["f16"],
+        pruned,
+        train_text,
+        healed,
+        steps=args.heal_steps,
+        lr=args.lr,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        alpha=args.alpha,
+        temperature=1.0,
+        threads=args.threads,
+        time_limit=budget,
+        cache_dir=work / "cache",
+        mix=mix("F16"),
+        progress=lambda step, total, loss: print(f"heal step {step}/{total} loss {loss:.4f}", flush=True),
+    )
     wall = time.perf_counter() - started
     after = score(Path(summary.gguf), test, args.threads)
     loss = before["ppl"] - full["ppl"]
-    result = {"removed_blocks": removed, "full": full, "pruned": before, "healed": after,
-              "steps": summary.steps, "tokens": summary.tokens_trained, "wall_s": wall,
-              "recovered": (before["ppl"] - after["ppl"]) / loss if loss else None}
+    result = {
+        "removed_blocks": removed,
+        "full": full,
+        "pruned": before,
+        "healed": after,
+        "steps": summary.steps,
+        "tokens": summary.tokens_trained,
+        "wall_s": wall,
+        "recovered": (before["ppl"] - after["ppl"]) / loss if loss else None,
+    }
     (work / "heal.json").write_text(json.dumps(result, indent=2))
     return result
 
 
 def qat_part(work: Path, args: argparse.Namespace) -> dict:
-    from slim.runtime.pipeline.calibrate import calibrate
-    from slim.runtime.pipeline.convert import convert
     from slim.runtime.formats.mixes import mix
     from slim.runtime.inference.evaluate import ReferenceLogits
+    from slim.runtime.pipeline.calibrate import calibrate
+    from slim.runtime.pipeline.convert import convert
     from slim.runtime.train.qat import qat
 
     data = prepare(work, args.threads)
@@ -119,18 +148,35 @@ def qat_part(work: Path, args: argparse.Namespace) -> dict:
     convert(data["hf"], ptq_im, mix("Q4_K_M"), imatrix=imatrix, threads=args.threads)
 
     from slim.runtime.inference.evaluate import evaluate
+
     _, reference = evaluate(ptq, test, n_ctx=512, reference=data["f16"], n_threads=args.threads)
     assert isinstance(reference, ReferenceLogits)
-    rows = [score(data["f16"], test, args.threads), score(ptq, test, args.threads, reference),
-            score(ptq_im, test, args.threads, reference)]
+    rows = [
+        score(data["f16"], test, args.threads),
+        score(ptq, test, args.threads, reference),
+        score(ptq_im, test, args.threads, reference),
+    ]
     out = work / "qat-q4_k_m.gguf"
     out.unlink(missing_ok=True)
     started = time.perf_counter()
-    summary = qat(data["hf"], mix("Q4_K_M"), data["train"][: args.train_chars], out, teacher=data["f16"],
-                  imatrix=imatrix, steps=args.qat_steps, lr=args.qat_lr, seq_len=args.seq_len,
-                  batch_size=args.batch_size, alpha=args.qat_alpha, temperature=1.0, threads=args.threads,
-                  time_limit=args.qat_minutes * 60, cache_dir=work / "cache",
-                  progress=lambda step, total, loss: print(f"qat step {step}/{total} loss {loss:.4f}", flush=True))
+    summary = qat(
+        data["hf"],
+        mix("Q4_K_M"),
+        data["train"][: args.train_chars],
+        out,
+        teacher=data["f16"],
+        imatrix=imatrix,
+        steps=args.qat_steps,
+        lr=args.qat_lr,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        alpha=args.qat_alpha,
+        temperature=1.0,
+        threads=args.threads,
+        time_limit=args.qat_minutes * 60,
+        cache_dir=work / "cache",
+        progress=lambda step, total, loss: print(f"qat step {step}/{total} loss {loss:.4f}", flush=True),
+    )
     wall = time.perf_counter() - started
     rows.append(score(out, test, args.threads, reference))
     result = {"rows": rows, "steps": summary.steps, "tokens": summary.tokens_trained, "wall_s": wall}
@@ -141,8 +187,10 @@ def qat_part(work: Path, args: argparse.Namespace) -> dict:
 def report(work: Path) -> None:
     if (work / "heal.json").exists():
         h = json.loads((work / "heal.json").read_text())
-        print(f"Healing: blocks {h['removed_blocks']} removed; {h['steps']} steps, {h['tokens']} tokens, "
-              f"{h['wall_s'] / 60:.1f} min wall-clock (teacher pass included)\n")
+        print(
+            f"Healing: blocks {h['removed_blocks']} removed; {h['steps']} steps, {h['tokens']} tokens, "
+            f"{h['wall_s'] / 60:.1f} min wall-clock (teacher pass included)\n"
+        )
         print("| model | PPL | ± |\n|---|---:|---:|")
         for key in ("full", "pruned", "healed"):
             print(f"| {key} ({h[key]['model']}) | {h[key]['ppl']:.3f} | {h[key]['ppl_err']:.3f} |")
@@ -152,8 +200,7 @@ def report(work: Path) -> None:
         print(f"QAT: {q['steps']} steps, {q['tokens']} tokens, {q['wall_s'] / 60:.1f} min wall-clock\n")
         print("| model | size MB | PPL | KL mean vs F16 | KL p99 | top-1 |\n|---|---:|---:|---:|---:|---:|")
         for r in q["rows"]:
-            kl = (f"{r['kl_mean']:.5f} | {r['kl_p99']:.4f} | {100 * r['top1']:.2f}%" if "kl_mean" in r
-                  else "- | - | -")
+            kl = f"{r['kl_mean']:.5f} | {r['kl_p99']:.4f} | {100 * r['top1']:.2f}%" if "kl_mean" in r else "- | - | -"
             print(f"| {r['model']} | {r['size_mb']:.1f} | {r['ppl']:.3f} | {kl} |")
 
 

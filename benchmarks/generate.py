@@ -65,8 +65,9 @@ def llama_cpp_python_side(path: Path, threads: int, n_ctx: int, extra_buffers: b
 
     high_level.llama_cpp.llama_model_default_params = model_params
     try:
-        llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                              n_batch=512, verbose=False)
+        llm = llama_cpp.Llama(
+            str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False
+        )
     finally:
         high_level.llama_cpp.llama_model_default_params = defaults
 
@@ -90,14 +91,28 @@ def find_llama_bench(given: str | None) -> Path:
     return build_tool("llama-bench")
 
 
-def llama_bench(binary: Path, path: Path, threads: int, tokens: int, repeat: int,
-                library_dir: Path | None = None) -> tuple[float | str, str]:
+def llama_bench(
+    binary: Path, path: Path, threads: int, tokens: int, repeat: int, library_dir: Path | None = None
+) -> tuple[float | str, str]:
     """llama-bench's tg<tokens> average (tokens/s) and the options it ran with. With library_dir,
     its libllama/libggml come from there (LD_LIBRARY_PATH beats the binary's RUNPATH): the same
     build slim and llama-cpp-python run on. Retried with --repack 0 if it fails (a build with
     ggml's AMX kernels can crash in them, see inference.Model)."""
-    command = [str(binary), "-m", str(path), "-t", str(threads), "-p", "0", "-n", str(tokens),
-               "-r", str(repeat), "-o", "json"]
+    command = [
+        str(binary),
+        "-m",
+        str(path),
+        "-t",
+        str(threads),
+        "-p",
+        "0",
+        "-n",
+        str(tokens),
+        "-r",
+        str(repeat),
+        "-o",
+        "json",
+    ]
     env = dict(os.environ)
     if library_dir is not None:
         env["LD_LIBRARY_PATH"] = f"{library_dir}:{env.get('LD_LIBRARY_PATH', '')}".rstrip(":")
@@ -166,15 +181,38 @@ def timed_process(command: list[str]) -> tuple[float, float, str]:
     return elapsed, cpu, run.stdout.decode("utf-8", "replace").strip()
 
 
-def whole_processes(path: Path, threads: int, n_ctx: int, tokens: int, prompt: str, extra_buffers: bool,
-                    runs: int) -> dict[str, tuple[list[float], list[float], str]]:
+def whole_processes(
+    path: Path, threads: int, n_ctx: int, tokens: int, prompt: str, extra_buffers: bool, runs: int
+) -> dict[str, tuple[list[float], list[float], str]]:
     """Per side ("slim", "llama-cpp-python"): the wall and CPU seconds of its whole processes, run
     taking turns, and the text it printed last."""
     commands = {
-        "slim": slim_command() + ["run", str(path), prompt, "--raw", "--temperature", "0", "-n", str(tokens),
-                                  "--threads", str(threads), "--ctx", str(n_ctx)],
-        "llama-cpp-python": [sys.executable, "-c", LLAMA_CPP_PYTHON_SCRIPT, str(path), str(threads), str(n_ctx),
-                             str(tokens), prompt, "1" if extra_buffers else "0"],
+        "slim": slim_command()
+        + [
+            "run",
+            str(path),
+            prompt,
+            "--raw",
+            "--temperature",
+            "0",
+            "-n",
+            str(tokens),
+            "--threads",
+            str(threads),
+            "--ctx",
+            str(n_ctx),
+        ],
+        "llama-cpp-python": [
+            sys.executable,
+            "-c",
+            LLAMA_CPP_PYTHON_SCRIPT,
+            str(path),
+            str(threads),
+            str(n_ctx),
+            str(tokens),
+            prompt,
+            "1" if extra_buffers else "0",
+        ],
     }
     for command in commands.values():  # warm-up: page in the weights and the libraries
         timed_process(command)
@@ -220,13 +258,17 @@ def decode_comparison(path: Path, args: argparse.Namespace, n_ctx: int, extra_bu
     print()
     print(f"{'generation (tokens/s)':<40}{'median':>10}{'runs':>36}{'slim / it':>12}")
     print(f"{'slim engine':<40}{slim_tps:>10.1f}{' '.join(f'{t:.1f}' for _, t in slim_runs):>36}{'':>12}")
-    print(f"{'llama-cpp-python create_completion':<40}{llama_tps:>10.1f}"
-          f"{' '.join(f'{t:.1f}' for _, t in llama_runs):>36}{slim_tps / llama_tps:>12.2f}")
+    print(
+        f"{'llama-cpp-python create_completion':<40}{llama_tps:>10.1f}"
+        f"{' '.join(f'{t:.1f}' for _, t in llama_runs):>36}{slim_tps / llama_tps:>12.2f}"
+    )
     for label, runs in bench_runs.items():
         if runs:
             value = statistics.median(runs)
-            print(f"{label:<40}{value:>10.1f}{' '.join(f'{t:.1f}' for t in runs):>36}{slim_tps / value:>12.2f}"
-                  + (f"  ({bench_notes[label]})" if bench_notes[label] != "defaults" else ""))
+            print(
+                f"{label:<40}{value:>10.1f}{' '.join(f'{t:.1f}' for t in runs):>36}{slim_tps / value:>12.2f}"
+                + (f"  ({bench_notes[label]})" if bench_notes[label] != "defaults" else "")
+            )
         else:
             print(f"{label}: {bench_notes[label]}")
     print()
@@ -243,12 +285,15 @@ def main() -> None:
     parser.add_argument("--ttft-runs", type=int, default=5)
     parser.add_argument("--whole-tokens", type=int, default=160, help="tokens of each whole-process run")
     parser.add_argument("--whole-runs", type=int, default=5, help="whole-process runs of each side")
-    parser.add_argument("--startup-only", action="store_true",
-                        help="only the first token and the whole processes (no generation table, no llama-bench)")
+    parser.add_argument(
+        "--startup-only",
+        action="store_true",
+        help="only the first token and the whole processes (no generation table, no llama-bench)",
+    )
     args = parser.parse_args()
 
-    from slim.runtime.store import assets
     from slim.runtime import inference
+    from slim.runtime.store import assets
 
     path = Path(args.model) if args.model else assets.fetch("smollm2-135m-instruct-q4_1.gguf")
     n_ctx = 1024
@@ -267,15 +312,16 @@ def main() -> None:
         seconds, reply = time_to_first_token(path, args.threads)
         ttfts.append(seconds)
     ttft = statistics.median(ttfts)
-    whole = whole_processes(path, args.threads, n_ctx, args.whole_tokens, args.prompt, extra_buffers,
-                            args.whole_runs)
+    whole = whole_processes(path, args.threads, n_ctx, args.whole_tokens, args.prompt, extra_buffers, args.whole_runs)
     model = inference.load(path, n_ctx=n_ctx, n_threads=args.threads)
     printed = {side: len(model.tokenize(text, add_special=False)) for side, (_, _, text) in whole.items()}
     model.close()
 
     print(f"load average after: {os.getloadavg()[0]:.2f}")
-    print(f"slim run, process start -> first token: median {ttft:.2f} s "
-          f"(runs {' '.join(f'{t:.2f}' for t in ttfts)}; target < 1.5 s)")
+    print(
+        f"slim run, process start -> first token: median {ttft:.2f} s "
+        f"(runs {' '.join(f'{t:.2f}' for t in ttfts)}; target < 1.5 s)"
+    )
     print()
     print(f"whole process, --max-tokens {args.whole_tokens}, start to exit; median of {args.whole_runs}")
     print(f"{'':<32}{'wall s':>8}{'CPU s':>8}{'tokens':>8}   wall runs")
@@ -283,11 +329,15 @@ def main() -> None:
     for side, label in (("slim", "slim run --raw"), ("llama-cpp-python", "llama-cpp-python script")):
         walls, cpus, _ = whole[side]
         medians[side] = statistics.median(walls), statistics.median(cpus)
-        print(f"{label:<32}{medians[side][0]:>8.2f}{medians[side][1]:>8.2f}{printed[side]:>8}   "
-              + " ".join(f"{t:.2f}" for t in walls))
+        print(
+            f"{label:<32}{medians[side][0]:>8.2f}{medians[side][1]:>8.2f}{printed[side]:>8}   "
+            + " ".join(f"{t:.2f}" for t in walls)
+        )
     (slim_wall, slim_cpu), (script_wall, script_cpu) = medians["slim"], medians["llama-cpp-python"]
-    print(f"slim run / llama-cpp-python script, speed: {script_wall / slim_wall:.2f}x by wall time "
-          f"(target at least 1.0x), {script_cpu / slim_cpu:.2f}x by CPU time")
+    print(
+        f"slim run / llama-cpp-python script, speed: {script_wall / slim_wall:.2f}x by wall time "
+        f"(target at least 1.0x), {script_cpu / slim_cpu:.2f}x by CPU time"
+    )
     print("(tokens: the printed text retokenized; greedy on the same libllama can part ways on a near-tie)")
 
 

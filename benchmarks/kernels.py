@@ -24,6 +24,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from functools import partial  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -73,52 +74,62 @@ def main() -> None:
     rows = max(1, args.weights // ROW_LENGTH)
     x = (np.random.default_rng(0).standard_normal((rows, ROW_LENGTH)) * 0.02).astype(np.float32)
     has_c = ggml.available()
-    print(f"{x.size:,} Gaussian weights in rows of {ROW_LENGTH}, best of {args.repeats}, one thread"
-          + ("" if has_c else "; llama-cpp-python missing, so no C column"))
+    print(
+        f"{x.size:,} Gaussian weights in rows of {ROW_LENGTH}, best of {args.repeats}, one thread"
+        + ("" if has_c else "; llama-cpp-python missing, so no C column")
+    )
     print(f"{'type':<6} {'numpy Mw/s':>11} {'C Mw/s':>9} {'numpy/C':>8}  same bytes")
     for name in args.types.split(","):
         cls = QTYPES[name.strip().upper()]
-        numpy_s, numpy_bytes = best_seconds(lambda: quantize(x, cls.name, backend="numpy"), args.repeats)
+        numpy_s, numpy_bytes = best_seconds(partial(quantize, x, cls.name, backend="numpy"), args.repeats)
         numpy_rate = x.size / numpy_s / 1e6
         if not has_c:
             print(f"{cls.name:<6} {numpy_rate:11.1f} {'-':>9} {'-':>8}  -")
             continue
-        c_s, c_bytes = best_seconds(lambda: ggml.quantize_rows(x, cls.ggml_type), args.repeats)
+        c_s, c_bytes = best_seconds(partial(ggml.quantize_rows, x, cls.ggml_type), args.repeats)
         c_rate = x.size / c_s / 1e6
         same = "yes" if np.array_equal(numpy_bytes, c_bytes) else "NO"
         print(f"{cls.name:<6} {numpy_rate:11.1f} {c_rate:9.1f} {numpy_rate / c_rate:8.2f}  {same}")
 
     importance = activation_importance(ROW_LENGTH, np.random.default_rng(1))
-    weighted = [name.strip().upper() for name in args.types.split(",")
-                if name.strip().upper() in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")]
+    weighted = [
+        name.strip().upper()
+        for name in args.types.split(",")
+        if name.strip().upper() in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+    ]
     print("\nwith an importance matrix (llama-quantize --imatrix)")
     print(f"{'type':<6} {'numpy Mw/s':>11} {'C Mw/s':>9} {'numpy/C':>8}  same bytes")
     for name in weighted:
         numpy_s, numpy_bytes = best_seconds(
-            lambda: quantize(x, name, importance=importance, backend="numpy"), args.repeats)
+            partial(quantize, x, name, importance=importance, backend="numpy"), args.repeats
+        )
         numpy_rate = x.size / numpy_s / 1e6
         if not has_c:
             print(f"{name:<6} {numpy_rate:11.1f} {'-':>9} {'-':>8}  -")
             continue
-        c_s, c_bytes = best_seconds(
-            lambda: ggml.quantize_rows(x, QTYPES[name].ggml_type, importance), args.repeats)
+        c_s, c_bytes = best_seconds(partial(ggml.quantize_rows, x, QTYPES[name].ggml_type, importance), args.repeats)
         c_rate = x.size / c_s / 1e6
         same = "yes" if np.array_equal(numpy_bytes, c_bytes) else "NO"
         print(f"{name:<6} {numpy_rate:11.1f} {c_rate:9.1f} {numpy_rate / c_rate:8.2f}  {same}")
 
     thorough = [name for name in weighted if "thorough" in QTYPES[name].searches]
     print('\nsearch="thorough" against the reference search (numpy, both)')
-    print(f"{'type':<6} {'imatrix':<8} {'ref Mw/s':>9} {'thorough Mw/s':>14} {'slowdown':>9} "
-          f"{'error thorough/ref':>19}")
+    print(
+        f"{'type':<6} {'imatrix':<8} {'ref Mw/s':>9} {'thorough Mw/s':>14} {'slowdown':>9} {'error thorough/ref':>19}"
+    )
     for name in thorough:
         for imatrix in (None, importance):
             ref_s, ref_bytes = best_seconds(
-                lambda: quantize(x, name, importance=imatrix, backend="numpy"), args.repeats)
+                partial(quantize, x, name, importance=imatrix, backend="numpy"), args.repeats
+            )
             thorough_s, thorough_bytes = best_seconds(
-                lambda: quantize(x, name, importance=imatrix, search="thorough"), args.repeats)
+                partial(quantize, x, name, importance=imatrix, search="thorough"), args.repeats
+            )
             ratio = search_error(x, thorough_bytes, name, imatrix) / search_error(x, ref_bytes, name, imatrix)
-            print(f"{name:<6} {'no' if imatrix is None else 'yes':<8} {x.size / ref_s / 1e6:9.1f} "
-                  f"{x.size / thorough_s / 1e6:14.1f} {thorough_s / ref_s:8.1f}x {ratio:19.4f}")
+            print(
+                f"{name:<6} {'no' if imatrix is None else 'yes':<8} {x.size / ref_s / 1e6:9.1f} "
+                f"{x.size / thorough_s / 1e6:14.1f} {thorough_s / ref_s:8.1f}x {ratio:19.4f}"
+            )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,12 @@ def main() -> None:
     parser.add_argument("--eval-chunks", type=int, default=20)
     parser.add_argument("--type", default="F16", help="GGUF type every model is evaluated and timed as")
     parser.add_argument("--remove", type=int, nargs="+", default=[2, 4, 6])
-    parser.add_argument("--speed-threads", type=int, default=1,
-                        help="threads for the speed runs (one thread suffers least from a busy machine)")
+    parser.add_argument(
+        "--speed-threads",
+        type=int,
+        default=1,
+        help="threads for the speed runs (one thread suffers least from a busy machine)",
+    )
     parser.add_argument("--tokens", type=int, default=128, help="tokens generated per speed run")
     parser.add_argument("--repeat", type=int, default=5, help="speed rounds; the median is reported")
     parser.add_argument("--skip", default="", help="comma-separated: unstructured, layers, width")
@@ -53,20 +57,22 @@ def main() -> None:
     import gguf
 
     from slim import models
-    from slim.runtime.store import assets
     from slim.runtime import inference
-    from slim.runtime.pipeline.calibrate import calibrate
     from slim.runtime.formats.checkpoint import Checkpoint
-    from slim.runtime.pipeline.convert import convert
     from slim.runtime.formats.mixes import mix
     from slim.runtime.inference.evaluate import evaluate
+    from slim.runtime.pipeline.calibrate import calibrate
+    from slim.runtime.pipeline.convert import convert
     from slim.runtime.pipeline.export import export
     from slim.runtime.pipeline.prune import Plan, plan_layers, plan_unstructured, plan_width, prune_checkpoint
+    from slim.runtime.store import assets
 
     work = Path(args.work or tempfile.mkdtemp(prefix="slim-prune-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"SmolLM2-135M-Instruct (from the Q4_1 asset), {args.threads} threads, --type {args.type}, "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"SmolLM2-135M-Instruct (from the Q4_1 asset), {args.threads} threads, --type {args.type}, "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
     source = work / "hf"
     if not source.exists():
         export(assets.fetch("smollm2-135m-instruct-q4_1.gguf"), source, "F32")
@@ -80,9 +86,17 @@ def main() -> None:
         convert(source, f16, mix("F16"))
 
     started = time.perf_counter()
-    calibration = calibrate(f16, assets.wiki_text("train").read_text(encoding="utf-8"), ctx=args.ctx,
-                            chunks=args.cal_chunks, threads=args.threads, hidden_states="layers" not in skip)
-    print(f"calibration: {calibration.chunk_count} chunks of {args.ctx} tokens in {time.perf_counter() - started:.0f} s")
+    calibration = calibrate(
+        f16,
+        assets.wiki_text("train").read_text(encoding="utf-8"),
+        ctx=args.ctx,
+        chunks=args.cal_chunks,
+        threads=args.threads,
+        hidden_states="layers" not in skip,
+    )
+    print(
+        f"calibration: {calibration.chunk_count} chunks of {args.ctx} tokens in {time.perf_counter() - started:.0f} s"
+    )
     held_out = assets.wiki_text("test").read_text(encoding="utf-8")[: args.eval_chunks * args.ctx * 5]
 
     def perplexity(path: Path) -> tuple[float, float, int]:
@@ -106,17 +120,21 @@ def main() -> None:
 
     if "unstructured" not in skip:
         print("| unstructured | perplexity |\n|---|---:|")
-        for label, method, amount in (("50% magnitude", "magnitude", {"sparsity": 0.5}),
-                                      ("50% Wanda", "wanda", {"sparsity": 0.5}),
-                                      ("2:4 magnitude", "magnitude", {"pattern": (2, 4)}),
-                                      ("2:4 Wanda", "wanda", {"pattern": (2, 4)})):
+        for label, method, amount in (
+            ("50% magnitude", "magnitude", {"sparsity": 0.5}),
+            ("50% Wanda", "wanda", {"sparsity": 0.5}),
+            ("2:4 magnitude", "magnitude", {"pattern": (2, 4)}),
+            ("2:4 Wanda", "wanda", {"pattern": (2, 4)}),
+        ):
             plan = plan_unstructured(arch, method, calibration=calibration, **amount)
             row(label, build(label.replace(" ", "-").replace("%", "").replace(":", "of"), plan)[1])
         print()
 
     if "layers" not in skip:
-        print("| blocks removed | chosen (angular) | perplexity | chosen (influence) | perplexity | evenly spaced "
-              "| perplexity | GGUF MB | size / dense | tokens/s | speed / dense |")
+        print(
+            "| blocks removed | chosen (angular) | perplexity | chosen (influence) | perplexity | evenly spaced "
+            "| perplexity | GGUF MB | size / dense | tokens/s | speed / dense |"
+        )
         print("|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|")
         timed = {"dense": dense}
         lines = []
@@ -125,25 +143,41 @@ def main() -> None:
             influence = plan_layers(arch, calibration, k, "influence")
             even = Plan("layers", removed_blocks=evenly_spaced(arch.n_layer, k))
             chosen = build(f"layers-{k}-angular", angular)[1]
-            cells = [str(k), " ".join(map(str, angular.removed_blocks)), f"{perplexity(chosen)[0]:.2f}",
-                     " ".join(map(str, influence.removed_blocks))]
-            cells.append(f"{perplexity(build(f'layers-{k}-influence', influence)[1])[0]:.2f}"
-                         if influence.removed_blocks != angular.removed_blocks else "same")
-            cells += [" ".join(map(str, even.removed_blocks)), f"{perplexity(build(f'layers-{k}-even', even)[1])[0]:.2f}"]
+            cells = [
+                str(k),
+                " ".join(map(str, angular.removed_blocks)),
+                f"{perplexity(chosen)[0]:.2f}",
+                " ".join(map(str, influence.removed_blocks)),
+            ]
+            cells.append(
+                f"{perplexity(build(f'layers-{k}-influence', influence)[1])[0]:.2f}"
+                if influence.removed_blocks != angular.removed_blocks
+                else "same"
+            )
+            cells += [
+                " ".join(map(str, even.removed_blocks)),
+                f"{perplexity(build(f'layers-{k}-even', even)[1])[0]:.2f}",
+            ]
             timed[f"K={k}"] = chosen
             lines.append(cells)
             print("| " + " | ".join(cells) + " |", flush=True)
         speeds = generation_speeds(inference, timed, args.speed_threads, args.tokens, args.repeat)
-        print(f"\nwith sizes and generation speeds ({args.speed_threads} thread(s), {args.tokens} tokens, "
-              f"median of {args.repeat}):")
+        print(
+            f"\nwith sizes and generation speeds ({args.speed_threads} thread(s), {args.tokens} tokens, "
+            f"median of {args.repeat}):"
+        )
         dense_mb = dense.stat().st_size / 1e6
         print(f"| dense | {dense_mb:.1f} | 1.00 | {speeds['dense']:.1f} | 1.00 |")
-        for cells, k in zip(lines, args.remove):
+        for cells, k in zip(lines, args.remove, strict=False):
             mb = timed[f"K={k}"].stat().st_size / 1e6
-            print("| " + " | ".join(cells) + f" | {mb:.1f} | {mb / dense_mb:.3f} | {speeds[f'K={k}']:.1f} | "
-                  f"{speeds[f'K={k}'] / speeds['dense']:.2f} |")
-        print("expected size / dense for K blocks: " + ", ".join(
-            f"K={k}: {1 - k * block_bytes(dense, 0) / dense.stat().st_size:.3f}" for k in args.remove))
+            print(
+                "| " + " | ".join(cells) + f" | {mb:.1f} | {mb / dense_mb:.3f} | {speeds[f'K={k}']:.1f} | "
+                f"{speeds[f'K={k}'] / speeds['dense']:.2f} |"
+            )
+        print(
+            "expected size / dense for K blocks: "
+            + ", ".join(f"K={k}: {1 - k * block_bytes(dense, 0) / dense.stat().st_size:.3f}" for k in args.remove)
+        )
         print()
 
     if "width" not in skip:
@@ -155,8 +189,10 @@ def main() -> None:
         print("| width | FFN | parameters | GGUF MB | perplexity | loads in transformers | transformers vs llama.cpp |")
         print("|---|---:|---:|---:|---:|---|---|")
         n_params = sum(int(t.n_elements) for t in gguf.GGUFReader(path).tensors)
-        print(f"| FFN 0.75 | {len(next(iter(plan.ffn_kept.values())))} | {n_params / 1e6:.1f}M | {mb:.1f} "
-              f"| {ppl:.2f} | yes | {agreement} |")
+        print(
+            f"| FFN 0.75 | {len(next(iter(plan.ffn_kept.values())))} | {n_params / 1e6:.1f}M | {mb:.1f} "
+            f"| {ppl:.2f} | yes | {agreement} |"
+        )
     print(f"\nload average after: {os.getloadavg()[0]:.2f}; intermediate models in {work}")
 
 

@@ -20,12 +20,12 @@ from pathlib import Path
 
 from llama_cpp_source import build_tool
 
-from slim.runtime.store import assets
-from slim.runtime.pipeline.calibrate import Calibration, calibrate
-from slim.runtime.pipeline.convert import convert
 from slim.runtime.formats.mixes import mix
 from slim.runtime.inference.evaluate import evaluate
+from slim.runtime.pipeline.calibrate import Calibration, calibrate
+from slim.runtime.pipeline.convert import convert
 from slim.runtime.pipeline.export import export
+from slim.runtime.store import assets
 
 
 def main() -> None:
@@ -46,8 +46,14 @@ def main() -> None:
         convert(work / "hf", f16, mix("F16"))
 
         start = time.perf_counter()
-        cal = calibrate(f16, train.read_text(encoding="utf-8"), ctx=512, chunks=args.chunks, threads=args.threads,
-                        dataset=train.name)
+        cal = calibrate(
+            f16,
+            train.read_text(encoding="utf-8"),
+            ctx=512,
+            chunks=args.chunks,
+            threads=args.threads,
+            dataset=train.name,
+        )
         slim_seconds = time.perf_counter() - start
         imatrix = work / "smollm2.imatrix.gguf"
         cal.save(imatrix)
@@ -55,17 +61,44 @@ def main() -> None:
         if not args.skip_llama_imatrix:
             theirs = work / "theirs.imatrix.gguf"
             start = time.perf_counter()
-            subprocess.run([str(build_tool("llama-imatrix")), "-m", str(f16), "-f", str(train), "-o", str(theirs),
-                            "-c", "512", "-b", "512", "--chunks", str(args.chunks), "-t", str(args.threads),
-                            "--no-ppl"], capture_output=True, check=True)
+            subprocess.run(
+                [
+                    str(build_tool("llama-imatrix")),
+                    "-m",
+                    str(f16),
+                    "-f",
+                    str(train),
+                    "-o",
+                    str(theirs),
+                    "-c",
+                    "512",
+                    "-b",
+                    "512",
+                    "--chunks",
+                    str(args.chunks),
+                    "-t",
+                    str(args.threads),
+                    "--no-ppl",
+                ],
+                capture_output=True,
+                check=True,
+            )
             their_seconds = time.perf_counter() - start
-            worst = max(float(abs(cal.sums[n] - s).max() / max(abs(s).max(), 1e-30))
-                        for n, s in Calibration.load(theirs).sums.items())
-            print(f"llama-imatrix:  {their_seconds:.1f} s  (slim/llama = {slim_seconds / their_seconds:.2f}x); "
-                  f"largest relative difference {worst:.2e}")
+            worst = max(
+                float(abs(cal.sums[n] - s).max() / max(abs(s).max(), 1e-30))
+                for n, s in Calibration.load(theirs).sums.items()
+            )
+            print(
+                f"llama-imatrix:  {their_seconds:.1f} s  (slim/llama = {slim_seconds / their_seconds:.2f}x); "
+                f"largest relative difference {worst:.2e}"
+            )
 
-        variants = [("reference", None, "reference"), ("imatrix", imatrix, "reference"),
-                    ("thorough", None, "thorough"), ("imatrix + thorough", imatrix, "thorough")]
+        variants = [
+            ("reference", None, "reference"),
+            ("imatrix", imatrix, "reference"),
+            ("thorough", None, "thorough"),
+            ("imatrix + thorough", imatrix, "thorough"),
+        ]
         rows = []
         reference_logits = None
         for label, matrix, search in variants:
@@ -81,9 +114,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for label, summary, report in rows:
         d = report.divergence
-        print(f"| {label} | {summary.seconds:.1f} | {summary.size_bytes / 1e6:.2f} | {summary.bits_per_weight:.3f} | "
-              f"{report.perplexity:.4f} ± {report.perplexity_error:.4f} | {d.kl_mean:.5f} | {d.kl_p99:.4f} | "
-              f"{d.top1_agreement:.4f} |")
+        print(
+            f"| {label} | {summary.seconds:.1f} | {summary.size_bytes / 1e6:.2f} | {summary.bits_per_weight:.3f} | "
+            f"{report.perplexity:.4f} ± {report.perplexity_error:.4f} | {d.kl_mean:.5f} | {d.kl_p99:.4f} | "
+            f"{d.top1_agreement:.4f} |"
+        )
 
 
 if __name__ == "__main__":

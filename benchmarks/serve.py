@@ -79,8 +79,16 @@ def wait_ready(base: str, process: subprocess.Popen, seconds: float = 300) -> No
 
 def stream_completion(base: str, model: str, prompt: str, tokens: int) -> tuple[float, float, int]:
     """(seconds to the first text chunk, seconds in all, tokens generated) of one streamed request."""
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
-                       "stream_options": {"include_usage": True}}).encode()
+    body = json.dumps(
+        {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
     request = urllib.request.Request(base + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
     start = time.perf_counter()
     first = None
@@ -130,9 +138,13 @@ def load_test(base: str, model: str, clients: int, requests: int, tokens: int) -
     if errors:
         raise RuntimeError(f"{len(errors)} client(s) failed: {errors[0]!r}")
     ttfts.sort()
-    return {"tokens": sum(generated), "wall_s": wall, "tokens_per_s": sum(generated) / wall,
-            "ttft_p50_s": statistics.median(ttfts),
-            "ttft_p95_s": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))]}
+    return {
+        "tokens": sum(generated),
+        "wall_s": wall,
+        "tokens_per_s": sum(generated) / wall,
+        "ttft_p50_s": statistics.median(ttfts),
+        "ttft_p95_s": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
+    }
 
 
 def cpu_seconds(pid: int) -> float:
@@ -173,11 +185,11 @@ def decode_steps(path: Path, steps: int = 24) -> None:
             batch = inference.Batch(model.n_batch)
             prompts = [model.tokenize(PROMPTS[s % len(PROMPTS)]) for s in order]
             batch.clear()
-            for s, tokens in zip(order, prompts):
+            for s, tokens in zip(order, prompts, strict=False):
                 for i, token in enumerate(tokens):
                     batch.add(token, i, s, i == len(tokens) - 1)
             model.decode(batch)
-            positions = {s: len(tokens) for s, tokens in zip(order, prompts)}
+            positions = {s: len(tokens) for s, tokens in zip(order, prompts, strict=False)}
             start = time.thread_time()
             for step in range(steps):
                 batch.clear()
@@ -223,46 +235,102 @@ def main() -> None:
         decode_steps(path)
         return
     python = sys.executable
-    servers = {"slim serve": ([
-        python, "-m", "slim.runtime.cli", "serve", str(path), "--port", "{port}", "--threads", str(args.threads),
-        "--parallel", str(args.parallel), "--ctx", str(args.ctx)], path.name)}
+    servers = {
+        "slim serve": (
+            [
+                python,
+                "-m",
+                "slim.runtime.cli",
+                "serve",
+                str(path),
+                "--port",
+                "{port}",
+                "--threads",
+                str(args.threads),
+                "--parallel",
+                str(args.parallel),
+                "--ctx",
+                str(args.ctx),
+            ],
+            path.name,
+        )
+    }
     if not args.skip_llama_cpp_python:
-        servers["llama-cpp-python server"] = ([
-            python, "-m", "llama_cpp.server", "--model", str(path), "--host", "127.0.0.1", "--port", "{port}",
-            "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx", str(args.ctx),
-            "--interrupt_requests", "False"], str(path))
+        servers["llama-cpp-python server"] = (
+            [
+                python,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                str(path),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "{port}",
+                "--n_threads",
+                str(args.threads),
+                "--n_threads_batch",
+                str(args.threads),
+                "--n_ctx",
+                str(args.ctx),
+                "--interrupt_requests",
+                "False",
+            ],
+            str(path),
+        )
     llama_server = args.llama_server
     if llama_server is None and args.build_llama_server:
         from llama_cpp_source import build_tool
 
         llama_server = str(build_tool("llama-server"))
     if llama_server:
-        servers["llama-server"] = ([
-            llama_server, "-m", str(path), "--host", "127.0.0.1", "--port", "{port}", "-t", str(args.threads),
-            "-np", str(args.parallel), "-c", str(args.ctx * args.parallel), "--no-webui"], path.name)
+        servers["llama-server"] = (
+            [
+                llama_server,
+                "-m",
+                str(path),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "{port}",
+                "-t",
+                str(args.threads),
+                "-np",
+                str(args.parallel),
+                "-c",
+                str(args.ctx * args.parallel),
+                "--no-webui",
+            ],
+            path.name,
+        )
 
     load_before = os.getloadavg()
     rounds: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
     for _ in range(args.rounds):
         for name, (command, model) in servers.items():
             rounds[name].append(run_server(name, command, model, args))
-    results = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-               for name, runs in rounds.items()}
+    results = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for name, runs in rounds.items()}
 
-    print(f"\n{args.clients} streaming clients x {args.requests} request(s), max_tokens {args.tokens}, "
-          f"{args.threads} threads, {path.name}; median of {args.rounds} round(s); load average "
-          f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
+    print(
+        f"\n{args.clients} streaming clients x {args.requests} request(s), max_tokens {args.tokens}, "
+        f"{args.threads} threads, {path.name}; median of {args.rounds} round(s); load average "
+        f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
+    )
     print(f"{'server':<26}{'tokens':>8}{'wall s':>9}{'tokens/s':>10}{'TTFT p50':>10}{'TTFT p95':>10}{'CPU s':>8}")
     for name, r in results.items():
-        print(f"{name:<26}{r['tokens']:>8.0f}{r['wall_s']:>9.2f}{r['tokens_per_s']:>10.1f}"
-              f"{r['ttft_p50_s']:>10.3f}{r['ttft_p95_s']:>10.3f}{r['cpu_s']:>8.2f}")
+        print(
+            f"{name:<26}{r['tokens']:>8.0f}{r['wall_s']:>9.2f}{r['tokens_per_s']:>10.1f}"
+            f"{r['ttft_p50_s']:>10.3f}{r['ttft_p95_s']:>10.3f}{r['cpu_s']:>8.2f}"
+        )
     ours = results["slim serve"]
     for name, r in results.items():
         if name != "slim serve":
-            print(f"slim serve / {name}: tokens/s x{ours['tokens_per_s'] / r['tokens_per_s']:.2f}, "
-                  f"TTFT p50 x{ours['ttft_p50_s'] / r['ttft_p50_s']:.2f} (lower is better), "
-                  f"CPU s per token x{(ours['cpu_s'] / ours['tokens']) / (r['cpu_s'] / r['tokens']):.2f} "
-                  "(lower is better)")
+            print(
+                f"slim serve / {name}: tokens/s x{ours['tokens_per_s'] / r['tokens_per_s']:.2f}, "
+                f"TTFT p50 x{ours['ttft_p50_s'] / r['ttft_p50_s']:.2f} (lower is better), "
+                f"CPU s per token x{(ours['cpu_s'] / ours['tokens']) / (r['cpu_s'] / r['tokens']):.2f} "
+                "(lower is better)"
+            )
     if args.json:
         print(json.dumps({"median": results, "rounds": rounds}, indent=2))
 

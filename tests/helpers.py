@@ -44,8 +44,9 @@ def llama_logits(path: Path, tokens: list[int], n_ctx: int = 2048, exact: bool =
     import llama_cpp
 
     cache_type = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if exact else {}
-    llm = llama_cpp.Llama(str(path), n_ctx=max(n_ctx, len(tokens)), logits_all=True, n_threads=2,
-                          n_batch=512, verbose=False, **cache_type)
+    llm = llama_cpp.Llama(
+        str(path), n_ctx=max(n_ctx, len(tokens)), logits_all=True, n_threads=2, n_batch=512, verbose=False, **cache_type
+    )
     llm.eval(tokens)
     return np.array(llm.scores[: len(tokens)], dtype=np.float32)
 
@@ -63,16 +64,33 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def make_llama_checkpoint(directory: Path, tokenizer_from: Path, *, hidden: int = 256, n_layer: int = 8,
-                          n_head: int = 4, n_head_kv: int = 2, ffn: int = 512, dtype: str = "F32",
-                          tied: bool = False, seed: int = 0) -> Path:
+def make_llama_checkpoint(
+    directory: Path,
+    tokenizer_from: Path,
+    *,
+    hidden: int = 256,
+    n_layer: int = 8,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    ffn: int = 512,
+    dtype: str = "F32",
+    tied: bool = False,
+    seed: int = 0,
+) -> Path:
     """A random-weight Llama checkpoint with a real tokenizer: small, but every row length and
     layer count can be chosen so each quantization rule is exercised."""
     config = json.loads((tokenizer_from / "config.json").read_text())
     vocab = config["vocab_size"]
-    config.update(hidden_size=hidden, num_hidden_layers=n_layer, num_attention_heads=n_head,
-                  num_key_value_heads=n_head_kv, intermediate_size=ffn, head_dim=hidden // n_head,
-                  tie_word_embeddings=tied, torch_dtype={"F32": "float32", "BF16": "bfloat16"}[dtype])
+    config.update(
+        hidden_size=hidden,
+        num_hidden_layers=n_layer,
+        num_attention_heads=n_head,
+        num_key_value_heads=n_head_kv,
+        intermediate_size=ffn,
+        head_dim=hidden // n_head,
+        tie_word_embeddings=tied,
+        torch_dtype={"F32": "float32", "BF16": "bfloat16"}[dtype],
+    )
     directory.mkdir(parents=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (tokenizer_from / name).exists():
@@ -83,13 +101,19 @@ def make_llama_checkpoint(directory: Path, tokenizer_from: Path, *, hidden: int 
     shapes = {"model.embed_tokens.weight": (vocab, hidden)}
     for i in range(n_layer):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (hidden,), p + "self_attn.q_proj.weight": (hidden, hidden),
-            p + "self_attn.k_proj.weight": (kv, hidden), p + "self_attn.v_proj.weight": (kv, hidden),
-            p + "self_attn.o_proj.weight": (hidden, hidden), p + "post_attention_layernorm.weight": (hidden,),
-            p + "mlp.gate_proj.weight": (ffn, hidden), p + "mlp.up_proj.weight": (ffn, hidden),
-            p + "mlp.down_proj.weight": (hidden, ffn),
-        })
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (hidden,),
+                p + "self_attn.q_proj.weight": (hidden, hidden),
+                p + "self_attn.k_proj.weight": (kv, hidden),
+                p + "self_attn.v_proj.weight": (kv, hidden),
+                p + "self_attn.o_proj.weight": (hidden, hidden),
+                p + "post_attention_layernorm.weight": (hidden,),
+                p + "mlp.gate_proj.weight": (ffn, hidden),
+                p + "mlp.up_proj.weight": (ffn, hidden),
+                p + "mlp.down_proj.weight": (hidden, ffn),
+            }
+        )
     shapes["model.norm.weight"] = (hidden,)
     if not tied:
         shapes["lm_head.weight"] = (vocab, hidden)
@@ -105,17 +129,33 @@ def make_llama_checkpoint(directory: Path, tokenizer_from: Path, *, hidden: int 
     return directory
 
 
-def make_qwen2_checkpoint(directory: Path, tokenizer_from: Path, *, hidden: int, ffn: int, n_layer: int = 2,
-                          n_head: int = 4, n_head_kv: int = 2, **config: object) -> Path:
+def make_qwen2_checkpoint(
+    directory: Path,
+    tokenizer_from: Path,
+    *,
+    hidden: int,
+    ffn: int,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    **config: object,
+) -> Path:
     """A random-weight Qwen2 checkpoint saved by transformers itself, with a real tokenizer; weights
     and biases larger than transformers' default init, so attention and biases matter."""
     import torch
     import transformers
 
-    model_config = transformers.Qwen2Config(vocab_size=49152, hidden_size=hidden, intermediate_size=ffn,
-                                            num_hidden_layers=n_layer, num_attention_heads=n_head,
-                                            num_key_value_heads=n_head_kv, tie_word_embeddings=False,
-                                            rope_theta=10000.0, **config)
+    model_config = transformers.Qwen2Config(
+        vocab_size=49152,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=n_layer,
+        num_attention_heads=n_head,
+        num_key_value_heads=n_head_kv,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+        **config,
+    )
     torch.manual_seed(0)
     model = transformers.Qwen2ForCausalLM(model_config)
     with torch.no_grad():
@@ -130,8 +170,9 @@ def make_qwen2_checkpoint(directory: Path, tokenizer_from: Path, *, hidden: int,
     return directory
 
 
-def run_slim(*args: str, input: str | None = None,
-             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_slim(
+    *args: str, input: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """`slim ARGS` run in this process by click's test runner: the exit code, stdout and stderr that a
     subprocess gives, without starting an interpreter and importing numpy, llama.cpp and torch again.
 

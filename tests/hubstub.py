@@ -102,11 +102,24 @@ def _handler(hub: HubStub) -> type[BaseHTTPRequestHandler]:
                 return
             files = hub.repos[repo]
             if tree:
-                data: object = [{"type": "file", "path": name, "size": path.stat().st_size,
-                                 "oid": hashlib.sha1(name.encode()).hexdigest()} for name, path in files.items()]
+                data: object = [
+                    {
+                        "type": "file",
+                        "path": name,
+                        "size": path.stat().st_size,
+                        "oid": hashlib.sha1(name.encode()).hexdigest(),
+                    }
+                    for name, path in files.items()
+                ]
             else:
-                data = {"id": repo, "modelId": repo, "sha": hub.commit(repo), "private": False, "tags": [],
-                        "siblings": [{"rfilename": name} for name in files]}
+                data = {
+                    "id": repo,
+                    "modelId": repo,
+                    "sha": hub.commit(repo),
+                    "private": False,
+                    "tags": [],
+                    "siblings": [{"rfilename": name} for name in files],
+                }
             self._send(200, json.dumps(data).encode(), {"Content-Type": "application/json"})
 
         def _resolve(self, repo: str, revision: str, filename: str, body: bool) -> None:
@@ -117,8 +130,12 @@ def _handler(hub: HubStub) -> type[BaseHTTPRequestHandler]:
                 self._error(404, "EntryNotFound", f"{filename} not found", {"X-Repo-Commit": hub.commit(repo)})
                 return
             size = path.stat().st_size
-            headers = {"ETag": f'"{hub.etag(path)}"', "X-Repo-Commit": hub.commit(repo), "Accept-Ranges": "bytes",
-                       "Content-Type": "application/octet-stream"}
+            headers = {
+                "ETag": f'"{hub.etag(path)}"',
+                "X-Repo-Commit": hub.commit(repo),
+                "Accept-Ranges": "bytes",
+                "Content-Type": "application/octet-stream",
+            }
             start, end, status = 0, size - 1, 200
             if body and (wanted := self.headers.get("Range")):
                 match = _RANGE.match(wanted)

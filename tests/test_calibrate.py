@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import run_slim as slim
+
 from slim.runtime.pipeline.calibrate import Calibration, CalibrationError, calibrate
 
 CTX = 128
@@ -27,18 +27,45 @@ def calibration_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def ours(smollm2_gguf: Path, calibration_text: Path) -> Calibration:
-    return calibrate(smollm2_gguf, calibration_text.read_text(encoding="utf-8"), ctx=CTX, chunks=CHUNKS,
-                     threads=1, hidden_states=True)
+    return calibrate(
+        smollm2_gguf,
+        calibration_text.read_text(encoding="utf-8"),
+        ctx=CTX,
+        chunks=CHUNKS,
+        threads=1,
+        hidden_states=True,
+    )
 
 
-def test_equals_llama_imatrix(smollm2_gguf: Path, calibration_text: Path, ours: Calibration,
-                              llama_tool: Callable[[str], Path], tmp_path: Path) -> None:
+def test_equals_llama_imatrix(
+    smollm2_gguf: Path, calibration_text: Path, ours: Calibration, llama_tool: Callable[[str], Path], tmp_path: Path
+) -> None:
     """llama-imatrix (built once from the vendored sources) on the same model, text and chunking."""
     binary = llama_tool("llama-imatrix")
     theirs_path = tmp_path / "theirs.imatrix.gguf"
-    subprocess.run([str(binary), "-m", str(smollm2_gguf), "-f", str(calibration_text), "-o", str(theirs_path),
-                    "-c", str(CTX), "-b", str(CTX), "--chunks", str(CHUNKS), "-t", "1", "--no-ppl"],
-                   capture_output=True, text=True, check=True)
+    subprocess.run(
+        [
+            str(binary),
+            "-m",
+            str(smollm2_gguf),
+            "-f",
+            str(calibration_text),
+            "-o",
+            str(theirs_path),
+            "-c",
+            str(CTX),
+            "-b",
+            str(CTX),
+            "--chunks",
+            str(CHUNKS),
+            "-t",
+            "1",
+            "--no-ppl",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     theirs = Calibration.load(theirs_path)
     assert sorted(theirs.sums) == sorted(ours.sums)
     assert len(ours.sums) == 210  # SmolLM2's 30 blocks x 7 matmul weights; output.weight is not asked for
@@ -77,8 +104,20 @@ def test_statistics_are_what_wanda_and_layer_pruning_need(ours: Calibration) -> 
 
 def test_cli_writes_the_file_and_reports(smollm2_gguf: Path, calibration_text: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli.imatrix.gguf"
-    run = slim("calibrate", str(smollm2_gguf), "--text", str(calibration_text), "-o", str(out),
-               "--ctx", str(CTX), "--chunks", "1", "--threads", "1")
+    run = slim(
+        "calibrate",
+        str(smollm2_gguf),
+        "--text",
+        str(calibration_text),
+        "-o",
+        str(out),
+        "--ctx",
+        str(CTX),
+        "--chunks",
+        "1",
+        "--threads",
+        "1",
+    )
     assert run.returncode == 0, run.stderr
     assert f"210 weights, 1 chunks of {CTX} tokens" in run.stdout
     assert Calibration.load(out).counts["blk.0.ffn_up.weight"] == CTX
@@ -101,6 +140,7 @@ def test_bad_input_is_one_clear_line(smollm2_gguf: Path, tmp_path: Path) -> None
 
 # ---- slim convert --imatrix ----------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def imatrix_file(ours: Calibration, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("imatrix") / "smollm2.imatrix.gguf"
@@ -109,22 +149,31 @@ def imatrix_file(ours: Calibration, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.mark.parametrize("mix_name", ["Q4_K_M", "Q5_K_M", "Q4_0", "Q4_1"])
-def test_convert_with_imatrix_equals_llama_quantize(smollm2_hf: Path, smollm2_f32: Path, imatrix_file: Path,
-                                                    llama_tool: Callable[[str], Path], mix_name: str,
-                                                    tmp_path: Path) -> None:
+def test_convert_with_imatrix_equals_llama_quantize(
+    smollm2_hf: Path,
+    smollm2_f32: Path,
+    imatrix_file: Path,
+    llama_tool: Callable[[str], Path],
+    mix_name: str,
+    tmp_path: Path,
+) -> None:
     """Byte for byte what llama-quantize --imatrix writes from the same file. On SmolLM2 these mixes
     use all seven importance-weighted types: Q4_K, Q5_K, Q6_K on the 1536-wide ffn_down, Q5_0 and
     Q5_1 as the K-quants' fallback for 576-wide rows, Q4_0 and the Q4_1 llama-quantize puts on the
     first ffn_down layers when it has an importance matrix."""
     from helpers import gguf_tensors
 
-    from slim.runtime.pipeline.convert import convert
     from slim.runtime.formats.mixes import mix
+    from slim.runtime.pipeline.convert import convert
 
     binary = llama_tool("llama-quantize")
     theirs = tmp_path / "theirs.gguf"
-    subprocess.run([str(binary), "--imatrix", str(imatrix_file), str(smollm2_f32), str(theirs), mix_name, "1"],
-                   capture_output=True, text=True, check=True)
+    subprocess.run(
+        [str(binary), "--imatrix", str(imatrix_file), str(smollm2_f32), str(theirs), mix_name, "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     mine = tmp_path / "mine.gguf"
     summary = convert(smollm2_hf, mine, mix(mix_name), imatrix=imatrix_file, backend="numpy", threads=1)
     assert summary.imatrix == str(imatrix_file)
@@ -134,12 +183,13 @@ def test_convert_with_imatrix_equals_llama_quantize(smollm2_hf: Path, smollm2_f3
         assert got[name] == expected[name], name
 
 
-def test_convert_imatrix_c_path_equals_numpy(smollm2_hf: Path, smollm2_converted: Callable[[str], Path],
-                                            imatrix_file: Path, tmp_path: Path) -> None:
+def test_convert_imatrix_c_path_equals_numpy(
+    smollm2_hf: Path, smollm2_converted: Callable[[str], Path], imatrix_file: Path, tmp_path: Path
+) -> None:
     from helpers import gguf_tensors
 
-    from slim.runtime.pipeline.convert import convert
     from slim.runtime.formats.mixes import mix
+    from slim.runtime.pipeline.convert import convert
 
     convert(smollm2_hf, tmp_path / "c.gguf", mix("Q4_K_M"), imatrix=imatrix_file, backend="ggml")
     with_imatrix, plain = gguf_tensors(tmp_path / "c.gguf"), gguf_tensors(smollm2_converted("Q4_K_M"))

@@ -17,8 +17,13 @@ SLIM = [sys.executable, "-m", "slim.runtime.cli"]
 
 def test_terminal_session(smollm2_gguf: Path, tmp_path: Path) -> None:
     """Two turns where the second needs the first, Ctrl-C during a reply, /save, then /bye."""
-    child = pexpect.spawn(SLIM[0], SLIM[1:] + ["chat", str(smollm2_gguf), "--temperature", "0", "--threads", "1"],
-                          encoding="utf-8", timeout=60, env={**os.environ, "TERM": "dumb"})
+    child = pexpect.spawn(
+        SLIM[0],
+        SLIM[1:] + ["chat", str(smollm2_gguf), "--temperature", "0", "--threads", "1"],
+        encoding="utf-8",
+        timeout=60,
+        env={**os.environ, "TERM": "dumb"},
+    )
     child.expect("/help for commands")
     child.expect(">>> ")
     child.sendline("My name is Zanzibar. Please remember my name.")
@@ -46,33 +51,61 @@ def test_terminal_session(smollm2_gguf: Path, tmp_path: Path) -> None:
 
 
 def run_pipe(model: Path, lines: list[str], *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(SLIM + ["chat", str(model), "--temperature", "0", "--threads", "1", *extra],
-                          input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        SLIM + ["chat", str(model), "--temperature", "0", "--threads", "1", *extra],
+        input="\n".join(lines) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_pipe_answers_each_line(smollm2_gguf: Path, tmp_path: Path) -> None:
     conversation = tmp_path / "c.json"
-    result = run_pipe(smollm2_gguf, ["What is the capital of France?", f"/save {conversation}", "/bye"],
-                      "--max-tokens", "24", "--system", "You are a helpful AI assistant.")
+    result = run_pipe(
+        smollm2_gguf,
+        ["What is the capital of France?", f"/save {conversation}", "/bye"],
+        "--max-tokens",
+        "24",
+        "--system",
+        "You are a helpful AI assistant.",
+    )
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout and ">>>" not in result.stdout
     messages = json.loads(conversation.read_text())["messages"]
     assert messages[0] == {"role": "system", "content": "You are a helpful AI assistant."} and len(messages) == 3
 
     # /load brings the conversation back: the follow-up can refer to it.
-    follow = run_pipe(smollm2_gguf, [f"/load {conversation}", "Which country is that city the capital of?"],
-                      "--max-tokens", "24")
+    follow = run_pipe(
+        smollm2_gguf, [f"/load {conversation}", "Which country is that city the capital of?"], "--max-tokens", "24"
+    )
     assert follow.returncode == 0 and "France" in follow.stdout
     assert "loaded 3 messages" in follow.stderr
 
 
 def test_commands_and_bad_input(smollm2_gguf: Path, tmp_path: Path) -> None:
     (tmp_path / "junk.json").write_text("{not json")
-    result = run_pipe(smollm2_gguf, ["/help", "/frobnicate", f"/load {tmp_path / 'junk.json'}", "/save",
-                                     "/system You are a pirate.", "/system", "/reset"])
+    result = run_pipe(
+        smollm2_gguf,
+        [
+            "/help",
+            "/frobnicate",
+            f"/load {tmp_path / 'junk.json'}",
+            "/save",
+            "/system You are a pirate.",
+            "/system",
+            "/reset",
+        ],
+    )
     assert result.returncode == 0 and result.stdout.count("/reset") == 1  # /help printed once
-    for note in ("unknown command /frobnicate", "is not a conversation saved by /save", "/save needs a file name",
-                 "system message set", "You are a pirate.", "conversation cleared"):
+    for note in (
+        "unknown command /frobnicate",
+        "is not a conversation saved by /save",
+        "/save needs a file name",
+        "system message set",
+        "You are a pirate.",
+        "conversation cleared",
+    ):
         assert note in result.stderr, note
 
 
@@ -80,8 +113,9 @@ def test_overflow_policies(smollm2_gguf: Path) -> None:
     long_line = "Tell me about the history of bread. " * 20
     dropped = run_pipe(smollm2_gguf, [long_line, long_line, long_line], "--ctx", "256", "--max-tokens", "16")
     assert dropped.returncode == 0 and "oldest messages to fit the 256-token context" in dropped.stderr
-    stopped = run_pipe(smollm2_gguf, [long_line, long_line, long_line], "--ctx", "256", "--max-tokens", "16",
-                       "--on-overflow", "stop")
+    stopped = run_pipe(
+        smollm2_gguf, [long_line, long_line, long_line], "--ctx", "256", "--max-tokens", "16", "--on-overflow", "stop"
+    )
     assert stopped.returncode == 0 and "context" in stopped.stderr and "/reset" in stopped.stderr
 
 

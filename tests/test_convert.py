@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import gguf_tensors, llama_logits, llama_quantize, log_softmax, make_llama_checkpoint, run_slim, tokenize
-from slim.runtime.pipeline.convert import convert
+
 from slim.runtime.formats.mixes import mix
+from slim.runtime.pipeline.convert import convert
 
 QUANTIZED = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M"]
 FLOATS = ["F16", "BF16"]
@@ -77,8 +77,9 @@ def test_bf16_checkpoint_matches(smollm2_tokenizer: Path, tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q5_0", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "F16"])
-def test_real_model_matches_llama_quantize(smollm2_converted: Callable[[str], Path], smollm2_f32: Path, type_name: str,
-                                           tmp_path: Path) -> None:
+def test_real_model_matches_llama_quantize(
+    smollm2_converted: Callable[[str], Path], smollm2_f32: Path, type_name: str, tmp_path: Path
+) -> None:
     llama_quantize(smollm2_f32, tmp_path / "llama.gguf", type_name)
     assert gguf_tensors(smollm2_converted(type_name)) == gguf_tensors(tmp_path / "llama.gguf")
 
@@ -89,8 +90,9 @@ def test_export_round_trip_is_lossless(smollm2_gguf: Path, smollm2_hf: Path, smo
     assert gguf_tensors(tmp_path / "q4_1.gguf") == gguf_tensors(smollm2_gguf)
 
 
-def test_export_round_trip_keeps_the_distribution(smollm2_gguf: Path, smollm2_converted: Callable[[str], Path],
-                                                   heldout_text: str) -> None:
+def test_export_round_trip_keeps_the_distribution(
+    smollm2_gguf: Path, smollm2_converted: Callable[[str], Path], heldout_text: str
+) -> None:
     """GGUF -> HF -> F16 GGUF: llama.cpp's next-token distributions on 2,000 real tokens agree.
 
     Not bit for bit: llama.cpp multiplies Q4_1 weights with activations rounded to 8 bits (Q8_1)
@@ -128,6 +130,7 @@ def test_tokenizer_ids_on_converted_file_equal_hf(smollm2_tokenizer: Path, tiny_
 
 # ---- bad input: one clear line on stderr, exit code 2, and no output file ----------------------
 
+
 def assert_clean_failure(result: subprocess.CompletedProcess[str], output: Path, words: str) -> None:
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -141,14 +144,18 @@ def test_missing_config(tiny_hf: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(tiny_hf, broken)
     (broken / "config.json").unlink()
-    assert_clean_failure(run_slim("convert", str(broken), "-o", str(tmp_path / "o.gguf")), tmp_path / "o.gguf", "config.json")
+    assert_clean_failure(
+        run_slim("convert", str(broken), "-o", str(tmp_path / "o.gguf")), tmp_path / "o.gguf", "config.json"
+    )
 
 
 def test_missing_tokenizer(tiny_hf: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(tiny_hf, broken)
     (broken / "tokenizer.json").unlink()
-    assert_clean_failure(run_slim("convert", str(broken), "-o", str(tmp_path / "o.gguf")), tmp_path / "o.gguf", "tokenizer")
+    assert_clean_failure(
+        run_slim("convert", str(broken), "-o", str(tmp_path / "o.gguf")), tmp_path / "o.gguf", "tokenizer"
+    )
 
 
 def test_truncated_safetensors(tiny_hf: Path, tmp_path: Path) -> None:
@@ -157,19 +164,26 @@ def test_truncated_safetensors(tiny_hf: Path, tmp_path: Path) -> None:
     weights = broken / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    assert_clean_failure(run_slim("convert", str(broken), "-o", str(tmp_path / "o.gguf")), tmp_path / "o.gguf", "truncated")
+    assert_clean_failure(
+        run_slim("convert", str(broken), "-o", str(tmp_path / "o.gguf")), tmp_path / "o.gguf", "truncated"
+    )
 
 
 def test_pickled_weights_are_refused(tiny_hf: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(tiny_hf, broken)
     (broken / "model.safetensors").rename(broken / "pytorch_model.bin")
-    assert_clean_failure(run_slim("convert", str(broken), "-o", str(tmp_path / "o.gguf")), tmp_path / "o.gguf", "--allow-pickle")
+    assert_clean_failure(
+        run_slim("convert", str(broken), "-o", str(tmp_path / "o.gguf")), tmp_path / "o.gguf", "--allow-pickle"
+    )
 
 
 def test_unknown_type(tiny_hf: Path, tmp_path: Path) -> None:
-    assert_clean_failure(run_slim("convert", str(tiny_hf), "-o", str(tmp_path / "o.gguf"), "--type", "Q3_X"),
-                         tmp_path / "o.gguf", "Q4_K_M")
+    assert_clean_failure(
+        run_slim("convert", str(tiny_hf), "-o", str(tmp_path / "o.gguf"), "--type", "Q3_X"),
+        tmp_path / "o.gguf",
+        "Q4_K_M",
+    )
 
 
 def test_missing_output_directory(tiny_hf: Path, tmp_path: Path) -> None:
@@ -185,8 +199,9 @@ def test_unsupported_architecture(tiny_hf: Path, tmp_path: Path) -> None:
     config = json.loads((broken / "config.json").read_text())
     config["architectures"] = ["GPTNeoXForCausalLM"]
     (broken / "config.json").write_text(json.dumps(config))
-    assert_clean_failure(run_slim("convert", str(broken), "-o", str(tmp_path / "o.gguf")), tmp_path / "o.gguf",
-                         "LlamaForCausalLM")
+    assert_clean_failure(
+        run_slim("convert", str(broken), "-o", str(tmp_path / "o.gguf")), tmp_path / "o.gguf", "LlamaForCausalLM"
+    )
 
 
 def test_cli_json_summary(tiny_hf: Path, tmp_path: Path) -> None:
@@ -205,15 +220,21 @@ def test_export_bad_input(tmp_path: Path) -> None:
 
 # ---- llama.cpp's own converter as the oracle for the lossless types ----------------------------
 
+
 @pytest.mark.parametrize("type_name", ["F32", "F16", "BF16"])
-def test_float_types_match_convert_hf_to_gguf(tiny_hf: Path, llama_cpp_sources: Path, type_name: str,
-                                               tmp_path: Path) -> None:
+def test_float_types_match_convert_hf_to_gguf(
+    tiny_hf: Path, llama_cpp_sources: Path, type_name: str, tmp_path: Path
+) -> None:
     """`--type F16` writes what `convert_hf_to_gguf.py --outtype f16` writes (and F32, BF16 likewise),
     running the script that ships in the llama-cpp-python source package (fetched once, cached)."""
     script = llama_cpp_sources / "convert_hf_to_gguf.py"
     theirs = tmp_path / "theirs.gguf"
-    subprocess.run([sys.executable, str(script), str(tiny_hf), "--outtype", type_name.lower(), "--outfile", str(theirs)],
-                   check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    subprocess.run(
+        [sys.executable, str(script), str(tiny_hf), "--outtype", type_name.lower(), "--outfile", str(theirs)],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     convert(tiny_hf, tmp_path / "ours.gguf", mix(type_name))
     assert gguf_tensors(tmp_path / "ours.gguf") == gguf_tensors(theirs)
 
@@ -227,11 +248,14 @@ def test_sharded_checkpoint_with_index(tiny_hf: Path, tmp_path: Path) -> None:
     shutil.copytree(tiny_hf, sharded)
     (sharded / "model.safetensors").unlink()
     refs = list(Checkpoint(tiny_hf))
-    halves = {"model-00001-of-00002.safetensors": refs[: len(refs) // 2],
-              "model-00002-of-00002.safetensors": refs[len(refs) // 2:]}
+    halves = {
+        "model-00001-of-00002.safetensors": refs[: len(refs) // 2],
+        "model-00002-of-00002.safetensors": refs[len(refs) // 2 :],
+    }
     for file_name, part in halves.items():
-        write_safetensors(sharded / file_name, ((r.name, r.load()) for r in part),
-                          {r.name: (r.shape, "F32") for r in part})
+        write_safetensors(
+            sharded / file_name, ((r.name, r.load()) for r in part), {r.name: (r.shape, "F32") for r in part}
+        )
     index = {"metadata": {}, "weight_map": {r.name: f for f, part in halves.items() for r in part}}
     (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
     convert(tiny_hf, tmp_path / "one.gguf", mix("Q4_K_M"))
@@ -250,7 +274,9 @@ def test_pickled_weights_with_explicit_opt_in(tiny_hf: Path, tmp_path: Path) -> 
     pickled = tmp_path / "pickled"
     shutil.copytree(tiny_hf, pickled)
     (pickled / "model.safetensors").unlink()
-    torch.save({r.name: torch.from_numpy(np.array(r.load())) for r in Checkpoint(tiny_hf)}, pickled / "pytorch_model.bin")
+    torch.save(
+        {r.name: torch.from_numpy(np.array(r.load())) for r in Checkpoint(tiny_hf)}, pickled / "pytorch_model.bin"
+    )
     result = run_slim("convert", str(pickled), "-o", str(tmp_path / "p.gguf"), "--type", "Q8_0", "--allow-pickle")
     assert result.returncode == 0, result.stderr
     convert(tiny_hf, tmp_path / "s.gguf", mix("Q8_0"))

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from helpers import run_slim
+
 from slim.runtime import inference
 from slim.runtime.formats.gguf_file import check_gguf
 from slim.runtime.inference import ContextError, SamplingParams, TextAssembler
@@ -55,10 +55,11 @@ def slim_run(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
 
 # ---- text assembly (no model) --------------------------------------------------------------
 
+
 def test_utf8_split_across_pieces_is_reassembled() -> None:
     data = "héllo 日本 🐉!".encode()
     text = TextAssembler([])
-    out = [text.push(data[i:i + 1]) for i in range(len(data))] + [text.finish()]
+    out = [text.push(data[i : i + 1]) for i in range(len(data))] + [text.finish()]
     assert "".join(out) == "héllo 日本 🐉!"
     assert "\ufffd" not in "".join(out)
 
@@ -90,6 +91,7 @@ def test_sampling_params_are_checked() -> None:
 
 
 # ---- generation ----------------------------------------------------------------------------
+
 
 def test_greedy_is_deterministic(model: inference.Model) -> None:
     first = model.chat(STORY, params=GREEDY)
@@ -159,6 +161,7 @@ def test_non_ascii_round_trips_through_the_token_pieces(model: inference.Model) 
 
 # ---- chat templates ------------------------------------------------------------------------
 
+
 def test_chat_template_renders_chatml(model: inference.Model) -> None:
     assert model.has_chat_template and model.template_warning is None
     prompt = model.render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
@@ -174,8 +177,9 @@ def test_render_chat_sandbox_and_errors() -> None:
     with pytest.raises(inference.TemplateError, match="no system messages"):
         inference.render_chat(refusing, [{"role": "user", "content": "Hi"}])
     with pytest.raises(inference.TemplateError):  # the sandbox refuses attribute tricks
-        inference.render_chat("{{ messages.__class__.__mro__ }}{{ ''.__class__.__subclasses__() }}",
-                           [{"role": "user", "content": "x"}])
+        inference.render_chat(
+            "{{ messages.__class__.__mro__ }}{{ ''.__class__.__subclasses__() }}", [{"role": "user", "content": "x"}]
+        )
     with pytest.raises(inference.TemplateError, match="content"):
         inference.render_chat(inference.FALLBACK_TEMPLATE, [{"role": "user"}])
 
@@ -197,6 +201,7 @@ def test_a_model_without_template_falls_back_with_a_warning(no_template_gguf: Pa
 
 
 # ---- multi-turn and the KV cache ----------------------------------------------------------
+
 
 def test_second_turn_evaluates_only_what_it_adds(model: inference.Model) -> None:
     model.clear_cache()
@@ -242,8 +247,7 @@ def test_drop_oldest_policy(smollm2_gguf: Path) -> None:
                 kept = list(strict.messages)
         assert strict.messages == kept  # the failed turn left no trace
 
-        chat = small.session(system="Be brief.", context_policy="drop-oldest",
-                             params=GREEDY.with_options(max_tokens=8))
+        chat = small.session(system="Be brief.", context_policy="drop-oldest", params=GREEDY.with_options(max_tokens=8))
         dropped = 0
         for i in range(5):
             result = chat.send(f"{i}: " + filler * 2)
@@ -261,6 +265,7 @@ def test_drop_oldest_policy(smollm2_gguf: Path) -> None:
 
 
 # ---- interruption ---------------------------------------------------------------------------
+
 
 def _kv_positions(model: inference.Model, seq_id: int) -> int:
     return model._L.llama_memory_seq_pos_max(model._memory, seq_id) + 1
@@ -313,8 +318,9 @@ class _InterruptingDecode:
 
 
 @pytest.mark.parametrize("at_call", [1, 4])  # during the prompt, during generation
-def test_interrupt_inside_llama_decode_keeps_the_cache_consistent(model: inference.Model, at_call: int,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupt_inside_llama_decode_keeps_the_cache_consistent(
+    model: inference.Model, at_call: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model.clear_cache()
     chat = model.session(params=GREEDY)
     chat.send("Hello there!", max_tokens=4)
@@ -337,7 +343,10 @@ def test_interrupt_inside_llama_decode_keeps_the_cache_consistent(model: inferen
 def test_sessions_on_separate_sequences_keep_their_own_cache(smollm2_gguf: Path, model: inference.Model) -> None:
     with inference.load(smollm2_gguf, n_ctx=1024, n_threads=1, n_seq_max=2) as two:
         assert two.n_ctx == 512  # the context is shared out between the sequences
-        a, b = two.session(params=GREEDY.with_options(max_tokens=6)), two.session(params=GREEDY.with_options(max_tokens=6))
+        a, b = (
+            two.session(params=GREEDY.with_options(max_tokens=6)),
+            two.session(params=GREEDY.with_options(max_tokens=6)),
+        )
         assert a.slot.seq_id != b.slot.seq_id
         a1, b1 = a.send("Hi!"), b.send("What is 2+2?")
         a2, b2 = a.send("How are you?"), b.send("And 3+3?")
@@ -349,9 +358,11 @@ def test_sessions_on_separate_sequences_keep_their_own_cache(smollm2_gguf: Path,
 
 # ---- slim run ------------------------------------------------------------------------------
 
+
 def test_slim_run_streams_a_reply(smollm2_gguf: Path, model: inference.Model) -> None:
-    run = slim_run(str(smollm2_gguf), "Write a long story about a dragon.", "--temperature", "0",
-                   "-n", "16", "--threads", "1")
+    run = slim_run(
+        str(smollm2_gguf), "Write a long story about a dragon.", "--temperature", "0", "-n", "16", "--threads", "1"
+    )
     assert run.returncode == 0, run.stderr
     assert run.stderr == ""
     model.clear_cache()
@@ -359,8 +370,21 @@ def test_slim_run_streams_a_reply(smollm2_gguf: Path, model: inference.Model) ->
 
 
 def test_slim_run_json_stdin_raw_and_stop(smollm2_gguf: Path) -> None:
-    run = slim_run(str(smollm2_gguf), "-", "--raw", "--temperature", "0", "-n", "12", "--stop", ",",
-                   "--threads", "1", "--json", stdin="The capital of France is Paris, and the capital of Italy is")
+    run = slim_run(
+        str(smollm2_gguf),
+        "-",
+        "--raw",
+        "--temperature",
+        "0",
+        "-n",
+        "12",
+        "--stop",
+        ",",
+        "--threads",
+        "1",
+        "--json",
+        stdin="The capital of France is Paris, and the capital of Italy is",
+    )
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
     assert result["model"] == str(smollm2_gguf)
@@ -370,9 +394,23 @@ def test_slim_run_json_stdin_raw_and_stop(smollm2_gguf: Path) -> None:
 
 
 def test_slim_run_ctrl_c_exits_130(smollm2_gguf: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "slim.runtime.cli", "run", str(smollm2_gguf),
-                             "Write a long story about a dragon.", "-n", "400", "--threads", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "slim.runtime.cli",
+            "run",
+            str(smollm2_gguf),
+            "Write a long story about a dragon.",
+            "-n",
+            "400",
+            "--threads",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.read(10)  # it is generating
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -392,7 +430,7 @@ def test_slim_run_refuses_damaged_files(smollm2_gguf: Path, tmp_path: Path) -> N
     cases = {
         "truncated.gguf": (data[: len(data) // 2], "truncated"),
         "short-header.gguf": (data[:4096], "truncated"),
-        "wrong-magic.gguf": (b"GGML" + data[4:1 << 20], "not a GGUF"),
+        "wrong-magic.gguf": (b"GGML" + data[4 : 1 << 20], "not a GGUF"),
         "random.gguf": (os.urandom(1 << 16), "not a GGUF"),
         "random-after-magic.gguf": (b"GGUF" + os.urandom(1 << 16), "GGUF"),
         "empty.gguf": (b"", "not a GGUF"),

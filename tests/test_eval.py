@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from helpers import run_slim
+
 from slim.runtime.inference.evaluate import evaluate
 
 
@@ -25,23 +25,39 @@ def slim_eval(*args: str) -> subprocess.CompletedProcess[str]:
     return run_slim("eval", *args)
 
 
-def test_perplexity_equals_llama_perplexity(smollm2_gguf: Path, text_file: Path,
-                                            llama_tool: Callable[[str], Path]) -> None:
+def test_perplexity_equals_llama_perplexity(
+    smollm2_gguf: Path, text_file: Path, llama_tool: Callable[[str], Path]
+) -> None:
     """llama-perplexity is built once (cached under SLIM_HOME) from the sources llama-cpp-python vendors."""
     binary = llama_tool("llama-perplexity")
-    run = subprocess.run([str(binary), "-m", str(smollm2_gguf), "-f", str(text_file), "-c", "256", "-t", "2"],
-                         capture_output=True, text=True, check=True)
+    run = subprocess.run(
+        [str(binary), "-m", str(smollm2_gguf), "-f", str(text_file), "-c", "256", "-t", "2"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     theirs = float(re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", run.stderr + run.stdout).group(1))
     report, _ = evaluate(smollm2_gguf, text_file.read_text(), n_ctx=256, n_threads=2)
     assert abs(report.perplexity - theirs) / theirs < 1e-3, (report.perplexity, theirs)
 
 
-def test_divergence_orders_quantizations(smollm2_converted: Callable[[str], Path], text_file: Path,
-                                         tmp_path: Path) -> None:
+def test_divergence_orders_quantizations(
+    smollm2_converted: Callable[[str], Path], text_file: Path, tmp_path: Path
+) -> None:
     f16, q8_0, q4_0 = (smollm2_converted(type_name) for type_name in ("F16", "Q8_0", "Q4_0"))
-    result = slim_eval(str(q8_0), str(q4_0), "--text", str(text_file),
-                       "--ctx", "256", "--reference", str(f16),
-                       "--save-logits", str(tmp_path / "f16.npz"), "--json")
+    result = slim_eval(
+        str(q8_0),
+        str(q4_0),
+        "--text",
+        str(text_file),
+        "--ctx",
+        "256",
+        "--reference",
+        str(f16),
+        "--save-logits",
+        str(tmp_path / "f16.npz"),
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     q8, q4 = json.loads(result.stdout)
     assert 0 < q8["divergence"]["kl_mean"] < q4["divergence"]["kl_mean"]
@@ -49,15 +65,17 @@ def test_divergence_orders_quantizations(smollm2_converted: Callable[[str], Path
     assert q8["perplexity"] > 1 and q8["bits_per_weight"] > q4["bits_per_weight"]
 
     # The saved reference gives the same numbers without loading the reference model again.
-    again = slim_eval(str(q4_0), "--text", str(text_file), "--ctx", "256",
-                      "--reference-logits", str(tmp_path / "f16.npz"), "--json")
+    again = slim_eval(
+        str(q4_0), "--text", str(text_file), "--ctx", "256", "--reference-logits", str(tmp_path / "f16.npz"), "--json"
+    )
     assert again.returncode == 0, again.stderr
     saved = json.loads(again.stdout)[0]["divergence"]
     assert saved["top1_agreement"] == pytest.approx(q4["divergence"]["top1_agreement"], abs=0.01)
     assert saved["kl_mean"] == pytest.approx(q4["divergence"]["kl_mean"], rel=0.05)  # saved as float16
 
-    table = slim_eval(str(q8_0), "--text", str(text_file), "--ctx", "256",
-                      "--reference-logits", str(tmp_path / "f16.npz"))
+    table = slim_eval(
+        str(q8_0), "--text", str(text_file), "--ctx", "256", "--reference-logits", str(tmp_path / "f16.npz")
+    )
     assert "KL mean" in table.stdout and "Q8_0.gguf" in table.stdout
 
 

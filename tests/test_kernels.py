@@ -148,8 +148,16 @@ def test_dequantize_matches_gguf(qtype: str, case: str) -> None:
 
 
 # Offsets of the float16 fields in each quantized block; random bytes elsewhere cover every bit of the layout.
-HALF_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2],
-               "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+HALF_FIELDS = {
+    "Q8_0": [0],
+    "Q4_0": [0],
+    "Q4_1": [0, 2],
+    "Q5_0": [0],
+    "Q5_1": [0, 2],
+    "Q4_K": [0, 2],
+    "Q5_K": [0, 2],
+    "Q6_K": [208],
+}
 
 
 @pytest.mark.parametrize("qtype", list(HALF_FIELDS))
@@ -159,7 +167,7 @@ def test_dequantize_random_blocks_matches_gguf(qtype: str) -> None:
     data = rng.integers(0, 256, (64, 4 * cls.type_size), dtype=np.uint8)
     blocks = data.reshape(-1, cls.type_size)
     for offset in HALF_FIELDS[qtype]:  # finite scales, so both sides compute plain numbers
-        blocks[:, offset:offset + 2] = rng.uniform(-2, 2, (len(blocks), 1)).astype(np.float16).view(np.uint8)
+        blocks[:, offset : offset + 2] = rng.uniform(-2, 2, (len(blocks), 1)).astype(np.float16).view(np.uint8)
     shape = (64, 4 * cls.block_size)
     mine = dequantize(data, qtype, shape)
     theirs = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype]).astype(np.float32)
@@ -167,8 +175,19 @@ def test_dequantize_random_blocks_matches_gguf(qtype: str) -> None:
 
 
 # Relative RMS error bounds on Gaussian weights, a little above what each type reaches.
-MAX_RELATIVE_RMS = {"F32": 0.0, "F16": 5e-4, "BF16": 4e-3, "Q8_0": 0.01, "Q6_K": 0.03, "Q5_0": 0.06,
-                    "Q5_1": 0.06, "Q5_K": 0.05, "Q4_0": 0.12, "Q4_1": 0.12, "Q4_K": 0.1}
+MAX_RELATIVE_RMS = {
+    "F32": 0.0,
+    "F16": 5e-4,
+    "BF16": 4e-3,
+    "Q8_0": 0.01,
+    "Q6_K": 0.03,
+    "Q5_0": 0.06,
+    "Q5_1": 0.06,
+    "Q5_K": 0.05,
+    "Q4_0": 0.12,
+    "Q4_1": 0.12,
+    "Q4_K": 0.1,
+}
 
 
 def _relative_rms(qtype: str, x: np.ndarray) -> float:

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_kernels import _bf16_rounded, assert_same_bytes
 
 from slim import kernels
 from slim.kernels import QTYPES, _common, dequantize, ggml, kquants, legacy, quantize
-from test_kernels import _bf16_rounded, assert_same_bytes
 
 needs_ggml = pytest.mark.skipif(not ggml.available(), reason="llama-cpp-python (the C oracle) is not installed")
 
@@ -156,8 +156,9 @@ def test_no_importance_is_the_reference_path(qtype: str) -> None:
     x = make_data("heavy_tailed", 1536)
     reference = quantize(x, qtype, backend="numpy")
     assert_same_bytes(reference, ggml.quantize_rows(x, QTYPES[qtype].ggml_type), qtype, "no importance")
-    assert not np.array_equal(reference, quantize(x, qtype, importance=make_importance("activations", 1536),
-                                                  backend="numpy"))
+    assert not np.array_equal(
+        reference, quantize(x, qtype, importance=make_importance("activations", 1536), backend="numpy")
+    )
 
 
 def importance_weighted_error(x: np.ndarray, data: np.ndarray, qtype: str, importance: np.ndarray) -> float:
@@ -212,8 +213,7 @@ def search_error(x: np.ndarray, data: np.ndarray, qtype: str, importance: np.nda
 @pytest.mark.parametrize("importance_kind", [None, "activations", "zero_groups"])
 @pytest.mark.parametrize("case", ["normal", "heavy_tailed", "bf16_rounded", "special_blocks", "pruned"])
 @pytest.mark.parametrize("qtype", THOROUGH)
-def test_thorough_search_is_never_worse_and_lower_overall(qtype: str, case: str,
-                                                         importance_kind: str | None) -> None:
+def test_thorough_search_is_never_worse_and_lower_overall(qtype: str, case: str, importance_kind: str | None) -> None:
     x = make_data(case, 1536)
     importance = None if importance_kind is None else make_importance(importance_kind, 1536)
     reference = search_error(x, quantize(x, qtype, importance=importance, backend="numpy"), qtype, importance)
@@ -256,14 +256,17 @@ def test_types_without_a_thorough_search_run_the_reference(qtype: str) -> None:
     x = make_data("heavy_tailed", 1536)
     importance = make_importance("activations", 1536)
     for imatrix in (None, importance):
-        assert np.array_equal(quantize(x, qtype, importance=imatrix, search="thorough"),
-                              quantize(x, qtype, importance=imatrix, backend="numpy"))
+        assert np.array_equal(
+            quantize(x, qtype, importance=imatrix, search="thorough"),
+            quantize(x, qtype, importance=imatrix, backend="numpy"),
+        )
 
 
 def test_thorough_search_runs_numpy_and_refuses_the_ggml_backend() -> None:
     x = make_data("normal", 256)
-    assert np.array_equal(quantize(x, "Q4_K", search="thorough"),
-                          quantize(x, "Q4_K", search="thorough", backend="numpy"))
+    assert np.array_equal(
+        quantize(x, "Q4_K", search="thorough"), quantize(x, "Q4_K", search="thorough", backend="numpy")
+    )
     if ggml.available():
         with pytest.raises(ValueError, match="reference search only"):
             quantize(x, "Q4_K", search="thorough", backend="ggml")
@@ -282,8 +285,9 @@ def smollm2_tensors(smollm2_gguf: Path) -> list[np.ndarray]:
     wanted = ("blk.0.ffn_down.weight", "blk.14.ffn_down.weight", "blk.29.ffn_down.weight")
     tensors = {t.name: t for t in reader.tensors if t.name in wanted}
     assert sorted(tensors) == sorted(wanted)
-    return [gguf.quants.dequantize(tensors[name].data, tensors[name].tensor_type)[:96].astype(np.float32)
-            for name in wanted]
+    return [
+        gguf.quants.dequantize(tensors[name].data, tensors[name].tensor_type)[:96].astype(np.float32) for name in wanted
+    ]
 
 
 @needs_ggml

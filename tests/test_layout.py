@@ -17,11 +17,14 @@ ROOT = Path(__file__).resolve().parent.parent
 # share a rank (pruning heals by distillation; training ends in convert).
 RANKS = {
     "files": 0,
-    "formats": 1, "store": 1,
+    "formats": 1,
+    "store": 1,
     "inference": 2,
-    "pipeline": 3, "train": 3,
+    "pipeline": 3,
+    "train": 3,
     "serve": 4,
-    "cli": 5, "commands": 5,
+    "cli": 5,
+    "commands": 5,
 }
 
 

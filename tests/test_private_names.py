@@ -41,11 +41,18 @@ def violations(source: str, private: set[str]) -> list[str]:
             owner = node.value.id if isinstance(node.value, ast.Name) else None
             if owner not in ("self", "cls"):
                 found.append(f"{node.lineno}: .{node.attr}")
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
-                and node.func.id in ("getattr", "setattr", "hasattr", "delattr") and len(node.args) >= 2:
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "setattr", "hasattr", "delattr")
+            and len(node.args) >= 2
+        ):
             target, name = node.args[0], node.args[1]
-            if isinstance(name, ast.Constant) and name.value in private \
-                    and not (isinstance(target, ast.Name) and target.id in ("self", "cls")):
+            if (
+                isinstance(name, ast.Constant)
+                and name.value in private
+                and not (isinstance(target, ast.Name) and target.id in ("self", "cls"))
+            ):
                 found.append(f"{node.lineno}: {node.func.id}(..., {name.value!r})")
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("slim.runtime.inference"):
             found += [f"{node.lineno}: import {alias.name}" for alias in node.names if _private(alias.name)]
@@ -60,13 +67,18 @@ def checked_files() -> list[Path]:
 def test_the_rule_catches_private_access() -> None:
     private = inference_private_names()
     assert {"_ctx", "_L", "_take_slot", "_release"} <= private
-    source = ("from slim.runtime.inference.batching import _log_softmax\n"
-              "model._ctx\nmodel.slots\nself._ctx\ngetattr(model, '_L')\nmodel.__class__\n")
+    source = (
+        "from slim.runtime.inference.batching import _log_softmax\n"
+        "model._ctx\nmodel.slots\nself._ctx\ngetattr(model, '_L')\nmodel.__class__\n"
+    )
     assert violations(source, private) == ["1: import _log_softmax", "2: ._ctx", "5: getattr(..., '_L')"]
 
 
 def test_nothing_outside_inference_touches_its_private_names() -> None:
     private = inference_private_names()
-    found = {str(path.relative_to(ROOT)): hits for path in checked_files()
-             if (hits := violations(path.read_text(encoding="utf-8"), private))}
+    found = {
+        str(path.relative_to(ROOT)): hits
+        for path in checked_files()
+        if (hits := violations(path.read_text(encoding="utf-8"), private))
+    }
     assert found == {}

@@ -16,16 +16,25 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-
 from helpers import llama_logits, make_llama_checkpoint, run_slim, tokenize
+
 from slim import models
-from slim.runtime.pipeline.calibrate import Calibration, calibrate
 from slim.runtime.formats.checkpoint import Checkpoint, write_safetensors
-from slim.runtime.pipeline.convert import convert
 from slim.runtime.formats.mixes import mix
+from slim.runtime.pipeline.calibrate import Calibration, calibrate
+from slim.runtime.pipeline.convert import convert
 from slim.runtime.pipeline.export import export
-from slim.runtime.pipeline.prune import (PruneError, check_amounts, choose_blocks, parse_pattern, plan_layers,
-                                plan_unstructured, plan_width, prune_checkpoint, sparsify)
+from slim.runtime.pipeline.prune import (
+    PruneError,
+    check_amounts,
+    choose_blocks,
+    parse_pattern,
+    plan_layers,
+    plan_unstructured,
+    plan_width,
+    prune_checkpoint,
+    sparsify,
+)
 
 SAMPLE = "The quick brown fox jumps over the lazy dog. Paris is the capital of France, and Rome of Italy. " * 3
 
@@ -68,7 +77,7 @@ def test_sparsity_zeroes_the_lowest_scores_of_each_row() -> None:
     weight = rng.standard_normal((16, 96)).astype(np.float32)
     pruned = sparsify(weight, np.abs(weight), sparsity=0.3)
     assert ((pruned == 0).sum(axis=1) == int(0.3 * 96)).all()
-    for row, kept in zip(np.abs(weight), pruned != 0):
+    for row, kept in zip(np.abs(weight), pruned != 0, strict=False):
         assert row[~kept].max() <= row[kept].min()
     assert np.array_equal(pruned[pruned != 0], weight[pruned != 0])
     assert np.array_equal(sparsify(weight, np.abs(weight), sparsity=0.0), weight)
@@ -113,10 +122,14 @@ def test_block_choice_from_hidden_state_similarity() -> None:
 def test_amounts_are_checked(tiny_hf: Path) -> None:
     arch = models.for_hf_config(Checkpoint(tiny_hf).config)
     bad = [
-        ("magnitude", {"sparsity": 1.0}, "in [0, 1)"), ("magnitude", {"sparsity": -0.1}, "in [0, 1)"),
-        ("magnitude", {}, "needs --sparsity"), ("wanda", {"sparsity": 0.5, "pattern": (2, 4)}, "one of them"),
-        ("magnitude", {"pattern": (3, 7)}, "does not divide"), ("layers", {"remove": 4}, "between 1 and 3"),
-        ("layers", {"remove": 0}, "between 1 and 3"), ("width", {"ffn": 0.0}, "(0, 1]"),
+        ("magnitude", {"sparsity": 1.0}, "in [0, 1)"),
+        ("magnitude", {"sparsity": -0.1}, "in [0, 1)"),
+        ("magnitude", {}, "needs --sparsity"),
+        ("wanda", {"sparsity": 0.5, "pattern": (2, 4)}, "one of them"),
+        ("magnitude", {"pattern": (3, 7)}, "does not divide"),
+        ("layers", {"remove": 4}, "between 1 and 3"),
+        ("layers", {"remove": 0}, "between 1 and 3"),
+        ("width", {"ffn": 0.0}, "(0, 1]"),
         ("width", {}, "below 1"),
     ]
     for method, amounts, words in bad:
@@ -156,22 +169,28 @@ def same_logits(smaller_hf: Path, zeroed_hf: Path, tmp_path: Path) -> np.ndarray
     return small
 
 
-def test_width_pruning_is_the_model_without_those_neurons_and_heads(tiny_hf: Path, tiny_calibration: Calibration,
-                                                                    tmp_path: Path) -> None:
+def test_width_pruning_is_the_model_without_those_neurons_and_heads(
+    tiny_hf: Path, tiny_calibration: Calibration, tmp_path: Path
+) -> None:
     checkpoint = Checkpoint(tiny_hf)
     arch = models.for_hf_config(checkpoint.config)
     plan = plan_width(checkpoint, arch, tiny_calibration, ffn=0.75, heads=0.5)
     summary = prune_checkpoint(tiny_hf, tmp_path / "small", plan)
     config = json.loads((tmp_path / "small" / "config.json").read_text())
-    assert (config["intermediate_size"], config["num_attention_heads"], config["num_key_value_heads"],
-            config["head_dim"]) == (384, 2, 1, 64)
+    assert (
+        config["intermediate_size"],
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+        config["head_dim"],
+    ) == (384, 2, 1, 64)
     assert summary.parameters_after == summary.parameters_before - 4 * (3 * 128 * 256 + 2 * 128 * 256 + 2 * 64 * 256)
 
     columns = {}
     for i in range(arch.n_layer):
         down = np.setdiff1d(np.arange(512), plan.ffn_kept[i])
-        energy = tiny_calibration.sums[f"blk.{i}.ffn_down.weight"] * \
-            (checkpoint.tensors[f"model.layers.{i}.mlp.down_proj.weight"].load() ** 2).sum(axis=0)
+        energy = tiny_calibration.sums[f"blk.{i}.ffn_down.weight"] * (
+            checkpoint.tensors[f"model.layers.{i}.mlp.down_proj.weight"].load() ** 2
+        ).sum(axis=0)
         assert energy[plan.ffn_kept[i]].min() >= energy[down].max()  # the loudest neurons stay
         columns[f"model.layers.{i}.mlp.down_proj.weight"] = down
         (dropped_group,) = np.setdiff1d(np.arange(2), plan.kv_kept[i])
@@ -199,14 +218,18 @@ def test_removing_blocks_is_skipping_them(tiny_hf: Path, tiny_calibration: Calib
     assert plan.removed_blocks == choose_blocks(tiny_calibration.hidden_cosine, 2)[0]
     prune_checkpoint(tiny_hf, tmp_path / "small", plan)
     assert json.loads((tmp_path / "small" / "config.json").read_text())["num_hidden_layers"] == 2
-    columns = {f"model.layers.{i}.{part}.weight": np.arange(width) for i in plan.removed_blocks
-               for part, width in (("self_attn.o_proj", 256), ("mlp.down_proj", 512))}
+    columns = {
+        f"model.layers.{i}.{part}.weight": np.arange(width)
+        for i in plan.removed_blocks
+        for part, width in (("self_attn.o_proj", 256), ("mlp.down_proj", 512))
+    }
     same_logits(tmp_path / "small", zeroed_columns(tiny_hf, tmp_path / "zeroed", columns), tmp_path)
     assert gguf.GGUFReader(tmp_path / "small.gguf").fields["llama.block_count"].contents() == 2
 
 
-def test_wanda_ranks_by_the_calibration_column_norms(tiny_hf: Path, tiny_calibration: Calibration,
-                                                     tmp_path: Path) -> None:
+def test_wanda_ranks_by_the_calibration_column_norms(
+    tiny_hf: Path, tiny_calibration: Calibration, tmp_path: Path
+) -> None:
     checkpoint = Checkpoint(tiny_hf)
     arch = models.for_hf_config(checkpoint.config)
     plan = plan_unstructured(arch, "wanda", sparsity=0.5, calibration=tiny_calibration)
@@ -215,8 +238,9 @@ def test_wanda_ranks_by_the_calibration_column_norms(tiny_hf: Path, tiny_calibra
     name = "model.layers.1.mlp.down_proj.weight"
     original = checkpoint.tensors[name].load()
     pruned = Checkpoint(tmp_path / "wanda").tensors[name].load()
-    expected = sparsify(original, np.abs(original) * np.sqrt(tiny_calibration.sums["blk.1.ffn_down.weight"]),
-                        sparsity=0.5)
+    expected = sparsify(
+        original, np.abs(original) * np.sqrt(tiny_calibration.sums["blk.1.ffn_down.weight"]), sparsity=0.5
+    )
     assert np.array_equal(pruned, expected)
     assert not np.array_equal(pruned == 0, sparsify(original, np.abs(original), sparsity=0.5) == 0)
 
@@ -224,17 +248,43 @@ def test_wanda_ranks_by_the_calibration_column_norms(tiny_hf: Path, tiny_calibra
 # ---- the command --------------------------------------------------------------------------------
 
 
-def test_command_from_a_gguf_with_a_saved_imatrix(tiny_gguf: Path, tiny_calibration: Calibration,
-                                                  calibration_file: Path, tmp_path: Path) -> None:
+def test_command_from_a_gguf_with_a_saved_imatrix(
+    tiny_gguf: Path, tiny_calibration: Calibration, calibration_file: Path, tmp_path: Path
+) -> None:
     tiny_calibration.save(tmp_path / "tiny.imatrix")
     out = tmp_path / "out.gguf"
-    dry = slim_prune(str(tiny_gguf), "-o", str(out), "--method", "wanda", "--pattern", "2:4", "--type", "F16",
-                     "--imatrix", str(tmp_path / "tiny.imatrix"), "--dry-run", "--json")
+    dry = slim_prune(
+        str(tiny_gguf),
+        "-o",
+        str(out),
+        "--method",
+        "wanda",
+        "--pattern",
+        "2:4",
+        "--type",
+        "F16",
+        "--imatrix",
+        str(tmp_path / "tiny.imatrix"),
+        "--dry-run",
+        "--json",
+    )
     assert dry.returncode == 0, dry.stderr
     assert json.loads(dry.stdout)["dry_run"] and not out.exists()
 
-    run = slim_prune(str(tiny_gguf), "-o", str(out), "--method", "wanda", "--pattern", "2:4", "--type", "F16",
-                     "--imatrix", str(tmp_path / "tiny.imatrix"), "--json")
+    run = slim_prune(
+        str(tiny_gguf),
+        "-o",
+        str(out),
+        "--method",
+        "wanda",
+        "--pattern",
+        "2:4",
+        "--type",
+        "F16",
+        "--imatrix",
+        str(tmp_path / "tiny.imatrix"),
+        "--json",
+    )
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     assert report["zeroed"] == report["block_weights"] // 2 and report["output_bytes"] == out.stat().st_size
@@ -248,8 +298,23 @@ def test_command_from_a_gguf_with_a_saved_imatrix(tiny_gguf: Path, tiny_calibrat
 
 def test_layers_command_reports_size_and_perplexity(tiny_hf: Path, calibration_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "small"
-    run = slim_prune(str(tiny_hf), "-o", str(out), "--method", "layers", "--remove", "1", "--text",
-                     str(calibration_file), "--ctx", "128", "--chunks", "2", "--eval-text", str(calibration_file))
+    run = slim_prune(
+        str(tiny_hf),
+        "-o",
+        str(out),
+        "--method",
+        "layers",
+        "--remove",
+        "1",
+        "--text",
+        str(calibration_file),
+        "--ctx",
+        "128",
+        "--chunks",
+        "2",
+        "--eval-text",
+        str(calibration_file),
+    )
     assert run.returncode == 0, run.stderr
     assert "4 -> 3 blocks" in run.stdout and "perplexity" in run.stdout
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
@@ -278,13 +343,15 @@ def test_bad_input_is_one_error_line_and_no_output(tiny_hf: Path, calibration_fi
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], (args, result.stderr)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["short.txt"], args
-    result = slim_prune(str(tiny_hf), "-o", str(tmp_path / "dir"), "--method", "magnitude", "--sparsity", "0.5",
-                        "--type", "Q8_0")
+    result = slim_prune(
+        str(tiny_hf), "-o", str(tmp_path / "dir"), "--method", "magnitude", "--sparsity", "0.5", "--type", "Q8_0"
+    )
     assert result.returncode == 2 and "name the output file *.gguf" in result.stderr
 
 
-def test_heal_trains_the_pruned_model_towards_the_unpruned_one(tiny_hf: Path, calibration_file: Path,
-                                                                tmp_path: Path) -> None:
+def test_heal_trains_the_pruned_model_towards_the_unpruned_one(
+    tiny_hf: Path, calibration_file: Path, tmp_path: Path
+) -> None:
     """--heal runs slim distill with the unpruned model as teacher; the written model is the trained one."""
     pytest.importorskip("torch")
     from slim.runtime.inference import load
@@ -310,6 +377,7 @@ def test_heal_trains_the_pruned_model_towards_the_unpruned_one(tiny_hf: Path, ca
     with load(gguf, n_ctx=64, n_threads=1) as model:
         assert model.logits(model.tokenize("The capital of France is"))[-1].argmax() >= 0
 
-    run = slim_prune(str(tiny_hf), "-o", str(tmp_path / "x"), "--method", "magnitude", "--sparsity", "0.5",
-                     "--heal", "2")
+    run = slim_prune(
+        str(tiny_hf), "-o", str(tmp_path / "x"), "--method", "magnitude", "--sparsity", "0.5", "--heal", "2"
+    )
     assert run.returncode == 2 and "--heal trains on a text" in run.stderr

@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import make_llama_checkpoint, run_slim
 from hubstub import HubStub
+
 from slim.runtime.formats.gguf_file import open_gguf
 
 GGUF_REPO = "acme/SmolLM2-135M-Instruct-GGUF"
@@ -31,11 +31,17 @@ def home(tmp_path: Path) -> Path:
 
 
 def pull(home: Path, endpoint: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(home / "hf"), "SLIM_HOME": str(home / "slim"),
-           "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": endpoint,
+        "HF_HOME": str(home / "hf"),
+        "SLIM_HOME": str(home / "slim"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
     env.pop("HF_TOKEN", None)
-    return subprocess.run([sys.executable, "-m", "slim.runtime.cli", "pull", *args], env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "slim.runtime.cli", "pull", *args], env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def store_list(home: Path) -> dict:
@@ -156,11 +162,14 @@ def test_unreachable_hub(home: Path) -> None:
     assert_store_untouched(home)
 
 
-@pytest.mark.parametrize("args, words", [
-    (["acme/x", "--name", "Bad Name"], "not a valid model name"),
-    (["not-a-model"], "neither a catalog model"),
-    (["smollm2-135m", "--type", "Q8_0"], "catalog model"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["acme/x", "--name", "Bad Name"], "not a valid model name"),
+        (["not-a-model"], "neither a catalog model"),
+        (["smollm2-135m", "--type", "Q8_0"], "catalog model"),
+    ],
+)
 def test_bad_input(home: Path, args: list[str], words: str) -> None:
     result = pull(home, "http://127.0.0.1:9", *args)
     assert_one_line_error(result, 2, words)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import llama_logits, make_llama_checkpoint, run_slim
+
 from slim import kernels
 from slim.kernels import grid as grids
 from slim.runtime.formats.gguf_file import open_gguf, tensor_array
@@ -39,8 +39,16 @@ def test_grid_is_the_dequantizer_and_new_codes_land_exactly(qtype: str) -> None:
     cls = kernels.qtype(qtype)
     before, after = data.reshape(-1, cls.type_size), rewritten.reshape(-1, cls.type_size)
     changed = (before != after).any(axis=0)
-    scale_bytes = {"Q8_0": slice(0, 2), "Q4_0": slice(0, 2), "Q5_0": slice(0, 2), "Q4_1": slice(0, 4),
-                   "Q5_1": slice(0, 4), "Q4_K": slice(0, 16), "Q5_K": slice(0, 16), "Q6_K": slice(192, 210)}[qtype]
+    scale_bytes = {
+        "Q8_0": slice(0, 2),
+        "Q4_0": slice(0, 2),
+        "Q5_0": slice(0, 2),
+        "Q4_1": slice(0, 4),
+        "Q5_1": slice(0, 4),
+        "Q4_K": slice(0, 16),
+        "Q5_K": slice(0, 16),
+        "Q6_K": slice(192, 210),
+    }[qtype]
     assert not changed[scale_bytes].any()  # only code bits moved
     with pytest.raises(ValueError, match="codes must lie in"):
         grids.with_codes(data, qtype, new + grid.high + 1)
@@ -62,27 +70,33 @@ def test_the_gradient_passes_straight_through() -> None:
 @pytest.fixture(scope="module")
 def tiny_256(smollm2_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Rows of 256 and 512: the K-quants fit."""
-    return make_llama_checkpoint(tmp_path_factory.mktemp("tiny256") / "hf", smollm2_tokenizer, hidden=256, n_layer=1,
-                                 ffn=512, tied=True)
+    return make_llama_checkpoint(
+        tmp_path_factory.mktemp("tiny256") / "hf", smollm2_tokenizer, hidden=256, n_layer=1, ffn=512, tied=True
+    )
 
 
 @pytest.fixture(scope="module")
 def tiny_64(smollm2_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Rows of 64 and 128, as SmolLM2's 576: the K-quants fall back to Q5_0 and Q8_0."""
-    return make_llama_checkpoint(tmp_path_factory.mktemp("tiny64") / "hf", smollm2_tokenizer, hidden=64, n_layer=2,
-                                 ffn=128, tied=False)
+    return make_llama_checkpoint(
+        tmp_path_factory.mktemp("tiny64") / "hf", smollm2_tokenizer, hidden=64, n_layer=2, ffn=128, tied=False
+    )
 
 
-@pytest.mark.parametrize("mix_name, model, types", [
-    ("Q4_K_M", "tiny_256", {"Q4_K", "Q6_K"}),
-    ("Q5_K_M", "tiny_256", {"Q5_K", "Q6_K"}),
-    ("Q4_K_M", "tiny_64", {"Q5_0", "Q8_0"}),
-    ("Q4_0", "tiny_64", {"Q4_0", "Q8_0"}),
-    ("Q4_1", "tiny_64", {"Q4_1", "Q8_0"}),
-    ("Q5_1", "tiny_64", {"Q5_1", "Q8_0"}),
-])
-def test_exported_gguf_holds_exactly_the_trained_weights(mix_name: str, model: str, types: set[str], tiny_256: Path,
-                                                         tiny_64: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "mix_name, model, types",
+    [
+        ("Q4_K_M", "tiny_256", {"Q4_K", "Q6_K"}),
+        ("Q5_K_M", "tiny_256", {"Q5_K", "Q6_K"}),
+        ("Q4_K_M", "tiny_64", {"Q5_0", "Q8_0"}),
+        ("Q4_0", "tiny_64", {"Q4_0", "Q8_0"}),
+        ("Q4_1", "tiny_64", {"Q4_1", "Q8_0"}),
+        ("Q5_1", "tiny_64", {"Q5_1", "Q8_0"}),
+    ],
+)
+def test_exported_gguf_holds_exactly_the_trained_weights(
+    mix_name: str, model: str, types: set[str], tiny_256: Path, tiny_64: Path, tmp_path: Path
+) -> None:
     source = {"tiny_256": tiny_256, "tiny_64": tiny_64}[model]
     student = student_lib.load(source)
     plan = qat_lib.type_plan(student, mix(mix_name))
@@ -121,21 +135,27 @@ def test_exported_gguf_holds_exactly_the_trained_weights(mix_name: str, model: s
 
 @pytest.mark.parametrize("model", ["tiny_256", "tiny_64"])
 @pytest.mark.parametrize("with_imatrix", [False, True])
-def test_training_starts_from_exactly_the_post_training_quantization(model: str, with_imatrix: bool, tiny_256: Path,
-                                                                     tiny_64: Path, tmp_path: Path) -> None:
+def test_training_starts_from_exactly_the_post_training_quantization(
+    model: str, with_imatrix: bool, tiny_256: Path, tiny_64: Path, tmp_path: Path
+) -> None:
     """Untrained, the grids give back slim convert's blocks byte for byte: QAT starts where
     post-training quantization ends (with the importance matrix too), even where the quantizer's
     codes are not the nearest ones."""
-    from slim.runtime.store import assets
     from slim.runtime.pipeline.calibrate import calibrate
     from slim.runtime.pipeline.convert import convert
+    from slim.runtime.store import assets
 
     source = {"tiny_256": tiny_256, "tiny_64": tiny_64}[model]
     imatrix, calibration = None, None
     if with_imatrix:
         convert(source, tmp_path / "f32.gguf", mix("F32"))
-        calibration = calibrate(tmp_path / "f32.gguf", assets.wiki_text("train").read_text(encoding="utf-8")[:3000],
-                                ctx=64, chunks=4, threads=1)
+        calibration = calibrate(
+            tmp_path / "f32.gguf",
+            assets.wiki_text("train").read_text(encoding="utf-8")[:3000],
+            ctx=64,
+            chunks=4,
+            threads=1,
+        )
         imatrix = tmp_path / "tiny.imatrix.gguf"
         calibration.save(imatrix)
     student = student_lib.load(source)
@@ -154,14 +174,33 @@ def test_training_starts_from_exactly_the_post_training_quantization(model: str,
 
 
 def test_qat_cli_writes_a_gguf_of_the_mix(tiny_64: Path, tmp_path: Path) -> None:
-    from slim.runtime.store import assets
     from slim.runtime.pipeline.convert import convert
+    from slim.runtime.store import assets
 
     text = tmp_path / "train.txt"
     text.write_text(assets.wiki_text("train").read_text(encoding="utf-8")[:8000], encoding="utf-8")
     out = tmp_path / "qat.gguf"
-    run = run_slim("qat", str(tiny_64), "--type", "Q4_K_M", "--text", str(text), "-o", str(out), "--steps", "3",
-                   "--seq-len", "64", "--lr", "1e-3", "--threads", "1", "--json", "--cache-dir", str(tmp_path / "cache"))
+    run = run_slim(
+        "qat",
+        str(tiny_64),
+        "--type",
+        "Q4_K_M",
+        "--text",
+        str(text),
+        "-o",
+        str(out),
+        "--steps",
+        "3",
+        "--seq-len",
+        "64",
+        "--lr",
+        "1e-3",
+        "--threads",
+        "1",
+        "--json",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    )
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout)
     assert summary["steps"] == 3 and summary["output"] == str(out)
@@ -173,4 +212,7 @@ def test_qat_cli_writes_a_gguf_of_the_mix(tiny_64: Path, tmp_path: Path) -> None
     assert not list(tmp_path.glob(".qat.gguf*"))  # no temporary files left behind
 
     bad = run_slim("qat", str(tiny_64), "--type", "F16", "--text", str(text), "-o", str(tmp_path / "f16.gguf"))
-    assert bad.returncode == 2 and bad.stderr == "error: F16 is not quantized; QAT needs a quantized --type such as Q4_K_M\n"
+    assert (
+        bad.returncode == 2
+        and bad.stderr == "error: F16 is not quantized; QAT needs a quantized --type such as Q4_K_M\n"
+    )

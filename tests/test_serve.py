@@ -17,16 +17,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+import openai
 import pytest
-
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-
 from helpers import make_llama_checkpoint
+
 from slim.runtime import inference, serve
-from slim.runtime.pipeline.convert import convert
-from slim.runtime.formats.mixes import mix
 from slim.runtime.formats.gguf_file import check_gguf
+from slim.runtime.formats.mixes import mix
+from slim.runtime.pipeline.convert import convert
 
 KEY = "test-key"
 MODEL = "smollm2-135m"
@@ -81,12 +80,14 @@ def _wait_idle(app, seconds: float = 20) -> dict[str, Any]:
 
 
 def _greedy_chat(client, prompt: str, max_tokens: int = 12) -> str:
-    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
-                                           max_tokens=max_tokens, temperature=0)
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0
+    )
     return reply.choices[0].message.content
 
 
 # ---- the API --------------------------------------------------------------------------------
+
 
 def test_health_and_models(app, client, smollm2_gguf: Path) -> None:
     health = httpx.get(app.base + "/health").json()
@@ -97,8 +98,9 @@ def test_health_and_models(app, client, smollm2_gguf: Path) -> None:
 
 
 def test_chat_completion_and_usage(app, client, served, smollm2_gguf) -> None:
-    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is 2+2?"}],
-                                           max_tokens=8, temperature=0)
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is 2+2?"}], max_tokens=8, temperature=0
+    )
     choice = reply.choices[0]
     assert choice.message.role == "assistant" and choice.message.content
     assert choice.finish_reason in ("stop", "length")
@@ -108,20 +110,31 @@ def test_chat_completion_and_usage(app, client, served, smollm2_gguf) -> None:
     if choice.finish_reason == "length":
         assert reply.usage.completion_tokens == 8
     # max_completion_tokens is the newer name of max_tokens
-    short = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}],
-                                           max_completion_tokens=3, temperature=0)
+    short = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}], max_completion_tokens=3, temperature=0
+    )
     assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
     # the model's file name selects it too
-    assert client.chat.completions.create(model=smollm2_gguf.name, messages=[{"role": "user", "content": "Hi"}],
-                                          max_tokens=2).usage.completion_tokens >= 1
+    assert (
+        client.chat.completions.create(
+            model=smollm2_gguf.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+        ).usage.completion_tokens
+        >= 1
+    )
 
 
 def test_completion_streaming_matches_whole(client) -> None:
     whole = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=0)
     assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 10
     pieces, reasons, usage = [], [], None
-    for chunk in client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=0,
-                                           stream=True, stream_options={"include_usage": True}):
+    for chunk in client.completions.create(
+        model=MODEL,
+        prompt="Once upon a time",
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
         if chunk.usage is not None:
             usage = chunk.usage
         for choice in chunk.choices:
@@ -144,8 +157,9 @@ def test_chat_streaming(client) -> None:
 
 def test_raw_sse_ends_with_done(app) -> None:
     body = {"model": MODEL, "prompt": "Hello", "max_tokens": 3, "stream": True}
-    with httpx.stream("POST", app.base + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
-                      timeout=60) as response:
+    with httpx.stream(
+        "POST", app.base + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+    ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [line for line in response.iter_lines() if line]
     assert all(e.startswith("data: ") for e in events)
@@ -160,9 +174,14 @@ def test_stop_strings(client) -> None:
     stop = " " + words[2]
     cut = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=0, stop=[stop])
     assert cut.choices[0].finish_reason == "stop"
-    assert cut.choices[0].text == text[:text.index(stop)]
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=0, stop=stop, stream=True) if c.choices)
+    assert cut.choices[0].text == text[: text.index(stop)]
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=0, stop=stop, stream=True
+        )
+        if c.choices
+    )
     assert streamed == cut.choices[0].text
 
 
@@ -172,8 +191,14 @@ def test_seed_and_penalties(client) -> None:
     b = client.completions.create(seed=1234, **kwargs).choices[0].text
     assert a == b
     plain = client.completions.create(model=MODEL, prompt="la la la la la la", max_tokens=12, temperature=0)
-    penalised = client.completions.create(model=MODEL, prompt="la la la la la la", max_tokens=12, temperature=0,
-                                          frequency_penalty=2.0, presence_penalty=2.0)
+    penalised = client.completions.create(
+        model=MODEL,
+        prompt="la la la la la la",
+        max_tokens=12,
+        temperature=0,
+        frequency_penalty=2.0,
+        presence_penalty=2.0,
+    )
     assert penalised.choices[0].text != plain.choices[0].text
 
 
@@ -189,8 +214,9 @@ def test_concurrent_streaming_clients_match_serial(app, client, served) -> None:
     def worker(prompt: str) -> None:
         try:
             barrier.wait()
-            stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
-                                                    max_tokens=12, temperature=0, stream=True)
+            stream = client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=12, temperature=0, stream=True
+            )
             results[prompt] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         except BaseException as exc:  # reported below
             errors.append(exc)
@@ -227,8 +253,9 @@ def test_batches_go_in_ascending_sequence_order(client, served) -> None:
 
     prompts = ["Zebras graze by the river", "Yaks climb the mountain"]
     overlapping(*prompts)  # two sequences, each holding one prompt
-    held = {p: next(s.seq_id for s in served.model.slots if s.tokens[:3] == served.model.tokenize(p)[:3])
-            for p in prompts}
+    held = {
+        p: next(s.seq_id for s in served.model.slots if s.tokens[:3] == served.model.tokenize(p)[:3]) for p in prompts
+    }
     low, high = sorted(prompts, key=held.get)
     model.decode = recording
     try:  # each continuation goes back to its prompt's sequence: the higher one is running first
@@ -242,8 +269,9 @@ def test_batches_go_in_ascending_sequence_order(client, served) -> None:
 def test_long_prompts_fed_in_chunks_match_the_engine(smollm2_gguf: Path, client) -> None:
     """Prompts of several batches each, three at once: every greedy continuation is the one the
     engine itself gives that prompt alone."""
-    prompts = [" ".join(f"{word} number {i}." for i in range(40)) + " The next one is" for word in
-               ("Apple", "River", "Cloud")]
+    prompts = [
+        " ".join(f"{word} number {i}." for i in range(40)) + " The next one is" for word in ("Apple", "River", "Cloud")
+    ]
     # the same n_batch as the server: llama.cpp's results for a prompt fed 512 tokens at a time and
     # 64 at a time differ in the last bits, enough to flip a near-tie (this prompt set has one)
     with inference.load(smollm2_gguf, n_ctx=512, n_threads=1, n_batch=64) as alone:
@@ -264,9 +292,12 @@ def test_long_prompts_fed_in_chunks_match_the_engine(smollm2_gguf: Path, client)
 
 # ---- bad input, and the server keeps serving ---------------------------------------------------
 
+
 def test_malformed_json_and_wrong_types(app, client) -> None:
     status, body, _ = _post(app, "/v1/chat/completions", b'{"model": "smollm2-135m", "messages": [')
-    assert status == 400 and body["error"]["type"] == "invalid_request_error" and body["error"]["code"] == "invalid_json"
+    assert (
+        status == 400 and body["error"]["type"] == "invalid_request_error" and body["error"]["code"] == "invalid_json"
+    )
     status, body, _ = _post(app, "/v1/chat/completions", b"[1, 2]")
     assert status == 400
     with pytest.raises(openai.BadRequestError) as info:
@@ -329,8 +360,9 @@ def test_api_key(app, client) -> None:
 
 def test_client_dropping_mid_stream_frees_its_sequence(app, client, served) -> None:
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 480, "temperature": 0, "stream": True}
-    with httpx.stream("POST", app.base + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
-                      timeout=60) as response:
+    with httpx.stream(
+        "POST", app.base + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+    ) as response:
         lines = response.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
         assert json.loads(first[6:])["choices"][0]["finish_reason"] is None
@@ -338,7 +370,7 @@ def test_client_dropping_mid_stream_frees_its_sequence(app, client, served) -> N
     assert load["running"] == 0 and load["waiting"] == 0
     # the sequence stopped early: its slot's KV cache holds nothing near the 480 tokens asked for
     prompt = served.model.tokenize("Once upon a time")
-    held = [len(slot.tokens) for slot in served.model.slots if slot.tokens[:len(prompt)] == prompt]
+    held = [len(slot.tokens) for slot in served.model.slots if slot.tokens[: len(prompt)] == prompt]
     assert held and max(held) < 200
     _still_serving(app, client)
 
@@ -350,7 +382,7 @@ def test_client_giving_up_on_a_whole_reply_frees_its_sequence(app, client, serve
     load = _wait_idle(app, 10)
     assert load["running"] == 0 and load["waiting"] == 0
     prompt = served.model.tokenize(body["prompt"])
-    held = [len(slot.tokens) for slot in served.model.slots if slot.tokens[:len(prompt)] == prompt]
+    held = [len(slot.tokens) for slot in served.model.slots if slot.tokens[: len(prompt)] == prompt]
     assert held and max(held) < 200
     _still_serving(app, client)
 
@@ -374,8 +406,10 @@ def test_unknown_route_and_cors(app) -> None:
     assert httpx.options(app.base + "/v1/models").status_code == 405  # CORS is off by default
     app.cors_origin = "http://localhost:3000"
     try:
-        preflight = httpx.options(app.base + "/v1/chat/completions",
-                                  headers={"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"})
+        preflight = httpx.options(
+            app.base + "/v1/chat/completions",
+            headers={"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"},
+        )
         assert preflight.status_code == 204
         assert preflight.headers["access-control-allow-origin"] == "http://localhost:3000"
         assert "Authorization" in preflight.headers["access-control-allow-headers"]
@@ -387,29 +421,47 @@ def test_unknown_route_and_cors(app) -> None:
 
 # ---- structured output and logprobs ---------------------------------------------------------------
 
+
 def test_response_format_json(client) -> None:
     reply = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Describe a cat as JSON."}], max_tokens=60, temperature=0,
-        response_format={"type": "json_object"})
+        model=MODEL,
+        messages=[{"role": "user", "content": "Describe a cat as JSON."}],
+        max_tokens=60,
+        temperature=0,
+        response_format={"type": "json_object"},
+    )
     if reply.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(reply.choices[0].message.content), dict)
     else:
         assert reply.choices[0].message.content.lstrip().startswith("{")
-    schema = {"type": "object", "properties": {"colour": {"type": "string", "enum": ["red", "green", "blue"]},
-                                               "happy": {"type": "boolean"}},
-              "required": ["colour", "happy"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"colour": {"type": "string", "enum": ["red", "green", "blue"]}, "happy": {"type": "boolean"}},
+        "required": ["colour", "happy"],
+        "additionalProperties": False,
+    }
     reply = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Pick a colour and a mood."}], max_tokens=40,
-        temperature=0.7, seed=3,
-        response_format={"type": "json_schema", "json_schema": {"name": "pick", "schema": schema}})
+        model=MODEL,
+        messages=[{"role": "user", "content": "Pick a colour and a mood."}],
+        max_tokens=40,
+        temperature=0.7,
+        seed=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "pick", "schema": schema}},
+    )
     assert reply.choices[0].finish_reason == "stop"
     document = json.loads(reply.choices[0].message.content)
     assert document["colour"] in ("red", "green", "blue") and isinstance(document["happy"], bool)
 
 
 def test_logprobs(client) -> None:
-    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hello."}],
-                                           max_tokens=5, temperature=0, logprobs=True, top_logprobs=3)
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
     content = reply.choices[0].logprobs.content
     assert len(content) == reply.usage.completion_tokens
     assert "".join(t.token for t in content) == reply.choices[0].message.content
@@ -428,11 +480,14 @@ def test_embeddings(app, client, served) -> None:
     assert [d.index for d in reply.data] == [0, 1, 2]
     assert len(vectors[0]) == served.embedder.n_embd
     assert reply.usage.prompt_tokens == sum(len(served.model.tokenize(t)) for t in texts)
-    dot = lambda a, b: sum(x * y for x, y in zip(a, b))
+
+    def dot(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True))
+
     assert abs(dot(vectors[0], vectors[0]) - 1) < 1e-4
     assert dot(vectors[0], vectors[1]) > dot(vectors[0], vectors[2])
     floats = client.embeddings.create(model=MODEL, input=texts[0], encoding_format="float").data[0].embedding
-    assert max(abs(a - b) for a, b in zip(floats, vectors[0])) < 1e-5
+    assert max(abs(a - b) for a, b in zip(floats, vectors[0], strict=False)) < 1e-5
     with pytest.raises(openai.BadRequestError):
         client.embeddings.create(model=MODEL, input=[])
     _still_serving(app, client)
@@ -440,10 +495,28 @@ def test_embeddings(app, client, served) -> None:
 
 # ---- the command ------------------------------------------------------------------------------
 
+
 def test_slim_serve_command(smollm2_gguf: Path) -> None:
-    process = subprocess.Popen([sys.executable, "-m", "slim.runtime.cli", "serve", str(smollm2_gguf), "--port", "0",
-                                "--parallel", "2", "--ctx", "256", "--threads", "1"],
-                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "slim.runtime.cli",
+            "serve",
+            str(smollm2_gguf),
+            "--port",
+            "0",
+            "--parallel",
+            "2",
+            "--ctx",
+            "256",
+            "--threads",
+            "1",
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         line = process.stderr.readline()
         match = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
@@ -462,8 +535,13 @@ def test_slim_serve_command(smollm2_gguf: Path) -> None:
 
 
 def test_slim_serve_bad_model() -> None:
-    result = subprocess.run([sys.executable, "-m", "slim.runtime.cli", "serve", "/nonexistent/model.gguf"],
-                            check=False, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "slim.runtime.cli", "serve", "/nonexistent/model.gguf"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "does not exist" in result.stderr
 
@@ -473,24 +551,46 @@ def test_slim_serve_bad_model() -> None:
 TOOLS_TEMPLATE = (
     "{% if tools %}<|im_start|>system\nYou may call these functions:\n{% for tool in tools %}"
     "{{ tool | tojson }}\n{% endfor %}"
-    "To call one, answer <tool_call>\n{\"name\": ..., \"arguments\": {...}}\n</tool_call><|im_end|>\n{% endif %}"
+    'To call one, answer <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call><|im_end|>\n{% endif %}'
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message.tool_calls %}{% for call in message.tool_calls %}<tool_call>\n{{ call.function | tojson }}\n"
     "</tool_call>{% endfor %}{% else %}{{ message['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "The weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
-                   "required": ["city"], "additionalProperties": False}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
 
 
 @pytest.fixture(scope="module")
 def tools_client(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory):
     """SmolLM2 with a chat template that renders tools and <tool_call> blocks (Hermes style)."""
     path = tmp_path_factory.mktemp("tools") / "smollm2-tools.gguf"
-    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(smollm2_gguf), str(path),
-                    "--chat-template", TOOLS_TEMPLATE, "--force"], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gguf.scripts.gguf_new_metadata",
+            str(smollm2_gguf),
+            str(path),
+            "--chat-template",
+            TOOLS_TEMPLATE,
+            "--force",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     model = inference.load(path, n_ctx=512, n_threads=1)
     srv = serve.Server(model, ["tools-model"])
     host, port = srv.start("127.0.0.1", 0)
@@ -502,26 +602,47 @@ def tools_client(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory):
 def test_forced_tool_call(tools_client) -> None:
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
     reply = tools_client.chat.completions.create(
-        model="tools-model", messages=messages, tools=[WEATHER], max_tokens=40, temperature=0,
-        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        model="tools-model",
+        messages=messages,
+        tools=[WEATHER],
+        max_tokens=40,
+        temperature=0,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     (call,) = choice.message.tool_calls
     assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
     assert isinstance(json.loads(call.function.arguments)["city"], str)
     # streamed, with "required": the call arrives as one tool_calls delta
-    chunks = list(tools_client.chat.completions.create(
-        model="tools-model", messages=messages, tools=[WEATHER], max_tokens=40, temperature=0,
-        tool_choice="required", stream=True))
+    chunks = list(
+        tools_client.chat.completions.create(
+            model="tools-model",
+            messages=messages,
+            tools=[WEATHER],
+            max_tokens=40,
+            temperature=0,
+            tool_choice="required",
+            stream=True,
+        )
+    )
     deltas = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
     assert len(deltas) == 1 and deltas[0][0].function.name == "get_weather"
     assert json.loads(deltas[0][0].function.arguments) == json.loads(call.function.arguments)
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     # the call and its result go back into the conversation
     follow = tools_client.chat.completions.create(
-        model="tools-model", tools=[WEATHER], max_tokens=8, temperature=0, tool_choice="none",
-        messages=messages + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
-                             {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"}])
+        model="tools-model",
+        tools=[WEATHER],
+        max_tokens=8,
+        temperature=0,
+        tool_choice="none",
+        messages=messages
+        + [
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"},
+        ],
+    )
     assert follow.choices[0].message.content and not follow.choices[0].message.tool_calls
 
 
@@ -530,12 +651,16 @@ def test_tool_errors(client, tools_client) -> None:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], tools=[WEATHER])
     assert info.value.body["code"] == "unsupported_parameter"
     with pytest.raises(openai.BadRequestError):
-        tools_client.chat.completions.create(model="tools-model", messages=[{"role": "user", "content": "hi"}],
-                                             tools=[WEATHER],
-                                             tool_choice={"type": "function", "function": {"name": "nope"}})
+        tools_client.chat.completions.create(
+            model="tools-model",
+            messages=[{"role": "user", "content": "hi"}],
+            tools=[WEATHER],
+            tool_choice={"type": "function", "function": {"name": "nope"}},
+        )
     with pytest.raises(openai.BadRequestError):
-        tools_client.chat.completions.create(model="tools-model", messages=[{"role": "user", "content": "hi"}],
-                                             tools=[{"type": "function"}])
+        tools_client.chat.completions.create(
+            model="tools-model", messages=[{"role": "user", "content": "hi"}], tools=[{"type": "function"}]
+        )
 
 
 def test_parse_tool_calls() -> None:
@@ -558,22 +683,26 @@ def tiny_ggufs(smollm2_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory
     paths = []
     for seed in (1, 2):
         folder = tmp_path_factory.mktemp(f"tiny{seed}")
-        hf = make_llama_checkpoint(folder / "hf", smollm2_tokenizer, hidden=64, n_layer=2, n_head=2, n_head_kv=1,
-                                   ffn=128, seed=seed)
+        hf = make_llama_checkpoint(
+            folder / "hf", smollm2_tokenizer, hidden=64, n_layer=2, n_head=2, n_head_kv=1, ffn=128, seed=seed
+        )
         convert(hf, folder / f"tiny{seed}.gguf", mix("Q8_0"))
         paths.append(folder / f"tiny{seed}.gguf")
     return paths
 
 
 def _specs(smollm2_gguf: Path, tiny_ggufs: list[Path]) -> list[serve.ModelSpec]:
-    return [serve.ModelSpec([MODEL, smollm2_gguf.name], smollm2_gguf),
-            serve.ModelSpec([TINY, tiny_ggufs[0].name], tiny_ggufs[0]),
-            serve.ModelSpec([TINY + "2"], tiny_ggufs[1])]
+    return [
+        serve.ModelSpec([MODEL, smollm2_gguf.name], smollm2_gguf),
+        serve.ModelSpec([TINY, tiny_ggufs[0].name], tiny_ggufs[0]),
+        serve.ModelSpec([TINY + "2"], tiny_ggufs[1]),
+    ]
 
 
 def _cost(path: Path) -> int:
-    return serve.estimate_memory(path, check_gguf(path), POOL_OPTIONS["ctx"] * POOL_OPTIONS["parallel"],
-                                  POOL_OPTIONS["n_batch"]).total
+    return serve.estimate_memory(
+        path, check_gguf(path), POOL_OPTIONS["ctx"] * POOL_OPTIONS["parallel"], POOL_OPTIONS["n_batch"]
+    ).total
 
 
 class _Running:
@@ -594,7 +723,7 @@ class _Running:
         assert reply.model == model
         return reply.choices[0].text
 
-    def __enter__(self) -> "_Running":
+    def __enter__(self) -> _Running:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -700,18 +829,42 @@ def test_model_that_fails_to_load(smollm2_gguf: Path, tiny_ggufs: list[Path], tm
 
 
 def test_slim_serve_several_models(smollm2_gguf: Path, tiny_ggufs: list[Path]) -> None:
-    process = subprocess.Popen([sys.executable, "-m", "slim.runtime.cli", "serve", str(smollm2_gguf),
-                                str(tiny_ggufs[0]), "--port", "0", "--parallel", "2", "--ctx", "256", "--threads", "1",
-                                "--keep-alive", "0", "--memory-budget", "1G"],
-                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "slim.runtime.cli",
+            "serve",
+            str(smollm2_gguf),
+            str(tiny_ggufs[0]),
+            "--port",
+            "0",
+            "--parallel",
+            "2",
+            "--ctx",
+            "256",
+            "--threads",
+            "1",
+            "--keep-alive",
+            "0",
+            "--memory-budget",
+            "1G",
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         line = process.stderr.readline()
         match = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
         assert match and "and 1 more on demand" in line and "memory budget 1.00 GiB" in line, line
-        local = openai.OpenAI(base_url=f"http://127.0.0.1:{match.group(1)}/v1", api_key="unused", max_retries=0,
-                              timeout=60)
-        assert {m.id: m.state for m in local.models.list().data} == {smollm2_gguf.name: "loaded",
-                                                                     tiny_ggufs[0].name: "unloaded"}
+        local = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{match.group(1)}/v1", api_key="unused", max_retries=0, timeout=60
+        )
+        assert {m.id: m.state for m in local.models.list().data} == {
+            smollm2_gguf.name: "loaded",
+            tiny_ggufs[0].name: "unloaded",
+        }
         reply = local.completions.create(model=tiny_ggufs[0].stem, prompt="Hello", max_tokens=2)
         assert reply.model == tiny_ggufs[0].name and reply.usage.completion_tokens >= 1
         process.send_signal(signal.SIGINT)
@@ -723,16 +876,27 @@ def test_slim_serve_several_models(smollm2_gguf: Path, tiny_ggufs: list[Path]) -
 
 
 def test_slim_serve_bad_memory_budget(smollm2_gguf: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "slim.runtime.cli", "serve", str(smollm2_gguf),
-                             "--memory-budget", "lots"], check=False, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "slim.runtime.cli", "serve", str(smollm2_gguf), "--memory-budget", "lots"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2 and "'lots' is not a size" in result.stderr
-    result = subprocess.run([sys.executable, "-m", "slim.runtime.cli", "serve", str(smollm2_gguf),
-                             "--memory-budget", "10M"], check=False, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "slim.runtime.cli", "serve", str(smollm2_gguf), "--memory-budget", "10M"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "memory budget of 10 MiB" in result.stderr
 
 
-def test_store_models_are_served_by_name(tiny_ggufs: list[Path], tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_store_models_are_served_by_name(
+    tiny_ggufs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`slim serve` without MODEL serves the store: names as `slim list` shows them, and a model
     pulled while the server runs is found at its first request."""
     from slim.runtime import store
@@ -762,8 +926,8 @@ def test_memory_estimate_matches_llama_cpp(smollm2_gguf: Path, tiny_ggufs: list[
             kv_mib = float(re.search(r"KV buffer size = +([\d.]+) MiB", log).group(1))
             compute_mib = float(re.search(r"compute buffer size = +([\d.]+) MiB", log).group(1))
             estimate = serve.estimate_memory(path, check_gguf(path), 512, 64)
-            assert estimate.kv_cache / 2 ** 20 == pytest.approx(kv_mib, abs=0.01)
-            assert estimate.compute / 2 ** 20 == pytest.approx(compute_mib, rel=0.02)
+            assert estimate.kv_cache / 2**20 == pytest.approx(kv_mib, abs=0.01)
+            assert estimate.compute / 2**20 == pytest.approx(compute_mib, rel=0.02)
             assert estimate.weights == path.stat().st_size
     finally:
         inference.silence_logs()

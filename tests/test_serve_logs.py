@@ -57,8 +57,11 @@ def _wait_for(buffer: io.StringIO, pattern: str, seconds: float = 20) -> str:
 
 
 def _complete(app, **body: Any) -> httpx.Response:
-    return httpx.post(app.base + "/v1/completions", json={"model": MODEL, "prompt": "Once upon a time",
-                                                          "max_tokens": 3, "temperature": 0, **body}, timeout=60)
+    return httpx.post(
+        app.base + "/v1/completions",
+        json={"model": MODEL, "prompt": "Once upon a time", "max_tokens": 3, "temperature": 0, **body},
+        timeout=60,
+    )
 
 
 def test_text_request_lines(app) -> None:
@@ -66,11 +69,13 @@ def test_text_request_lines(app) -> None:
     assert _complete(app).status_code == 200
     log = _wait_for(buffer, r"POST /v1/completions .*\n")
     line = re.search(r"^.*POST /v1/completions.*$", log, re.M).group(0)
-    assert re.search(r"model=smollm2-135m status=200 prompt_tokens=\d+ completion_tokens=3 seconds=\d+\.\d{3}$",
-                     line), line
+    assert re.search(
+        r"model=smollm2-135m status=200 prompt_tokens=\d+ completion_tokens=3 seconds=\d+\.\d{3}$", line
+    ), line
     assert httpx.get(app.base + "/health").status_code == 200
-    assert re.search(r"GET /health model=- status=200 prompt_tokens=- completion_tokens=- seconds=",
-                     _wait_for(buffer, "GET /health"))
+    assert re.search(
+        r"GET /health model=- status=200 prompt_tokens=- completion_tokens=- seconds=", _wait_for(buffer, "GET /health")
+    )
     assert _complete(app, temperature="hot").status_code == 400
     assert "status=400" in _wait_for(buffer, r"status=400")
 
@@ -83,8 +88,13 @@ def test_json_request_lines(app) -> None:
     documents = [json.loads(line) for line in lines]  # every line is one JSON object
     streamed, missing = documents[-2], documents[-1]
     assert {k: streamed[k] for k in ("level", "method", "route", "model", "status", "completion_tokens")} == {
-        "level": "info", "method": "POST", "route": "/v1/completions", "model": MODEL, "status": 200,
-        "completion_tokens": 3}
+        "level": "info",
+        "method": "POST",
+        "route": "/v1/completions",
+        "model": MODEL,
+        "status": 200,
+        "completion_tokens": 3,
+    }
     assert streamed["prompt_tokens"] > 0 and streamed["seconds"] >= 0 and streamed["time"].endswith("Z")
     assert (missing["route"], missing["status"], missing["model"]) == ("/v1/nothing", 404, None)
 
@@ -93,8 +103,9 @@ def _boom(*args: Any, **kwargs: Any) -> None:
     raise RuntimeError("boom: a bug")
 
 
-def test_an_error_inside_the_scheduler_is_logged_with_its_traceback(app, served,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_error_inside_the_scheduler_is_logged_with_its_traceback(
+    app, served, monkeypatch: pytest.MonkeyPatch
+) -> None:
     buffer = _log("text")
     monkeypatch.setattr(served.model, "decode", _boom)
     response = _complete(app)
@@ -119,14 +130,36 @@ def test_an_error_in_a_route_is_logged_as_json(app, served, monkeypatch: pytest.
 
 
 def test_slim_serve_log_format_json(smollm2_gguf: Path) -> None:
-    process = subprocess.Popen([sys.executable, "-m", "slim.runtime.cli", "serve", str(smollm2_gguf), "--port", "0",
-                                "--parallel", "1", "--ctx", "256", "--threads", "1", "--log-format", "json"],
-                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "slim.runtime.cli",
+            "serve",
+            str(smollm2_gguf),
+            "--port",
+            "0",
+            "--parallel",
+            "1",
+            "--ctx",
+            "256",
+            "--threads",
+            "1",
+            "--log-format",
+            "json",
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         match = re.search(r"http://127\.0\.0\.1:(\d+)/v1", process.stderr.readline())
         assert match
-        reply = httpx.post(f"http://127.0.0.1:{match.group(1)}/v1/completions", timeout=60,
-                           json={"model": smollm2_gguf.name, "prompt": "Hello", "max_tokens": 2})
+        reply = httpx.post(
+            f"http://127.0.0.1:{match.group(1)}/v1/completions",
+            timeout=60,
+            json={"model": smollm2_gguf.name, "prompt": "Hello", "max_tokens": 2},
+        )
         assert reply.status_code == 200
         time.sleep(0.5)
         process.send_signal(signal.SIGINT)

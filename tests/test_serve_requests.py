@@ -9,7 +9,13 @@ import pytest
 
 from slim.runtime.inference import SamplingParams
 from slim.runtime.serve.requests import (
-    APIError, ChatRequest, CompletionRequest, fit_max_tokens, model_name, parse_chat, parse_completion,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    fit_max_tokens,
+    model_name,
+    parse_chat,
+    parse_completion,
     parse_embeddings,
 )
 
@@ -41,10 +47,24 @@ def test_a_chat_request_with_openai_defaults() -> None:
 
 
 def test_chat_fields_become_sampling_params() -> None:
-    request = parse_chat({
-        "model": "m", "messages": HI, "temperature": 0, "top_p": 0.5, "presence_penalty": 1.5,
-        "frequency_penalty": -1, "seed": -1, "stop": ["\n", ""], "max_completion_tokens": 7, "max_tokens": 99,
-        "logprobs": True, "top_logprobs": 3, "stream": True, "stream_options": {"include_usage": True}})
+    request = parse_chat(
+        {
+            "model": "m",
+            "messages": HI,
+            "temperature": 0,
+            "top_p": 0.5,
+            "presence_penalty": 1.5,
+            "frequency_penalty": -1,
+            "seed": -1,
+            "stop": ["\n", ""],
+            "max_completion_tokens": 7,
+            "max_tokens": 99,
+            "logprobs": True,
+            "top_logprobs": 3,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
     params = request.params
     assert isinstance(params, SamplingParams)
     assert (params.temperature, params.top_p, params.presence_penalty, params.frequency_penalty) == (0, 0.5, 1.5, -1)
@@ -56,18 +76,33 @@ def test_chat_fields_become_sampling_params() -> None:
 
 
 def test_messages_are_normalised() -> None:
-    request = parse_chat({"model": "m", "messages": [
-        {"role": "developer", "content": "Be brief."},
-        {"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]},
-        {"role": "tool", "content": "42", "tool_call_id": "c1", "name": "f"}]})
+    request = parse_chat(
+        {
+            "model": "m",
+            "messages": [
+                {"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+                    ],
+                },
+                {"role": "tool", "content": "42", "tool_call_id": "c1", "name": "f"},
+            ],
+        }
+    )
     assert request.messages == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hello there"},
-        {"role": "assistant", "content": "", "tool_calls": [
-            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]},
-        {"role": "tool", "content": "42", "tool_call_id": "c1", "name": "f"}]
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}],
+        },
+        {"role": "tool", "content": "42", "tool_call_id": "c1", "name": "f"},
+    ]
 
 
 def test_tools_and_tool_choice() -> None:
@@ -81,54 +116,98 @@ def test_tools_and_tool_choice() -> None:
 def test_response_format_becomes_a_grammar() -> None:
     pytest.importorskip("llama_cpp")
     assert parse_chat({"model": "m", "messages": HI, "response_format": {"type": "text"}}).params.grammar is None
-    assert "root" in parse_chat({"model": "m", "messages": HI,
-                                 "response_format": {"type": "json_object"}}).params.grammar
+    assert (
+        "root" in parse_chat({"model": "m", "messages": HI, "response_format": {"type": "json_object"}}).params.grammar
+    )
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
-    request = parse_chat({"model": "m", "messages": HI,
-                          "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})
+    request = parse_chat(
+        {
+            "model": "m",
+            "messages": HI,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+        }
+    )
     assert "root" in request.params.grammar
 
 
-@pytest.mark.parametrize("body, param, code", [
-    ({"messages": HI}, "model", "invalid_type"),
-    ({"model": 3, "messages": HI}, "model", "invalid_type"),
-    ({"model": "m", "messages": "hello"}, "messages", "invalid_type"),
-    ({"model": "m", "messages": []}, "messages", "invalid_type"),
-    ({"model": "m", "messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", "invalid_value"),
-    ({"model": "m", "messages": ["hi"]}, "messages[0]", "invalid_type"),
-    ({"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages[0].content", "invalid_type"),
-    ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content",
-     "invalid_value"),
-    ({"model": "m", "messages": [{"role": "assistant", "content": "", "tool_calls": [
-        {"function": {"name": "f", "arguments": "{not json"}}]}]}, "messages[0].tool_calls", "invalid_value"),
-    ({"model": "m", "messages": HI, "temperature": "hot"}, "temperature", "invalid_type"),
-    ({"model": "m", "messages": HI, "temperature": 3}, "temperature", "invalid_value"),
-    ({"model": "m", "messages": HI, "temperature": True}, "temperature", "invalid_type"),
-    ({"model": "m", "messages": HI, "top_p": 7}, "top_p", "invalid_value"),
-    ({"model": "m", "messages": HI, "presence_penalty": -3}, "presence_penalty", "invalid_value"),
-    ({"model": "m", "messages": HI, "max_tokens": 0}, "max_tokens", "invalid_value"),
-    ({"model": "m", "messages": HI, "max_tokens": 2.5}, "max_tokens", "invalid_type"),
-    ({"model": "m", "messages": HI, "n": 2}, "n", "invalid_value"),
-    ({"model": "m", "messages": HI, "seed": "x"}, "seed", "invalid_type"),
-    ({"model": "m", "messages": HI, "stop": 5}, "stop", "invalid_type"),
-    ({"model": "m", "messages": HI, "stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value"),
-    ({"model": "m", "messages": HI, "logprobs": "yes"}, "logprobs", "invalid_type"),
-    ({"model": "m", "messages": HI, "top_logprobs": 2}, "top_logprobs", "invalid_value"),
-    ({"model": "m", "messages": HI, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
-    ({"model": "m", "messages": HI, "stream": "yes"}, "stream", "invalid_type"),
-    ({"model": "m", "messages": HI, "stream_options": "yes"}, "stream_options", "invalid_type"),
-    ({"model": "m", "messages": HI, "functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
-    ({"model": "m", "messages": HI, "tools": []}, "tools", "invalid_type"),
-    ({"model": "m", "messages": HI, "tools": [{"type": "function"}]}, "tools[0]", "invalid_value"),
-    ({"model": "m", "messages": HI, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
-     "tool_choice", "invalid_value"),
-    ({"model": "m", "messages": HI, "tools": [TOOL], "tool_choice": "sometimes"}, "tool_choice", "invalid_value"),
-    ({"model": "m", "messages": HI, "tools": [TOOL], "tool_choice": "required",
-      "response_format": {"type": "json_object"}}, "response_format", "invalid_value"),
-    ({"model": "m", "messages": HI, "response_format": {"type": "xml"}}, "response_format", "invalid_value"),
-    ({"model": "m", "messages": HI, "response_format": {"type": "json_schema", "json_schema": "x"}},
-     "response_format", "invalid_value"),
-])
+@pytest.mark.parametrize(
+    "body, param, code",
+    [
+        ({"messages": HI}, "model", "invalid_type"),
+        ({"model": 3, "messages": HI}, "model", "invalid_type"),
+        ({"model": "m", "messages": "hello"}, "messages", "invalid_type"),
+        ({"model": "m", "messages": []}, "messages", "invalid_type"),
+        ({"model": "m", "messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", "invalid_value"),
+        ({"model": "m", "messages": ["hi"]}, "messages[0]", "invalid_type"),
+        ({"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages[0].content", "invalid_type"),
+        (
+            {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "messages[0].content",
+            "invalid_value",
+        ),
+        (
+            {
+                "model": "m",
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "content": "",
+                        "tool_calls": [{"function": {"name": "f", "arguments": "{not json"}}],
+                    }
+                ],
+            },
+            "messages[0].tool_calls",
+            "invalid_value",
+        ),
+        ({"model": "m", "messages": HI, "temperature": "hot"}, "temperature", "invalid_type"),
+        ({"model": "m", "messages": HI, "temperature": 3}, "temperature", "invalid_value"),
+        ({"model": "m", "messages": HI, "temperature": True}, "temperature", "invalid_type"),
+        ({"model": "m", "messages": HI, "top_p": 7}, "top_p", "invalid_value"),
+        ({"model": "m", "messages": HI, "presence_penalty": -3}, "presence_penalty", "invalid_value"),
+        ({"model": "m", "messages": HI, "max_tokens": 0}, "max_tokens", "invalid_value"),
+        ({"model": "m", "messages": HI, "max_tokens": 2.5}, "max_tokens", "invalid_type"),
+        ({"model": "m", "messages": HI, "n": 2}, "n", "invalid_value"),
+        ({"model": "m", "messages": HI, "seed": "x"}, "seed", "invalid_type"),
+        ({"model": "m", "messages": HI, "stop": 5}, "stop", "invalid_type"),
+        ({"model": "m", "messages": HI, "stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value"),
+        ({"model": "m", "messages": HI, "logprobs": "yes"}, "logprobs", "invalid_type"),
+        ({"model": "m", "messages": HI, "top_logprobs": 2}, "top_logprobs", "invalid_value"),
+        ({"model": "m", "messages": HI, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
+        ({"model": "m", "messages": HI, "stream": "yes"}, "stream", "invalid_type"),
+        ({"model": "m", "messages": HI, "stream_options": "yes"}, "stream_options", "invalid_type"),
+        ({"model": "m", "messages": HI, "functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
+        ({"model": "m", "messages": HI, "tools": []}, "tools", "invalid_type"),
+        ({"model": "m", "messages": HI, "tools": [{"type": "function"}]}, "tools[0]", "invalid_value"),
+        (
+            {
+                "model": "m",
+                "messages": HI,
+                "tools": [TOOL],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            "tool_choice",
+            "invalid_value",
+        ),
+        ({"model": "m", "messages": HI, "tools": [TOOL], "tool_choice": "sometimes"}, "tool_choice", "invalid_value"),
+        (
+            {
+                "model": "m",
+                "messages": HI,
+                "tools": [TOOL],
+                "tool_choice": "required",
+                "response_format": {"type": "json_object"},
+            },
+            "response_format",
+            "invalid_value",
+        ),
+        ({"model": "m", "messages": HI, "response_format": {"type": "xml"}}, "response_format", "invalid_value"),
+        (
+            {"model": "m", "messages": HI, "response_format": {"type": "json_schema", "json_schema": "x"}},
+            "response_format",
+            "invalid_value",
+        ),
+    ],
+)
 def test_bad_chat_bodies(body: dict[str, Any], param: str, code: str) -> None:
     error = refused(parse_chat, body)
     assert (error["param"], error["code"]) == (param, code), error
@@ -142,15 +221,18 @@ def test_completion_requests() -> None:
     assert parse_completion({"model": "m", "prompt": "x"}).top_logprobs is None
 
 
-@pytest.mark.parametrize("body, param, code", [
-    ({"model": "m"}, "prompt", "invalid_type"),
-    ({"model": "m", "prompt": ["a", "b"]}, "prompt", "invalid_type"),
-    ({"model": "m", "prompt": [1, True]}, "prompt", "invalid_type"),
-    ({"model": "m", "prompt": "x", "echo": True}, "echo", "unsupported_parameter"),
-    ({"model": "m", "prompt": "x", "best_of": 3}, "echo", "unsupported_parameter"),
-    ({"model": "m", "prompt": "x", "logprobs": 6}, "logprobs", "invalid_value"),
-    ({"model": "m", "prompt": "x", "max_tokens": -3}, "max_tokens", "invalid_value"),
-])
+@pytest.mark.parametrize(
+    "body, param, code",
+    [
+        ({"model": "m"}, "prompt", "invalid_type"),
+        ({"model": "m", "prompt": ["a", "b"]}, "prompt", "invalid_type"),
+        ({"model": "m", "prompt": [1, True]}, "prompt", "invalid_type"),
+        ({"model": "m", "prompt": "x", "echo": True}, "echo", "unsupported_parameter"),
+        ({"model": "m", "prompt": "x", "best_of": 3}, "echo", "unsupported_parameter"),
+        ({"model": "m", "prompt": "x", "logprobs": 6}, "logprobs", "invalid_value"),
+        ({"model": "m", "prompt": "x", "max_tokens": -3}, "max_tokens", "invalid_value"),
+    ],
+)
 def test_bad_completion_bodies(body: dict[str, Any], param: str, code: str) -> None:
     error = refused(parse_completion, body)
     assert (error["param"], error["code"]) == (param, code), error
@@ -161,10 +243,13 @@ def test_embedding_requests() -> None:
     assert parse_embeddings({"model": "m", "input": [1, 2]}).inputs == [[1, 2]]
     request = parse_embeddings({"model": "m", "input": ["a", [3]], "encoding_format": "base64"})
     assert request.inputs == ["a", [3]] and request.encoding_format == "base64"
-    for body, param in [({"model": "m", "input": []}, "input"), ({"model": "m", "input": [None]}, "input"),
-                        ({"model": "m", "input": ["a"] * 257}, "input"),
-                        ({"model": "m", "input": "a", "encoding_format": "hex"}, "encoding_format"),
-                        ({"model": "m", "input": "a", "dimensions": 8}, "dimensions")]:
+    for body, param in [
+        ({"model": "m", "input": []}, "input"),
+        ({"model": "m", "input": [None]}, "input"),
+        ({"model": "m", "input": ["a"] * 257}, "input"),
+        ({"model": "m", "input": "a", "encoding_format": "hex"}, "encoding_format"),
+        ({"model": "m", "input": "a", "dimensions": 8}, "dimensions"),
+    ]:
         assert refused(parse_embeddings, body)["param"] == param
 
 

@@ -67,8 +67,11 @@ def test_check_gguf_reads_what_gguf_py_writes(tmp_path: Path) -> None:
     path = tmp_path / "every-type.gguf"
     write_gguf(path)
     metadata = gguf_file.check_gguf(path)
-    expected = {key: field.contents() for key, field in gguf.GGUFReader(path).fields.items()
-                if not key.startswith("GGUF.") and field.types[0] != gguf.GGUFValueType.ARRAY}
+    expected = {
+        key: field.contents()
+        for key, field in gguf.GGUFReader(path).fields.items()
+        if not key.startswith("GGUF.") and field.types[0] != gguf.GGUFValueType.ARRAY
+    }
     assert {key: metadata[key] for key in expected} == expected
     assert metadata["test.bool"] is True and metadata["test.string"] == "hello"
 
@@ -95,9 +98,24 @@ def test_chat_command_path_imports_nothing_heavy() -> None:
 def test_slim_run_never_imports_gguf_or_kernels(smollm2_gguf: Path) -> None:
     """The whole `slim run` to its last token (llama-cpp-python brings numpy; slim adds nothing heavy)."""
     run = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "slim.runtime.cli", "run", str(smollm2_gguf), "Hi",
-         "--max-tokens", "1", "--temperature", "0"],
-        capture_output=True, text=True, check=True)
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "slim.runtime.cli",
+            "run",
+            str(smollm2_gguf),
+            "Hi",
+            "--max-tokens",
+            "1",
+            "--temperature",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     imported = {line.split("|")[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
     assert "llama_cpp" in imported
     assert not [m for m in imported if m == "gguf" or m.startswith(("gguf.", "slim.kernels"))]

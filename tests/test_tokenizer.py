@@ -11,34 +11,58 @@ import dataclasses
 import functools
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import gguf
 import pytest
 from tokenizers import (
-    AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers,
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
 )
 
 from slim.runtime.formats.tokenizer import (
-    BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, TokenizerError, read_gguf_tokenizer, read_hf_tokenizer,
-    write_hf_tokenizer, write_to_gguf,
+    BYTE,
+    CONTROL,
+    NORMAL,
+    UNKNOWN,
+    UNUSED,
+    USER_DEFINED,
+    TokenizerError,
+    read_gguf_tokenizer,
+    read_hf_tokenizer,
+    write_hf_tokenizer,
+    write_to_gguf,
 )
 
 # The split regexes as Llama 3 and Qwen2.5 ship them in tokenizer.json (written out independently
 # of the module's table on purpose).
-LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 CORPUS = [
     f"In {1900 + i} the {word} counted {i * 37} ships; they'd seen {i * 1234 % 9973} more, "
     f"and I'VE heard   it's {i / 7:.3f} km away.\n\tcafé naïve Ångström {'ñ' * (i % 3)} 我想 🦙 ---"
-    for i in range(200) for word in ("city", "harbour", "council", "river")
+    for i in range(200)
+    for word in ("city", "harbour", "council", "river")
 ]
-SAMPLE = ("Hello world! I'VE seen 12345 cats in 2024, they're 3.14 happy.\n\n\tIndented  double  spaces\r\n"
-          "Ångström naïve café 我想在apple工作1314151天 🦙🦙 ------======= '''```\"quoted\"... we'Ve a'lL  ")
+SAMPLE = (
+    "Hello world! I'VE seen 12345 cats in 2024, they're 3.14 happy.\n\n\tIndented  double  spaces\r\n"
+    "Ångström naïve café 我想在apple工作1314151天 🦙🦙 ------======= '''```\"quoted\"... we'Ve a'lL  "
+)
 
 
 def _llama_cpp_tokenizer(gguf_path: Path) -> Callable[[str], list[int]]:
@@ -67,8 +91,11 @@ def _write_vocab_gguf(spec, path: Path, vocab_size: int | None = None) -> Path:
 
 def _tokenizer_fields(path: Path) -> dict[str, tuple[list[int], object]]:
     reader = gguf.GGUFReader(path)
-    return {name: ([int(t) for t in f.types], f.contents())
-            for name, f in reader.fields.items() if name.startswith("tokenizer.")}
+    return {
+        name: ([int(t) for t in f.types], f.contents())
+        for name, f in reader.fields.items()
+        if name.startswith("tokenizer.")
+    }
 
 
 @functools.cache
@@ -78,8 +105,12 @@ def _base_vocabulary() -> str:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["<|endoftext|>", "<|im_start|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=420,
+        special_tokens=["<|endoftext|>", "<|im_start|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(CORPUS, trainer)
     return tokenizer.to_str()
 
@@ -94,14 +125,28 @@ def _bpe(pre_tokenizer, normalizer=None) -> Tokenizer:
 
 PRE_TOKENIZER_CASES = {
     "gpt-2": lambda: _bpe(pre_tokenizers.ByteLevel(add_prefix_space=False)),
-    "smollm": lambda: _bpe(pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])),
-    "llama-bpe": lambda: _bpe(pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_REGEX), "isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])),
-    "qwen2": lambda: _bpe(pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_REGEX), "isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), normalizers.NFC()),
+    "smollm": lambda: _bpe(
+        pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
+    ),
+    "llama-bpe": lambda: _bpe(
+        pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(LLAMA3_REGEX), "isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    ),
+    "qwen2": lambda: _bpe(
+        pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(QWEN2_REGEX), "isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        ),
+        normalizers.NFC(),
+    ),
 }
 
 
@@ -154,7 +199,7 @@ def test_smollm_ids_match_llama_cpp_on_real_text(smollm2_gguf: Path, exported: P
     ours = [e.ids for e in tokenizer.encode_batch(paragraphs, add_special_tokens=False)]
     llama_cpp_tokenize = _llama_cpp_tokenizer(smollm2_gguf)
     theirs = [llama_cpp_tokenize(p) for p in paragraphs]
-    mismatched = [p[:80] for p, a, b in zip(paragraphs, ours, theirs) if a != b]
+    mismatched = [p[:80] for p, a, b in zip(paragraphs, ours, theirs, strict=False) if a != b]
     assert not mismatched
     assert sum(map(len, ours)) > 40_000
 
@@ -187,21 +232,29 @@ def test_pre_tokenizer_is_identified_and_tokenizes_like_llama_cpp(name: str, tmp
 def test_added_tokens_special_ids_and_padding(tmp_path: Path) -> None:
     trained = PRE_TOKENIZER_CASES["llama-bpe"]()
     trained.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])
-    trained.add_tokens([AddedToken("<think>", special=False), AddedToken("<|eot_id|>", special=False),
-                        AddedToken("\u2581tab", special=False)])
+    trained.add_tokens(
+        [
+            AddedToken("<think>", special=False),
+            AddedToken("<|eot_id|>", special=False),
+            AddedToken("\u2581tab", special=False),
+        ]
+    )
     trained.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
-        special_tokens=[("<|begin_of_text|>", trained.token_to_id("<|begin_of_text|>"))])
+        single="<|begin_of_text|> $A",
+        pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", trained.token_to_id("<|begin_of_text|>"))],
+    )
     trained.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|end_of_text|>", "special": True}}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|end_of_text|>", "special": True}})
+    )
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 432, "pad_token_id": 1}))
 
     spec = read_hf_tokenizer(tmp_path)
     n = trained.get_vocab_size()
     assert len(spec.tokens) == 432
-    assert spec.tokens[n - 5:n] == ["<|begin_of_text|>", "<|end_of_text|>", "<think>", "<|eot_id|>", " tab"]
-    assert spec.token_types[n - 5:n] == [CONTROL, CONTROL, USER_DEFINED, CONTROL, USER_DEFINED]
+    assert spec.tokens[n - 5 : n] == ["<|begin_of_text|>", "<|end_of_text|>", "<think>", "<|eot_id|>", " tab"]
+    assert spec.token_types[n - 5 : n] == [CONTROL, CONTROL, USER_DEFINED, CONTROL, USER_DEFINED]
     assert spec.tokens[n:] == [f"[PAD{i}]" for i in range(n, 432)]
     assert set(spec.token_types[n:]) == {UNUSED}
     assert (spec.bos_id, spec.eos_id, spec.unk_id, spec.pad_id) == (n - 5, n - 4, None, 1)
@@ -235,16 +288,24 @@ def test_write_to_gguf_pads_to_the_embedding(tmp_path: Path) -> None:
 
 def test_unknown_pre_tokenizer_is_refused(tmp_path: Path) -> None:
     _bpe(pre_tokenizers.Whitespace()).save(str(tmp_path / "tokenizer.json"))
-    with pytest.raises(TokenizerError, match=r"pre-tokenizer Whitespace is not supported; supported: gpt-2, "
-                                             r"llama-bpe, qwen2, smollm") as caught:
+    with pytest.raises(
+        TokenizerError,
+        match=r"pre-tokenizer Whitespace is not supported; supported: gpt-2, "
+        r"llama-bpe, qwen2, smollm",
+    ) as caught:
         read_hf_tokenizer(tmp_path)
     assert "\n" not in str(caught.value)
 
 
 def test_qwen2_regex_without_its_normalizer_is_refused(tmp_path: Path) -> None:
-    _bpe(pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_REGEX), "isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])).save(str(tmp_path / "tokenizer.json"))
+    _bpe(
+        pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(QWEN2_REGEX), "isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    ).save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(TokenizerError, match="Split\\+ByteLevel is not supported"):
         read_hf_tokenizer(tmp_path)
 
@@ -268,24 +329,42 @@ def test_missing_tokenizer_is_an_error(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def sentencepiece_model() -> bytes:
     import sentencepiece
+
     model = io.BytesIO()
     # identity normalization: llama.cpp does not apply sentencepiece's default NFKC.
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS), model_writer=model, vocab_size=400, byte_fallback=True,
-        model_type="bpe", normalization_rule_name="identity", minloglevel=2)
+        sentence_iterator=iter(CORPUS),
+        model_writer=model,
+        vocab_size=400,
+        byte_fallback=True,
+        model_type="bpe",
+        normalization_rule_name="identity",
+        minloglevel=2,
+    )
     return model.getvalue()
 
 
 def test_sentencepiece_vocabulary(sentencepiece_model: bytes, tmp_path: Path) -> None:
     import sentencepiece
+
     processor = sentencepiece.SentencePieceProcessor(model_proto=sentencepiece_model)
     (tmp_path / "tokenizer.model").write_bytes(sentencepiece_model)
-    (tmp_path / "config.json").write_text(json.dumps(
-        {"architectures": ["LlamaForCausalLM"], "vocab_size": 404, "bos_token_id": 1, "eos_token_id": 2}))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
-        "add_bos_token": True, "add_eos_token": False, "add_prefix_space": True,
-        "added_tokens_decoder": {"400": {"content": "<|im_end|>", "special": True},
-                                 "401": {"content": "\u2581hey", "special": False}}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "vocab_size": 404, "bos_token_id": 1, "eos_token_id": 2})
+    )
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "add_prefix_space": True,
+                "added_tokens_decoder": {
+                    "400": {"content": "<|im_end|>", "special": True},
+                    "401": {"content": "\u2581hey", "special": False},
+                },
+            }
+        )
+    )
 
     spec = read_hf_tokenizer(tmp_path)
     assert (spec.model, spec.pre, spec.merges) == ("llama", "default", None)
@@ -330,8 +409,16 @@ def test_chat_template_from_jinja_file(bpe_dir: Path) -> None:
 
 
 def test_named_chat_templates(bpe_dir: Path) -> None:
-    (bpe_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
-        {"name": "default", "template": "plain"}, {"name": "tool-use", "template": "with tools"}]}))
+    (bpe_dir / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "chat_template": [
+                    {"name": "default", "template": "plain"},
+                    {"name": "tool-use", "template": "with tools"},
+                ]
+            }
+        )
+    )
     spec = read_hf_tokenizer(bpe_dir)
     assert (spec.chat_template, spec.named_chat_templates) == ("plain", {"tool_use": "with tools"})
     fields = _tokenizer_fields(_write_vocab_gguf(spec, bpe_dir / "vocab.gguf"))

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import llama_logits, make_qwen2_checkpoint, tokenize
-from slim.runtime.pipeline.convert import convert
+
 from slim.runtime.formats.mixes import mix
+from slim.runtime.pipeline.convert import convert
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
