@@ -16,6 +16,7 @@ time; numpy runs each step of that loop over all of them at once, with the data 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypedDict
 
 import numpy as np
 
@@ -263,10 +264,19 @@ def make_qx_quants(X: np.ndarray, nmax: int, W: np.ndarray) -> tuple[np.ndarray,
 
 # ----------------------------------------------------------------------------- the thorough searches
 
+
+class TrialGrid(TypedDict):
+    """make_qkx2_quants' trial inverse scales: (rmin + rdelta*step + nmax)/(max-min) for step 0..nstep."""
+
+    rmin: float
+    rdelta: float
+    nstep: int
+
+
 # What every thorough search shares: the finer trial grid of make_qkx2_quants (41 trial inverse
 # scales (nmax-1 .. nmax+1)/(max-min), twice as fine as the K-quant reference's), d nudged by these
 # factors at the start, and _SUPER_ROUNDS least-squares refits of the block scales.
-THOROUGH_GRID = {"rmin": -1.0, "rdelta": 0.05, "nstep": 40}
+THOROUGH_GRID: TrialGrid = {"rmin": -1.0, "rdelta": 0.05, "nstep": 40}
 _D_NUDGES = (0.99, 1.01)
 _SUPER_ROUNDS = 3
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import numpy as np
 
 
-class QuantType:
+class QuantType(ABC):
     """One GGUF tensor type: a block of `block_size` weights is stored in `type_size` bytes.
 
     Subclasses define two classmethods on 2-D arrays of whole blocks:
@@ -21,6 +23,16 @@ class QuantType:
     block_size: int
     type_size: int
     searches: tuple[str, ...] = ("reference",)  # "thorough" where a type has a wider search
+
+    @classmethod
+    @abstractmethod
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        """(n, block_size) float32 -> (n, type_size) uint8."""
+
+    @classmethod
+    @abstractmethod
+    def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        """(n, type_size) uint8 -> (n, block_size) float32."""
 
     @classmethod
     def row_bytes(cls, n_per_row: int) -> int:

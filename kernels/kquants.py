@@ -63,6 +63,7 @@ cost more in numpy than the whole trial arithmetic.
 from __future__ import annotations
 
 import functools
+from abc import abstractmethod
 
 import numpy as np
 
@@ -90,6 +91,9 @@ from ._common import (
     unpack_scale_min,
 )
 from .base import QuantType, half_bytes, half_values, split_fields
+
+# A Q4_K/Q5_K block before packing (_store_scale_min): d, dmin (n,) half, packed scales (n, 12), codes (n, 8, 32).
+ScaleMinFields = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 # ----------------------------------------------------------------------------- running maxima
 
@@ -130,9 +134,7 @@ def _scale_min_weights(blocks: np.ndarray, importance: np.ndarray | None = None)
     return X, columns(importance, 32) * np.sqrt(np.repeat(sigma2, 8) + X * X)
 
 
-def _quantize_scale_min(
-    blocks: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _quantize_scale_min(blocks: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int) -> ScaleMinFields:
     """The shared part of quantize_row_q4_K_ref and _q5_K_ref on (n, 256) float32 blocks.
 
     Returns d and dmin (n,) float16, the (n, 12) packed scales, and (n, 8, 32) uint8 codes.
@@ -153,7 +155,7 @@ def _quantize_scale_min(
 
 def _quantize_scale_min_weighted(
     blocks: np.ndarray, importance: np.ndarray, nmax: int, cap_codes: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+) -> ScaleMinFields:
     """quantize_row_q4_K_impl / _q5_K_impl: what llama-quantize runs when given an imatrix.
 
     Each weight counts importance * sqrt(sigma2 + x^2) (_scale_min_weights); sub-blocks are fitted
@@ -176,7 +178,7 @@ def _quantize_scale_min_weighted(
 
 def _store_scale_min(
     X: np.ndarray, L: np.ndarray, d: np.ndarray, dmin: np.ndarray, ls: np.ndarray, lm: np.ndarray, nmax: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+) -> ScaleMinFields:
     """Store d, dmin (n,) as half and the (n, 8) 6-bit codes ls, lm packed, then re-code the weights
     X (32, 8n) against the STORED numbers, overwriting the search's codes L.
 
@@ -269,8 +271,8 @@ _CODE_RADIUS = 2
 
 
 def _search_scale_min_thoroughly(
-    blocks: np.ndarray, importance: np.ndarray | None, nmax: int, reference: tuple[np.ndarray, ...]
-) -> tuple[np.ndarray, ...]:
+    blocks: np.ndarray, importance: np.ndarray | None, nmax: int, reference: ScaleMinFields
+) -> ScaleMinFields:
     """search="thorough" for Q4_K/Q5_K: the same block layout, with lower weighted error.
 
     The reference fixes each sub-block's (scale, min) first and only then rounds them to 6-bit codes
@@ -289,18 +291,24 @@ def _search_scale_min_thoroughly(
     X, W = _scale_min_weights(blocks, importance)
     scale, offset, _ = make_qkx2_quants(X, W, nmax, **THOROUGH_GRID)
     start = (_running_max(scale.reshape(n, 8)) / f32(63), _running_max(offset.reshape(n, 8)) / f32(63))
+
+    def refit(codes: tuple[np.ndarray, ...], d: np.ndarray, dmin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ls, lm = codes
+        return _refit_super_block(X, W, ls, lm, d, dmin, nmax)
+
     (d, dmin), (ls, lm) = alternate(
         pick=lambda d, dmin: _pick_sub_block_codes(X, W, scale, offset, d, dmin, nmax),
-        refit=lambda codes, d, dmin: _refit_super_block(X, W, *codes, d, dmin, nmax),
+        refit=refit,
         start=start,
     )
     thorough = _store_scale_min(X, np.zeros_like(X), d, dmin, ls, lm, nmax)
 
     Wb = W.T.reshape(n, QK_K)
     keep = _stored_block_error(blocks, Wb, thorough) < _stored_block_error(blocks, Wb, reference)
-    return tuple(
+    d, dmin, scales, codes = (
         np.where(keep.reshape((n,) + (1,) * (a.ndim - 1)), a, b) for a, b in zip(thorough, reference, strict=True)
     )
+    return d, dmin, scales, codes
 
 
 def _codes_and_error(
@@ -323,7 +331,7 @@ def _codes_and_error(
 
 def _pick_sub_block_codes(
     X: np.ndarray, W: np.ndarray, scale: np.ndarray, offset: np.ndarray, d: np.ndarray, dmin: np.ndarray, nmax: int
-) -> tuple[np.ndarray, ...]:
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Given float32 d, dmin (n,) (stored as half), each sub-block's best 6-bit (sc, m) within
     _CODE_RADIUS of round(scale/d), round(offset/dmin). Returns the (n,) error of each super-block
     and the (n, 8) sc and m."""
@@ -378,7 +386,7 @@ def _refit_super_block(
     return np.where(ok, new_d, d), np.where(ok, new_dmin, dmin)
 
 
-def _stored_block_error(blocks: np.ndarray, weights: np.ndarray, fields: tuple[np.ndarray, ...]) -> np.ndarray:
+def _stored_block_error(blocks: np.ndarray, weights: np.ndarray, fields: ScaleMinFields) -> np.ndarray:
     """(n,) float64 sum of w*(x - decoded)^2 per super-block, decoding exactly as llama.cpp does."""
     d, dmin, scales, codes = fields
     decoded = _scale_min_dequantize(half_bytes(d), half_bytes(dmin), scales, codes).astype(np.float64)
@@ -389,11 +397,18 @@ def _stored_block_error(blocks: np.ndarray, weights: np.ndarray, fields: tuple[n
 
 
 class _KQuant(QuantType):
-    """A K-quant: its `_quantize_chunk(blocks, importance=None)` encodes a cache-sized run of
-    (n, 256) super-blocks, given their (n, 256) slice of the imatrix or None; a type with a thorough
-    search also takes `thorough=True`."""
+    """A K-quant: its `_quantize_chunk(blocks, importance=None, thorough=False)` encodes a cache-sized
+    run of (n, 256) super-blocks, given their (n, 256) slice of the imatrix or None; thorough=True
+    is asked only of a type that lists "thorough" in `searches`."""
 
     block_size = QK_K
+
+    @classmethod
+    @abstractmethod
+    def _quantize_chunk(
+        cls, blocks: np.ndarray, importance: np.ndarray | None = None, thorough: bool = False
+    ) -> np.ndarray:
+        """(n, 256) float32 super-blocks -> (n, type_size) uint8."""
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:

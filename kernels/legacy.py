@@ -30,7 +30,9 @@ or without an imatrix 1: the reference then scales to the block's extremes and m
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from abc import abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 from gguf import quants as gguf_quants
@@ -76,10 +78,20 @@ class F16(QuantType):
         return np.ascontiguousarray(blocks).view(np.float16).astype(np.float32)
 
 
+class _GgufQuant(Protocol):
+    """What slim uses of a gguf-py quant class (gguf.quants.Q8_0 & co.)."""
+
+    @classmethod
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray: ...
+
+    @classmethod
+    def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray: ...
+
+
 class _FromGguf(QuantType):
     """A type whose numpy quantizer and dequantizer come from gguf-py."""
 
-    _impl: type
+    _impl: type[_GgufQuant]
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
@@ -110,6 +122,19 @@ class _Weighted(_FromGguf):
     """
 
     searches = ("reference", "thorough")
+
+    @classmethod
+    @abstractmethod
+    def quantize_weighted(cls, blocks: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """(n, 32) blocks -> (n, type_size) uint8, minimising the error weighted by `weights` as C does."""
+
+    @classmethod
+    @abstractmethod
+    def search_thoroughly(cls, blocks: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, ...]:
+        """search="thorough": the fields (d, m if any, codes) `_pack` takes."""
+
+    # Packs a type's fields, (d, codes) or (d, m, codes), into (n, type_size) uint8 blocks.
+    _pack: Callable[..., np.ndarray]
 
     @classmethod
     def quantize_rows(
@@ -344,7 +369,7 @@ def _affine_thoroughly(blocks: np.ndarray, weights: np.ndarray, nmax: int) -> tu
 
 
 def _best_trial(
-    pick: Callable[..., tuple[np.ndarray, tuple[np.ndarray, ...]]], trials: list[tuple[np.ndarray, ...]]
+    pick: Callable[..., tuple[np.ndarray, tuple[np.ndarray, ...]]], trials: Sequence[tuple[np.ndarray, ...]]
 ) -> tuple[np.ndarray, ...]:
     """Per block, the trial (a tuple of (n,) block scales) whose pick(*trial) error is least."""
     best, best_err = trials[0], pick(*trials[0])[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -91,6 +92,19 @@ class DecoderArchitecture:
                 raise ArchitectureError(f"{hf_name}: {self.gguf_arch} has no attention biases")
             return f"blk.{match.group(1)}.{suffix}"
         raise ArchitectureError(f"unexpected tensor {hf_name!r} for architecture {self.gguf_arch}")
+
+    def used_gguf_name(self, hf_name: str) -> str:
+        """The GGUF name of a tensor llama.cpp must use (a block's matrices); ArchitectureError otherwise."""
+        name = self.gguf_name(hf_name)
+        if name is None:
+            raise ArchitectureError(f"{hf_name} has no GGUF name: llama.cpp does not use it")
+        return name
+
+    def gguf_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """HF name -> shape, renamed to GGUF name -> shape and without the tensors llama.cpp does not use."""
+        return {
+            gguf_name: shape for hf_name, shape in shapes.items() if (gguf_name := self.gguf_name(hf_name)) is not None
+        }
 
     def to_gguf(self, gguf_name: str, array: np.ndarray) -> np.ndarray:
         """Transform a checkpoint tensor into llama.cpp's layout (the Q/K RoPE permutation)."""

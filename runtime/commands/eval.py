@@ -67,17 +67,19 @@ def command(
     from tqdm import tqdm
 
     from slim.runtime import store
-    from slim.runtime.inference.evaluate import evaluate, reports_json
+    from slim.runtime.inference.evaluate import EvalReport, ReferenceLogits, evaluate, reports_json
 
     if reference and reference_logits:
         fail("give --reference or --reference-logits, not both")
     text = read_text_file(text_file)
     try:
         paths = [store.resolve(m) for m in models]
-        ref = Path(reference_logits) if reference_logits else (store.resolve(reference) if reference else None)
+        ref: Path | ReferenceLogits | None = (
+            Path(reference_logits) if reference_logits else (store.resolve(reference) if reference else None)
+        )
     except ValueError as exc:
         fail(str(exc))
-    reports = []
+    reports: list[EvalReport] = []
     try:
         for path in paths:
             with tqdm(desc=path.name, unit="chunk", disable=as_json or None, file=sys.stderr) as bar:

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import json
+from typing import TypedDict
 
 import click
 
 from slim.runtime.cli import fail
+
+
+class _Row(TypedDict):
+    """One stored model, as `slim list --json` prints it."""
+
+    name: str
+    size_bytes: int | None  # None when its file is missing
+    source: str
+    file: str
 
 
 @click.command(name="list")
@@ -19,10 +29,10 @@ def command(as_json: bool) -> None:
         entries = store.entries()
     except ValueError as exc:
         fail(str(exc))
-    rows = []
+    rows: list[_Row] = []
     for entry in entries.values():
-        size = entry.path.stat().st_size if entry.path.exists() else None
-        rows.append({"name": entry.name, "size_bytes": size, "source": entry.source, "file": entry.file})
+        size_bytes = entry.path.stat().st_size if entry.path.exists() else None
+        rows.append({"name": entry.name, "size_bytes": size_bytes, "source": entry.source, "file": entry.file})
     available = [
         {"name": c.name, "description": c.description} for c in store.CATALOG.values() if c.name not in entries
     ]
@@ -35,7 +45,8 @@ def command(as_json: bool) -> None:
         width = max(len(r["name"]) for r in rows)
         click.echo(f"{'NAME':<{width}}  {'SIZE':>9}  SOURCE")
         for r in rows:
-            size = f"{r['size_bytes'] / 1e6:.1f} MB" if r["size_bytes"] is not None else "missing"
+            size_bytes = r["size_bytes"]
+            size = f"{size_bytes / 1e6:.1f} MB" if size_bytes is not None else "missing"
             click.echo(f"{r['name']:<{width}}  {size:>9}  {r['source']}")
     for c in available:
         click.echo(f"available: {c['name']} - {c['description']} (`slim pull {c['name']}`)")

@@ -48,6 +48,11 @@ class TensorRef:
     load: Callable[[], np.ndarray]
 
 
+def already_loaded(array: np.ndarray) -> Callable[[], np.ndarray]:
+    """The `load` of a tensor that is in memory already: it returns the array itself."""
+    return lambda: array
+
+
 def _mapped(path: Path, start: int, dtype: str, shape: tuple[int, ...]) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
         raw = np.memmap(path, dtype=_DTYPES[dtype], mode="r", offset=start, shape=shape or (1,))
@@ -122,7 +127,7 @@ class Checkpoint:
         for path in self._pickled:
             for name, tensor in torch.load(path, map_location="cpu", weights_only=False).items():
                 array = tensor.float().numpy()
-                self.tensors[name] = TensorRef(name, "F32", tuple(array.shape), lambda array=array: array)
+                self.tensors[name] = TensorRef(name, "F32", tuple(array.shape), already_loaded(array))
 
 
 def _read_header(path: Path) -> list[TensorRef]:

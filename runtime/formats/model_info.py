@@ -53,7 +53,9 @@ def describe(path: Path) -> ModelInfo:
 def file_type_name(reader: gguf.GGUFReader) -> str | None:
     """Q4_K_M, Q8_0, F16, ... from general.file_type, when the GGUF records it."""
     field = reader.fields.get(gguf.Keys.General.FILE_TYPE)
+    if field is None:
+        return None
     try:
         return gguf.LlamaFileType(int(field.contents())).name.removeprefix("MOSTLY_").removeprefix("ALL_")
-    except (AttributeError, TypeError, ValueError):
+    except (TypeError, ValueError):
         return None

@@ -183,7 +183,7 @@ def pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str:
     name = _BY_FINGERPRINT.get(_fingerprint(normalizer, pre))
     if name is None:
         steps = "+".join(str(s.get("type")) for s in _flat_steps(pre)) or "(none)"
-        if _canonical_normalizer(normalizer) is not None:
+        if normalizer is not None and _canonical_normalizer(normalizer) is not None:
             steps += f" after a {normalizer.get('type')} normalizer"
         raise TokenizerError(
             f"the pre-tokenizer {steps} is not supported; supported: {', '.join(sorted(PRE_TOKENIZERS))}"

@@ -26,7 +26,7 @@ from slim import kernels, models
 from slim.kernels import QTYPES
 from slim.runtime.files import atomic_path
 from slim.runtime.formats import mixes
-from slim.runtime.formats.checkpoint import Checkpoint, CheckpointError, TensorRef
+from slim.runtime.formats.checkpoint import Checkpoint, CheckpointError, TensorRef, already_loaded
 
 if TYPE_CHECKING:
     from slim.runtime.pipeline.calibrate import Calibration
@@ -90,7 +90,7 @@ def convert(
     allow_pickle: bool = False,
     imatrix: str | os.PathLike[str] | None = None,
     search: str = "reference",
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
     on_plan: Callable[[int], None] | None = None,
 ) -> ConvertSummary:
     """Convert a local HF directory or a hub repo id to a GGUF.
@@ -213,7 +213,7 @@ def _plan(
         if name is not None:
             found[name] = _Planned(name, ref.shape, "", _transformed(arch, name, ref))
     for name, array in arch.extra_tensors().items():
-        found[name] = _Planned(name, array.shape, "", lambda array=array: array)
+        found[name] = _Planned(name, array.shape, "", already_loaded(array))
     _check_complete(arch, found)
     if isinstance(quantization, mixes.TypePlan):
         plan = quantization

@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -186,7 +186,7 @@ def plan_unstructured(
             raise PruneError("--method wanda needs calibration: --text FILE or --imatrix FILE")
         for i in range(arch.n_layer):
             for suffix in BLOCK_MATRICES:
-                name = arch.gguf_name(f"model.layers.{i}.{suffix}")
+                name = arch.used_gguf_name(f"model.layers.{i}.{suffix}")
                 norms[name] = np.sqrt(_sums(calibration, name))
     return Plan(method, sparsity=sparsity, pattern=pattern, column_norms=norms)
 
@@ -247,11 +247,11 @@ def plan_width(
     plan = Plan("width")
     for i in range(arch.n_layer):
         if n_ffn < arch.ffn:
-            down = arch.gguf_name(f"model.layers.{i}.mlp.down_proj.weight")
+            down = arch.used_gguf_name(f"model.layers.{i}.mlp.down_proj.weight")
             energy = _sums(calibration, down) * _column_energy(checkpoint, f"model.layers.{i}.mlp.down_proj.weight")
             plan.ffn_kept[i] = _top(energy, n_ffn)
         if n_groups < arch.n_head_kv:
-            out = arch.gguf_name(f"model.layers.{i}.self_attn.o_proj.weight")
+            out = arch.used_gguf_name(f"model.layers.{i}.self_attn.o_proj.weight")
             energy = _sums(calibration, out) * _column_energy(checkpoint, f"model.layers.{i}.self_attn.o_proj.weight")
             plan.kv_kept[i] = _top(energy.reshape(arch.n_head_kv, per_group * arch.head_dim).sum(axis=1), n_groups)
     return plan
@@ -409,7 +409,7 @@ def _loader(
         if plan.method in UNSTRUCTURED and ref.name.endswith(BLOCK_MATRICES):
             scores = np.abs(array)
             if plan.method == "wanda":
-                scores *= plan.column_norms[arch.gguf_name(ref.name)][None, :].astype(np.float32)
+                scores *= plan.column_norms[arch.used_gguf_name(ref.name)][None, :].astype(np.float32)
             array = sparsify(array, scores, sparsity=plan.sparsity, pattern=plan.pattern)
         return array
 
@@ -442,8 +442,7 @@ def expected_size(checkpoint: Checkpoint, plan: Plan, mix: mixes.Mix | None) -> 
     if mix is None:
         return n_params, sum(_numel(shape) * (4 if dtype == "F32" else 2) for shape, dtype, _ in pruned.values())
     smaller = models.for_hf_config(pruned_config(checkpoint.config, arch, plan))
-    shapes = {smaller.gguf_name(name): shape for name, (shape, _, _) in pruned.items()}
-    shapes.pop(None, None)
+    shapes = smaller.gguf_shapes({name: shape for name, (shape, _, _) in pruned.items()})
     types = mixes.plan(shapes, mix, smaller.n_layer).types
     return n_params, sum(
         _numel(shapes[name][:-1]) * QTYPES[qtype].row_bytes(shapes[name][-1]) for name, qtype in types.items()
@@ -575,6 +574,16 @@ def prune_model(
         return _prune_model(source, output, Path(tmp), options, progress or _no_progress)
 
 
+_T = TypeVar("_T")
+
+
+def _required(value: _T | None, what: str) -> _T:
+    """`value`, which PruneOptions.check and the steps before guarantee; a PruneError if it is missing."""
+    if value is None:
+        raise PruneError(f"{what} is missing")
+    return value
+
+
 def _no_progress(stage: str, done: int, total: int | None, *, loss: float | None = None) -> None:
     pass
 
@@ -607,7 +616,7 @@ def _prune_model(source: str, out: Path, work: Path, options: PruneOptions, prog
         from slim.runtime.pipeline.calibrate import calibrate
 
         calibration = calibrate(
-            source_gguf,
+            _required(source_gguf, "the source GGUF that llama.cpp calibrates on"),
             text,
             ctx=options.ctx,
             chunks=options.chunks,
@@ -619,8 +628,10 @@ def _prune_model(source: str, out: Path, work: Path, options: PruneOptions, prog
     if method in UNSTRUCTURED:
         plan = plan_unstructured(arch, method, sparsity=options.sparsity, pattern=pattern, calibration=calibration)
     elif method == "layers":
-        plan = plan_layers(arch, calibration, options.remove, options.score)
+        calibration = _required(calibration, "--method layers' calibration (--text FILE)")
+        plan = plan_layers(arch, calibration, _required(options.remove, "--remove K"), options.score)
     else:
+        calibration = _required(calibration, "--method width's calibration (--text FILE or --imatrix FILE)")
         plan = plan_width(checkpoint, arch, calibration, options.ffn, options.heads)
 
     n_after, size_after = expected_size(checkpoint, plan, mix)
@@ -657,9 +668,9 @@ def _prune_model(source: str, out: Path, work: Path, options: PruneOptions, prog
             progress("healing", step, total, loss=loss)
 
         healing = distill(
-            source_gguf,
+            _required(source_gguf, "the source GGUF the healing teacher runs on"),
             hf_out,
-            text,
+            _required(text, "--heal's training text (--text FILE)"),
             healed,
             steps=options.heal,
             threads=threads,

@@ -152,9 +152,10 @@ def pick_gguf(listing: RepoListing, qtype: str | None) -> str:
         candidates = exact or candidates
         if not candidates:
             raise HubInputError(f"no GGUF in {listing.repo_id} matches --type {qtype}; available: {available}")
-    if candidates and all(_SHARD.search(f) for f in candidates):
+    first_shard = _SHARD.search(candidates[0]) if candidates else None
+    if first_shard and all(_SHARD.search(f) for f in candidates):
         raise HubInputError(
-            f"{candidates[0]} is split into {int(_SHARD.search(candidates[0]).group(1))} parts; "
+            f"{candidates[0]} is split into {int(first_shard.group(1))} parts; "
             "slim pulls single-file GGUFs only (merge them with llama-gguf-split --merge)"
         )
     if len(candidates) > 1:

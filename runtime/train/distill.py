@@ -228,6 +228,8 @@ def distill_loss(
         teacher_t = F.log_softmax(teacher_logits[:, :-1] / temperature, dim=-1)
         student_t = F.log_softmax(logits / temperature, dim=-1)
     else:
+        if top_ids is None or top_log_probs is None:
+            raise ValueError("distill_loss needs teacher_logits, or both top_ids and top_log_probs")
         student = F.log_softmax(logits, dim=-1)
         student_tail = student.scatter(-1, top_ids, float("-inf")).logsumexp(-1, keepdim=True)
         teacher_tail = (1 - top_log_probs.exp().sum(-1, keepdim=True)).clamp(min=_TAIL_FLOOR).log()
@@ -300,6 +302,10 @@ def train(
             with torch.no_grad():
                 teacher_part["teacher_logits"] = teacher(tokens)
         else:
+            if targets.top_ids is None or targets.top_log_probs is None:
+                raise DistillError(
+                    "offline distillation needs the teacher's top-k in the targets; pass teacher= otherwise"
+                )
             teacher_part["top_ids"] = torch.from_numpy(targets.top_ids[chosen]).long()
             teacher_part["top_log_probs"] = torch.from_numpy(targets.top_log_probs[chosen])
         loss, _, _ = distill_loss(

@@ -59,6 +59,10 @@ class _RoundToGrid(torch.autograd.Function):
 class OnGrid(nn.Module):
     """A parametrization that puts a (rows, cols) weight onto a frozen quantization grid."""
 
+    step: torch.Tensor
+    offset: torch.Tensor
+    divisor: torch.Tensor
+
     def __init__(self, grid: grids.Grid):
         super().__init__()
         self.register_buffer("step", torch.from_numpy(grid.step)[:, :, None])
@@ -84,8 +88,7 @@ def type_plan(model: student_lib.Decoder, mix: mixes.Mix, has_imatrix: bool = Fa
     """The GGUF type of every tensor of the model's GGUF (llama-quantize's rules), planned once:
     the grids are made for these types, and convert writes the file with exactly them."""
     arch = model.arch
-    shapes = {arch.gguf_name(name): tuple(tensor.shape) for name, tensor in model.hf_state().items()}
-    shapes.pop(None, None)
+    shapes = arch.gguf_shapes({name: tuple(tensor.shape) for name, tensor in model.hf_state().items()})
     shapes.update((name, array.shape) for name, array in arch.extra_tensors().items())
     return mixes.plan(shapes, mix, arch.n_layer, has_imatrix=has_imatrix)
 
@@ -129,12 +132,19 @@ def final_blocks(model: student_lib.Decoder, attached: dict[str, tuple[str, str,
     out = {}
     for name, (gguf_name, qtype, blocks) in attached.items():
         module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        on_grid = module.parametrizations[attr][0]
-        original = module.parametrizations[attr].original
+        on_grid, original = _attached_grid(model.get_submodule(module_name), attr)
         codes = on_grid.codes(original).reshape(original.shape).to(torch.int16).numpy()
         out[gguf_name] = model.arch.to_gguf(gguf_name, grids.with_codes(blocks, qtype, codes))
     return out
+
+
+def _attached_grid(module: nn.Module, attr: str) -> tuple[OnGrid, torch.Tensor]:
+    """The OnGrid attach_grids registered on module.attr, and the latent float weight it rounds."""
+    registered = module.parametrizations
+    parametrizations = registered[attr] if isinstance(registered, nn.ModuleDict) else None
+    if not isinstance(parametrizations, parametrize.ParametrizationList) or not isinstance(parametrizations[0], OnGrid):
+        raise TypeError(f"{type(module).__name__}.{attr} has no quantization grid; attach_grids puts one there")
+    return parametrizations[0], parametrizations.original
 
 
 def write_gguf(

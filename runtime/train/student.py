@@ -116,6 +116,8 @@ class Body(nn.Module):
 class Decoder(nn.Module):
     """A causal LM: token ids (batch, length) -> logits (batch, length, vocab)."""
 
+    inv_freq: torch.Tensor
+
     def __init__(self, arch: models.DecoderArchitecture):
         super().__init__()
         self.arch = arch
