@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import NoReturn
 
 import click
 
@@ -54,7 +55,7 @@ def main() -> None:
     """
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> NoReturn:
     """Print one clear error line and exit: the CLI's only way of reporting a problem."""
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
