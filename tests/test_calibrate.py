@@ -75,6 +75,25 @@ def test_equals_llama_imatrix(
         np.testing.assert_allclose(ours.sums[name], theirs.sums[name], rtol=1e-3, err_msg=name)
 
 
+def test_equals_llama_imatrix_at_its_defaults_with_a_short_last_group(
+    smollm2_gguf: Path, calibration_text: Path, llama_tool: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """llama-imatrix at its own batch sizes (-b 2048 -ub 512: 4 chunks of 512 per decode) over 3 chunks,
+    fewer than a whole group: llama.cpp splits each 512-row compute pass evenly over the 3 sequences,
+    the last pass holds 2 rows of each, and llama-imatrix skips passes under 16 rows. slim keeps the
+    same layout, so the counts, the chunk count it derives from them and the sums agree."""
+    theirs_path = tmp_path / "theirs.imatrix.gguf"
+    command = [str(llama_tool("llama-imatrix")), "-m", str(smollm2_gguf), "-f", str(calibration_text)]
+    command += ["-o", str(theirs_path), "-c", "512", "--chunks", "3", "-t", "1", "--no-ppl"]
+    subprocess.run(command, capture_output=True, text=True, check=True)
+    theirs = Calibration.load(theirs_path)
+    ours = calibrate(smollm2_gguf, calibration_text.read_text(encoding="utf-8"), ctx=512, chunks=3, threads=1)
+    assert set(theirs.counts.values()) == set(ours.counts.values()) == {3 * 512 - 6}
+    assert theirs.chunk_count == ours.chunk_count == 2  # whole chunks' worth of counted rows
+    for name in ours.sums:
+        np.testing.assert_allclose(ours.sums[name], theirs.sums[name], rtol=1e-3, err_msg=name)
+
+
 def test_file_round_trip(ours: Calibration, tmp_path: Path) -> None:
     path = tmp_path / "m.imatrix.gguf"
     ours.save(path)

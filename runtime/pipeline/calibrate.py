@@ -7,9 +7,11 @@ tokens: the diagonal of X^T X. Divided by the token count it is llama.cpp's impo
 much each block turns the residual stream: the mean cosine similarity between the hidden states
 entering and leaving every span of blocks (slim prune --method layers).
 
-The text is cut as llama-imatrix cuts it (chunks of `ctx` tokens, the first replaced by BOS when
-the model adds one, every position computed), and the statistics are read from llama.cpp's own
-graph through its eval callback, so they match llama-imatrix's and are written in its GGUF format.
+The text is cut and evaluated as llama-imatrix does at its default batch sizes (chunks of `ctx`
+tokens, the first replaced by BOS when the model adds one, every position computed, several chunks
+side by side per llama_decode), and the statistics are read from llama.cpp's own graph through its
+eval callback, so the counts and chunk count equal llama-imatrix's and the sums match to float
+rounding; they are written in its GGUF format.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ IMATRIX_TYPE = gguf.GGUFType.IMATRIX
 _IMATRIX_KEYS = gguf.Keys.IMatrix
 # llama-imatrix skips matmuls over fewer rows than this (warm-up and single-token batches)
 _MIN_ROWS = 16
+# llama-imatrix's defaults (-b 2048, -ub 512): how many tokens one llama_decode and one compute pass take
+IMATRIX_BATCH, IMATRIX_UBATCH = 2048, 512
 
 
 class CalibrationError(ValueError):
@@ -168,7 +172,7 @@ class _Collector:
         self.counts: dict[str, int] = {}
         self.cosine_sum = np.zeros((n_layer + 1, n_layer + 1))
         self.cosine_tokens = 0
-        self._hidden: dict[int, np.ndarray] = {}
+        self._hidden: dict[int, list[np.ndarray]] = {}  # per hidden state, its rows of each compute pass
         self.error: str | None = None
 
     def weight_name(self, t: _GgmlTensor) -> str | None:
@@ -210,7 +214,7 @@ class _Collector:
             else:
                 index = self.hidden_index(t)
                 if index is not None and t.type == gguf.GGMLQuantizationType.F32:
-                    self._hidden[index] = _rows(t).astype(np.float64)
+                    self._hidden.setdefault(index, []).append(_rows(t).astype(np.float64))
             return True
         except Exception as exc:  # an exception must not unwind through C
             self.error = f"calibration callback failed: {exc!r}"
@@ -226,7 +230,7 @@ class _Collector:
                 f"llama.cpp did not expose the hidden states {missing}; "
                 "this architecture's graph names them differently"
             )
-        h = np.stack([self._hidden[i] for i in range(self.n_layer + 1)])  # (L+1, T, E)
+        h = np.stack([np.concatenate(self._hidden[i]) for i in range(self.n_layer + 1)])  # (L+1, T, E)
         h /= np.maximum(np.linalg.norm(h, axis=-1, keepdims=True), 1e-30)
         self.cosine_sum += np.einsum("ate,bte->ab", h, h)
         self.cosine_tokens += h.shape[1]
@@ -266,7 +270,23 @@ def calibrate(
     n_layer = int(metadata.get(gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch), 0))
     collector = _Collector(n_layer, hidden_states, include_output)
     callback = L.ggml_backend_sched_eval_callback(collector)
-    llm = inference.load(model, n_ctx=ctx, n_batch=ctx, n_threads=threads, eval_callback=callback)
+    # llama-imatrix's layout: n_seq chunks side by side in one llama_decode, each its own sequence,
+    # computed IMATRIX_UBATCH tokens at a time, which llama.cpp splits evenly across the sequences.
+    # The same layout gives the same statistics, including a quirk: when the last group holds fewer
+    # than n_seq chunks and the micro-batch does not divide evenly among them, its final compute pass
+    # is under _MIN_ROWS rows and is skipped (51 chunks of 512: the last 3 lose 2 tokens each).
+    n_seq = max(1, IMATRIX_BATCH // ctx)
+    n_batch = min(IMATRIX_BATCH, n_seq * ctx)
+    llm = inference.load(
+        model,
+        n_ctx=n_seq * ctx,
+        n_batch=n_batch,
+        n_ubatch=min(IMATRIX_UBATCH, n_batch),
+        n_seq_max=n_seq,
+        n_threads=threads,
+        eval_callback=callback,
+    )
+    batch = inference.Batch(n_batch)
     try:
         tokens = llm.tokenize(text, add_special=True, parse_special=False)
         pieces = chunk_tokens(tokens, ctx, llm.prompt_bos)
@@ -276,17 +296,25 @@ def calibrate(
                 f"chunk of --ctx {ctx}; give a longer text or a smaller --ctx"
             )
         pieces = pieces[:chunks] if chunks else pieces
-        for done, piece in enumerate(pieces, 1):
-            try:
-                llm.logits(piece, first=0)
-            except inference.EngineError as exc:
-                raise CalibrationError(collector.error or str(exc)) from None
-            if collector.error:
-                raise CalibrationError(collector.error)
+        for first in range(0, len(pieces), n_seq):
+            group = pieces[first : first + n_seq]
+            llm.clear_cache()
+            for start in range(0, ctx, n_batch):  # one pass unless ctx is larger than a batch
+                batch.clear()
+                for seq, piece in enumerate(group):
+                    for pos in range(start, min(start + n_batch, ctx)):
+                        batch.add(piece[pos], pos, seq, True)  # every row's output: output.weight sees them all
+                try:
+                    llm.decode(batch)
+                except inference.EngineError as exc:
+                    raise CalibrationError(collector.error or str(exc)) from None
+                if collector.error:
+                    raise CalibrationError(collector.error)
             collector.end_batch()
             if progress:
-                progress(done, len(pieces))
+                progress(first + len(group), len(pieces))
     finally:
+        batch.free()
         llm.close()
     if not collector.sums:
         raise CalibrationError(f"llama.cpp ran no weight matmuls that could be observed in {model}")
@@ -294,7 +322,7 @@ def calibrate(
         sums=collector.sums,
         counts=collector.counts,
         chunk_size=ctx,
-        chunk_count=len(pieces),
+        chunk_count=max(collector.counts.values()) // ctx,  # as llama-imatrix counts: whole chunks seen
         datasets=[dataset] if dataset else [],
         hidden_cosine=collector.cosine_sum / collector.cosine_tokens if hidden_states else None,
     )
