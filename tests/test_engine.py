@@ -267,10 +267,6 @@ def test_drop_oldest_policy(smollm2_gguf: Path) -> None:
 # ---- interruption ---------------------------------------------------------------------------
 
 
-def _kv_positions(model: inference.Model, seq_id: int) -> int:
-    return model._L.llama_memory_seq_pos_max(model._memory, seq_id) + 1
-
-
 def test_interrupt_from_the_consumer_keeps_the_session_usable(model: inference.Model) -> None:
     chat = model.session(params=GREEDY.with_options(max_tokens=24))
     stream = chat.send("Write a poem about the moon.", stream=True)
@@ -282,7 +278,7 @@ def test_interrupt_from_the_consumer_keeps_the_session_usable(model: inference.M
                 raise KeyboardInterrupt
     stream.close()
     assert chat.messages[-1] == {"role": "assistant", "content": "".join(seen)}  # the partial reply is kept
-    assert _kv_positions(model, chat.slot.seq_id) == len(chat.slot.tokens)
+    assert model.cached_positions(chat.slot) == len(chat.slot.tokens)
 
     after = chat.send("Thanks!", max_tokens=8)
     assert after.cached_tokens > 0 and after.completion_tokens > 0
@@ -329,7 +325,7 @@ def test_interrupt_inside_llama_decode_keeps_the_cache_consistent(
         chat.send("Tell me about whales.")
     monkeypatch.undo()
     slot = chat.slot
-    assert _kv_positions(model, slot.seq_id) == len(slot.tokens)  # nothing unrecorded stays cached
+    assert model.cached_positions(slot) == len(slot.tokens)  # nothing unrecorded stays cached
     if at_call == 1:
         assert [m["role"] for m in chat.messages] == ["user", "assistant"]  # the empty turn is undone
     else:

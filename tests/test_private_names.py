@@ -1,5 +1,5 @@
 """No module outside the inference layer touches an underscore name of its objects: an AST check
-over runtime/ (outside runtime/inference/) and benchmarks/.
+over runtime/ (outside runtime/inference/), benchmarks/ and tests/.
 
 The rule: the private names of slim.runtime.inference are the underscore names its modules define
 (functions, classes, methods, module globals, attributes they assign, such as `self._ctx`).
@@ -61,7 +61,7 @@ def violations(source: str, private: set[str]) -> list[str]:
 
 def checked_files() -> list[Path]:
     runtime = [p for p in (ROOT / "runtime").rglob("*.py") if INFERENCE not in p.parents]
-    return sorted(runtime + list((ROOT / "benchmarks").rglob("*.py")))
+    return sorted(runtime + list((ROOT / "benchmarks").rglob("*.py")) + list((ROOT / "tests").rglob("*.py")))
 
 
 def test_the_rule_catches_private_access() -> None:

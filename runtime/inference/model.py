@@ -436,6 +436,11 @@ class Model:
             keep = 0
         del slot.tokens[keep:]
 
+    def cached_positions(self, slot: Slot) -> int:
+        """How many positions llama.cpp's KV cache holds for a slot's sequence: equal to
+        len(slot.tokens) whenever no decode is under way (what the slot bookkeeping promises)."""
+        return int(self._L.llama_memory_seq_pos_max(self._memory, slot.seq_id)) + 1
+
     def logits_at(self, index: int) -> Any:
         """The logits of row `index` of the last decoded batch: a float32 array of n_vocab, valid
         until the next decode."""
