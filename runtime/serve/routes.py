@@ -22,6 +22,8 @@ from slim.runtime.serve.logs import log_internal_error, log_request
 from slim.runtime.serve.pool import ModelPool, ModelSpec, Served
 from slim.runtime.serve.requests import (
     APIError,
+    ChatRequest,
+    CompletionRequest,
     bad_request,
     model_name,
     parse_chat,
@@ -297,8 +299,13 @@ class _Handler(BaseHTTPRequestHandler):
                 self._embeddings(served, body)
                 return
             chat = route == "/v1/chat/completions"
-            request = parse_chat(body) if chat else parse_completion(body)
-            job = served.chat_job(request) if chat else served.completion_job(request)  # type: ignore[arg-type]
+            request: ChatRequest | CompletionRequest
+            if chat:
+                request = parse_chat(body)
+                job = served.chat_job(request)
+            else:
+                request = parse_completion(body)
+                job = served.completion_job(request)
             served.scheduler.submit(job)
         except APIError as error:
             self._error(error)
