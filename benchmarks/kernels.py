@@ -1,6 +1,6 @@
 """Quantization throughput: slim's numpy kernels next to llama.cpp's C reference, one thread, same data.
 
-    python benchmarks/kernels.py [--weights N] [--repeats R] [--types Q4_K,Q5_K,Q6_K]
+    python benchmarks/kernels.py [--weights N] [--repeats R] [--types Q3_K,Q2_K,Q4_K]
 
 Prints three tables; each number is the best of --repeats runs on the same Gaussian weights.
   1. per type, millions of weights per second for numpy and for ggml_quantize_chunk (which is
@@ -31,6 +31,8 @@ import numpy as np  # noqa: E402
 from slim.kernels import QTYPES, dequantize, ggml, kquants, legacy, quantize  # noqa: E402
 
 ROW_LENGTH = 4096  # a multiple of every block size
+# the types whose C quantizer uses an importance matrix
+WEIGHTED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 
 
 def best_seconds(run: Callable[[], np.ndarray], repeats: int) -> tuple[float, np.ndarray]:
@@ -92,11 +94,7 @@ def main() -> None:
         print(f"{cls.name:<6} {numpy_rate:11.1f} {c_rate:9.1f} {numpy_rate / c_rate:8.2f}  {same}")
 
     importance = activation_importance(ROW_LENGTH, np.random.default_rng(1))
-    weighted = [
-        name.strip().upper()
-        for name in args.types.split(",")
-        if name.strip().upper() in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
-    ]
+    weighted = [name.strip().upper() for name in args.types.split(",") if name.strip().upper() in WEIGHTED]
     print("\nwith an importance matrix (llama-quantize --imatrix)")
     print(f"{'type':<6} {'numpy Mw/s':>11} {'C Mw/s':>9} {'numpy/C':>8}  same bytes")
     for name in weighted:

@@ -5,8 +5,10 @@
     quantize(x, "Q4_K", search="thorough")    standard blocks, lower weighted error, slower
     dequantize(data, "Q4_K", shape) -> float32 (rows, cols)
 
-Each type is one class (legacy.py: floats and 32-weight quants; kquants.py: the 256-weight K-quants)
-with its block layout in its docstring; the C arithmetic and bit packing they share is in _common.py.
+Each type is one class (legacy.py: floats and 32-weight quants; kquants.py: the 256-weight K-quants
+Q2_K..Q6_K; iquants.py: the non-linear IQ4_NL, IQ4_XS; ternary.py: TQ1_0, TQ2_0; lattice.py: the
+lattice i-quants IQ3_XXS..IQ1_M, which only llama.cpp's C code encodes) with its block layout in its
+docstring; the C arithmetic and bit packing they share is in _common.py.
 `backend="ggml"` runs llama.cpp's own C quantizer from the libggml-base that llama-cpp-python ships;
 the default, "auto", uses it when importable (tests prove both backends write identical bytes) and the
 numpy kernels otherwise.
@@ -18,11 +20,17 @@ import numpy as np
 
 from . import ggml
 from .base import QuantType
-from .kquants import Q4_K, Q5_K, Q6_K
+from .iquants import IQ4_NL, IQ4_XS
+from .kquants import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
+from .lattice import IQ1_M, IQ1_S, IQ2_S, IQ2_XS, IQ2_XXS, IQ3_S, IQ3_XXS
 from .legacy import BF16, F16, F32, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
+from .ternary import TQ1_0, TQ2_0
 
 QTYPES: dict[str, type[QuantType]] = {
-    cls.name: cls for cls in (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)
+    cls.name: cls
+    for cls in (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)
+    + (IQ4_NL, IQ4_XS, TQ1_0, TQ2_0)
+    + (IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M)
 }
 BY_GGML_TYPE: dict[int, type[QuantType]] = {cls.ggml_type: cls for cls in QTYPES.values()}
 SEARCHES = ("reference", "thorough")
@@ -61,15 +69,17 @@ def quantize(
 
     importance: llama.cpp's importance matrix for this tensor (float32, one value per column: the
     mean square of the activations each column multiplies, as llama-imatrix collects it), or None.
-    With it, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K minimise the importance-weighted error, as
-    llama-quantize --imatrix does; the other types ignore it, as llama.cpp does.
-    search: "reference" (llama.cpp's search, byte for byte) or "thorough": for those same seven types,
+    With it, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K, IQ4_NL, IQ4_XS and the lattice i-quants minimise the
+    importance-weighted error, as llama-quantize --imatrix does; the other types ignore it, as
+    llama.cpp does. IQ2_XXS, IQ2_XS and IQ1_S refuse to run without it, as llama.cpp does.
+    search: "reference" (llama.cpp's search, byte for byte) or "thorough": for Q4_0..Q5_1 and Q4_K..Q6_K,
     a wider search judged by the error of the stored block (weighted as the reference's search
     weights it; the legacy quants without an imatrix use the plain squared error), never worse than
-    the reference on any block and several times slower; the blocks are standard ones. The floats
-    and Q8_0 run their reference quantizer.
+    the reference on any block and several times slower; the blocks are standard ones. The other
+    types run their reference quantizer.
     backend: "numpy", "ggml" (llama.cpp's C quantizer) or "auto" (ggml when importable). The thorough
-    search is numpy's own: "auto" then runs numpy, and "ggml" refuses it.
+    search is numpy's own: "auto" then runs numpy, and "ggml" refuses it. The lattice i-quants
+    (IQ3_XXS..IQ1_M) have no numpy encoder: they always run llama.cpp's, and "numpy" refuses them.
     """
     cls = qtype(qtype_name)
     x = np.asarray(x)
@@ -91,7 +101,18 @@ def quantize(
         raise ValueError(
             f"backend='ggml' runs llama.cpp's reference search only; search={search!r} needs backend='numpy' or 'auto'"
         )
-    use_c = search == "reference" and (backend == "ggml" or (backend == "auto" and ggml.available()))
+    if cls.c_only:
+        if backend == "numpy" or not ggml.available():
+            raise ValueError(
+                f"{cls.name} is quantized by llama.cpp's C code only, which needs llama-cpp-python installed; "
+                "use backend 'auto' or 'ggml'"
+            )
+        if importance is None and ggml.requires_imatrix(cls.ggml_type):
+            raise ValueError(
+                f"{cls.name} needs an importance matrix, as llama.cpp does: run `slim calibrate` first "
+                "and pass its file with --imatrix"
+            )
+    use_c = cls.c_only or (search == "reference" and (backend == "ggml" or (backend == "auto" and ggml.available())))
 
     out = np.empty((rows, cls.row_bytes(cols)), dtype=np.uint8)
     step = max(1, _CHUNK_WEIGHTS // max(cols, 1))

@@ -75,6 +75,20 @@ def seq_sum(terms: np.ndarray, from_zero: bool = True) -> np.ndarray:
     return acc
 
 
+def running_absmax(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """C's `if (fabsf(v) > amax) { amax = fabsf(v); max = v; }` from 0 down the rows of (k, S) values:
+    per column the largest |v| and the signed v that has it, the first row winning; 0 and 0 if no
+    |v| > 0 (so an all-NaN column reads as all zero, as in C)."""
+    best_abs = np.zeros(values.shape[1:], dtype=f32)
+    best = np.zeros(values.shape[1:], dtype=f32)
+    for row in values:
+        magnitude = np.abs(row)
+        take = magnitude > best_abs
+        best_abs = np.where(take, magnitude, best_abs)
+        best = np.where(take, row, best)
+    return best_abs, best
+
+
 def by_chunks(
     blocks: np.ndarray, type_size: int, quantize_chunk: Callable[..., np.ndarray], weights: np.ndarray | None = None
 ) -> np.ndarray:
@@ -106,13 +120,23 @@ def columns(blocks: np.ndarray, width: int) -> np.ndarray:
 
 
 def _weighted_sq_err(
-    L: np.ndarray, scale: np.ndarray, the_min: np.ndarray, X: np.ndarray, W: np.ndarray, tmp: np.ndarray
+    L: np.ndarray,
+    scale: np.ndarray,
+    the_min: np.ndarray,
+    X: np.ndarray,
+    W: np.ndarray,
+    tmp: np.ndarray,
+    use_mad: bool = False,
 ) -> np.ndarray:
-    """sum_i w_i * ((scale*L_i + min) - x_i)^2 per column, left to right from 0 (make_qkx2's error)."""
+    """sum_i w_i * ((scale*L_i + min) - x_i)^2 per column, left to right from 0 (make_qkx2's error);
+    use_mad: sum_i w_i * |(scale*L_i + min) - x_i| instead (Q2_K's reference)."""
     np.multiply(L, scale, out=tmp)
     tmp += the_min
     tmp -= X
-    np.multiply(tmp, tmp, out=tmp)  # diff*diff
+    if use_mad:
+        np.abs(tmp, out=tmp)  # fabsf(diff)
+    else:
+        np.multiply(tmp, tmp, out=tmp)  # diff*diff
     tmp *= W  # w * diff
     return seq_sum(tmp)
 
@@ -137,9 +161,12 @@ def _codes_qkx(
 
 
 def make_qkx2_quants(
-    X: np.ndarray, W: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
+    X: np.ndarray, W: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """make_qkx2_quants (use_mad false) on every column of X (32, S) with weights W at once.
+    """make_qkx2_quants on every column of X (n, S) with weights W at once.
+
+    use_mad: judge trials by the weighted absolute error rather than the squared one (only Q2_K's
+    reference asks for it).
 
     Given weights, make_qkx3_quants (the imatrix paths) is the same arithmetic: only its `max <= min`
     test differs from `max == min`, and max >= min always holds once min is clamped to <= 0.
@@ -172,7 +199,7 @@ def make_qkx2_quants(
     iscale = f32(nmax) / span()
     scale = f32(1) / iscale
     _codes_qkx(X, the_min, iscale, nmax, xmin, xmax, out=L)
-    best = _weighted_sq_err(L, scale, the_min, X, W, tmp)
+    best = _weighted_sq_err(L, scale, the_min, X, W, tmp, use_mad)
     # A trial's codes are a function of the (iscale, min) it used: keep those of each column's best
     # trial and compute its codes once at the end (selecting (32, S) codes every step is slow).
     best_iscale, best_offset = iscale, the_min
@@ -190,7 +217,7 @@ def make_qkx2_quants(
         positive_min = this_min > 0  # if (this_min > 0) { this_min = 0; this_scale = sum_xl/sum_l2; }
         this_min = np.where(positive_min, f32(0), this_min)
         this_scale = np.where(positive_min, sum_xl / sum_l2, this_scale)
-        cur_error = _weighted_sq_err(L, this_scale, this_min, X, W, tmp)
+        cur_error = _weighted_sq_err(L, this_scale, this_min, X, W, tmp, use_mad)
         better = (D > 0) & (cur_error < best)  # strict, as in C; NaN never wins
         best_iscale = np.where(better, iscale, best_iscale)
         best_offset = np.where(better, the_min, best_offset)  # the min these codes were made with
@@ -212,12 +239,7 @@ def make_qx_quants(X: np.ndarray, nmax: int, W: np.ndarray) -> tuple[np.ndarray,
     itself; Q4_0/Q5_0: importance * sqrt(sigma2 + x^2)). Returns (scale (S,), codes (n, S) float32 in
     0..2*nmax-1). An all-zero column (largest |x| below 1e-15) gets scale 0 and codes 0, as in C.
     """
-    ax = np.abs(X)
-    amax = ax.max(axis=0)
-    # `if (ax > amax) { amax = ax; max = x[i]; }`: the signed value at the FIRST index reaching amax
-    max_ = np.zeros_like(amax)
-    for i in reversed(range(len(X))):
-        max_ = np.where(ax[i] == amax, X[i], max_)
+    amax, max_ = running_absmax(X)
     zero = amax < GROUP_MAX_EPS
     max_ = np.where(zero, f32(1), max_)  # keeps zero columns finite; they are reset at the end
     xmin, xmax = X.min(axis=0), X.max(axis=0)
@@ -343,6 +365,20 @@ def unpack_k_nibbles(qs: np.ndarray) -> np.ndarray:
     """(n, 128) bytes -> (n, 8, 32) uint8 low-4-bit codes; inverse of pack_k_nibbles."""
     qs = qs.reshape(len(qs), 4, 1, 32)
     return ((qs >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 0xF).reshape(len(qs), 8, 32)
+
+
+def pack_2bit_codes(codes: np.ndarray) -> np.ndarray:
+    """(n, 256) codes in 0..3 -> (n, 64) bytes: in each 128-weight half h, weight 128h + 32k + l sits
+    in bits 2k, 2k+1 of byte 32h + l (the qs of Q2_K, Q3_K and TQ2_0)."""
+    quarters = codes.reshape(len(codes), 2, 4, 32).astype(np.uint8) & 3
+    shifted = quarters << np.array([0, 2, 4, 6], dtype=np.uint8)[None, None, :, None]
+    return np.bitwise_or.reduce(shifted, axis=2).reshape(len(codes), 64)
+
+
+def unpack_2bit_codes(qs: np.ndarray) -> np.ndarray:
+    """(n, 64) bytes -> (n, 256) uint8 codes in 0..3; inverse of pack_2bit_codes."""
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8)[None, None, :, None]
+    return ((qs.reshape(len(qs), 2, 1, 32) >> shifts) & 3).reshape(len(qs), QK_K)
 
 
 def pack_k_fifth_bits(codes: np.ndarray) -> np.ndarray:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 
 import numpy as np
+
+from ._common import by_chunks
 
 
 class QuantType(ABC):
@@ -23,6 +26,7 @@ class QuantType(ABC):
     block_size: int
     type_size: int
     searches: tuple[str, ...] = ("reference",)  # "thorough" where a type has a wider search
+    c_only: bool = False  # encoded by llama.cpp's C quantizer only (the lattice i-quants)
 
     @classmethod
     @abstractmethod
@@ -50,6 +54,35 @@ class QuantType(ABC):
         imatrix, so it ignores both.
         """
         return cls.quantize_blocks(rows.reshape(-1, cls.block_size)).reshape(len(rows), -1)
+
+
+class ChunkedQuant(QuantType):
+    """A type whose quantizer encodes block by block, given each block's slice of the imatrix: its
+    `_quantize_chunk(blocks, importance=None, thorough=False)` encodes a cache-sized run of
+    (n, block_size) blocks, given their (n, block_size) importance or None; thorough=True is asked
+    only of a type that lists "thorough" in `searches`."""
+
+    @classmethod
+    @abstractmethod
+    def _quantize_chunk(
+        cls, blocks: np.ndarray, importance: np.ndarray | None = None, thorough: bool = False
+    ) -> np.ndarray:
+        """(n, block_size) float32 blocks -> (n, type_size) uint8."""
+
+    @classmethod
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        return by_chunks(blocks, cls.type_size, cls._quantize_chunk)
+
+    @classmethod
+    def quantize_rows(
+        cls, rows: np.ndarray, importance: np.ndarray | None = None, search: str = "reference"
+    ) -> np.ndarray:
+        quantize_chunk = cls._quantize_chunk
+        if search == "thorough" and "thorough" in cls.searches:
+            quantize_chunk = functools.partial(quantize_chunk, thorough=True)
+        blocks = rows.reshape(-1, cls.block_size)
+        per_weight = None if importance is None else np.broadcast_to(importance, rows.shape).reshape(blocks.shape)
+        return by_chunks(blocks, cls.type_size, quantize_chunk, per_weight).reshape(len(rows), -1)
 
 
 def split_fields(blocks: np.ndarray, *sizes: int) -> list[np.ndarray]:

@@ -15,6 +15,23 @@ from pathlib import Path
 import numpy as np
 
 
+class _TypeTraits(ctypes.Structure):
+    """ggml's struct ggml_type_traits (ggml.h), for its to_float: the C dequantizer of a type."""
+
+    _fields_ = [
+        ("type_name", ctypes.c_char_p),
+        ("blck_size", ctypes.c_int64),
+        ("blck_size_interleave", ctypes.c_int64),
+        ("type_size", ctypes.c_size_t),
+        ("is_quantized", ctypes.c_bool),
+        ("to_float", ctypes.c_void_p),
+        ("from_float_ref", ctypes.c_void_p),
+    ]
+
+
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """llama-cpp-python's libggml-base (its quantizer, and ggml's op names for slim calibrate), or None."""
@@ -40,6 +57,8 @@ def library() -> ctypes.CDLL | None:
     lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
     lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
     lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
     return lib
 
 
@@ -71,4 +90,24 @@ def quantize_rows(rows: np.ndarray, ggml_type: int, importance: np.ndarray | Non
     out = np.empty((nrows, lib.ggml_row_size(ggml_type, n_per_row)), dtype=np.uint8)
     written = lib.ggml_quantize_chunk(ggml_type, rows.ctypes.data, out.ctypes.data, 0, nrows, n_per_row, imatrix)
     assert written == out.nbytes, (written, out.nbytes)
+    return out
+
+
+def requires_imatrix(ggml_type: int) -> bool:
+    """llama.cpp refuses to quantize this type without an importance matrix (its C code asserts one)."""
+    lib = library()
+    assert lib is not None, "libggml-base is not available"
+    return bool(lib.ggml_quantize_requires_imatrix(ggml_type))
+
+
+def dequantize_rows(data: np.ndarray, ggml_type: int, type_name: str, shape: tuple[int, int]) -> np.ndarray:
+    """(rows, row bytes) uint8 -> float32 `shape` via ggml's own dequantizer (the type's to_float):
+    the oracle for slim's numpy dequantizers. type_name guards against a libggml whose type numbers differ."""
+    lib = library()
+    assert lib is not None, "libggml-base is not available"
+    traits = lib.ggml_get_type_traits(ggml_type).contents
+    assert traits.type_name.decode().upper() == type_name, (traits.type_name, type_name)
+    data = np.ascontiguousarray(data, dtype=np.uint8)
+    out = np.empty(shape, dtype=np.float32)
+    _TO_FLOAT(traits.to_float)(data.ctypes.data, out.ctypes.data, out.size)
     return out

@@ -1,4 +1,4 @@
-"""The 256-weight "K-quants" Q4_K, Q5_K and Q6_K, byte-identical to llama.cpp's reference C.
+"""The 256-weight "K-quants" Q2_K, Q3_K, Q4_K, Q5_K and Q6_K, byte-identical to llama.cpp's reference C.
 
 A K-quant block (a "super-block") holds 256 weights cut into sub-blocks. Every sub-block gets its own
 scale (and, for Q4_K/Q5_K, its own minimum); those per-sub-block numbers are themselves quantized to
@@ -62,9 +62,6 @@ cost more in numpy than the whole trial arithmetic.
 
 from __future__ import annotations
 
-import functools
-from abc import abstractmethod
-
 import numpy as np
 
 from ._common import (
@@ -72,25 +69,27 @@ from ._common import (
     QK_K,
     THOROUGH_GRID,
     alternate,
-    by_chunks,
     columns,
     f32,
     fits,
     make_qkx2_quants,
     make_qx_quants,
     nearest_int,
+    pack_2bit_codes,
     pack_k_fifth_bits,
     pack_k_nibbles,
     pack_q6_k_codes,
     pack_scale_min,
     round_clip,
+    running_absmax,
     seq_sum,
+    unpack_2bit_codes,
     unpack_k_fifth_bits,
     unpack_k_nibbles,
     unpack_q6_k_codes,
     unpack_scale_min,
 )
-from .base import QuantType, half_bytes, half_values, split_fields
+from .base import ChunkedQuant, half_bytes, half_values, split_fields
 
 # A Q4_K/Q5_K block before packing (_store_scale_min): d, dmin (n,) half, packed scales (n, 12), codes (n, 8, 32).
 ScaleMinFields = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -104,17 +103,6 @@ def _running_max(values: np.ndarray) -> np.ndarray:
     for column in values.T:
         best = np.where(column > best, column, best)
     return best
-
-
-def _running_absmax(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(largest |v|, the signed v that has it, first index winning) over columns; both 0 if none > 0."""
-    best_abs = np.zeros(len(values), dtype=f32)
-    best = np.zeros(len(values), dtype=f32)
-    for column in values.T:
-        take = np.abs(column) > best_abs
-        best_abs = np.where(take, np.abs(column), best_abs)
-        best = np.where(take, column, best)
-    return best_abs, best
 
 
 # ----------------------------------------------------------------------------- Q4_K / Q5_K search
@@ -396,33 +384,10 @@ def _stored_block_error(blocks: np.ndarray, weights: np.ndarray, fields: ScaleMi
 # ----------------------------------------------------------------------------- the types
 
 
-class _KQuant(QuantType):
-    """A K-quant: its `_quantize_chunk(blocks, importance=None, thorough=False)` encodes a cache-sized
-    run of (n, 256) super-blocks, given their (n, 256) slice of the imatrix or None; thorough=True
-    is asked only of a type that lists "thorough" in `searches`."""
+class _KQuant(ChunkedQuant):
+    """A K-quant: blocks of 256 weights (super-blocks), encoded a cache-sized run at a time."""
 
     block_size = QK_K
-
-    @classmethod
-    @abstractmethod
-    def _quantize_chunk(
-        cls, blocks: np.ndarray, importance: np.ndarray | None = None, thorough: bool = False
-    ) -> np.ndarray:
-        """(n, 256) float32 super-blocks -> (n, type_size) uint8."""
-
-    @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        return by_chunks(blocks, cls.type_size, cls._quantize_chunk)
-
-    @classmethod
-    def quantize_rows(
-        cls, rows: np.ndarray, importance: np.ndarray | None = None, search: str = "reference"
-    ) -> np.ndarray:
-        quantize_chunk = cls._quantize_chunk
-        if search == "thorough" and "thorough" in cls.searches:
-            quantize_chunk = functools.partial(quantize_chunk, thorough=True)
-        per_weight = None if importance is None else np.broadcast_to(importance, rows.shape).reshape(-1, QK_K)
-        return by_chunks(rows.reshape(-1, QK_K), cls.type_size, quantize_chunk, per_weight).reshape(len(rows), -1)
 
 
 class Q4_K(_KQuant):
@@ -578,7 +543,7 @@ class Q6_K(_KQuant):
         else:
             scales, L = make_qx_quants(X, 32, columns(importance, 16))
         scales = scales.reshape(n, 16)
-        max_abs, max_scale = _running_absmax(scales)
+        max_abs, max_scale = running_absmax(scales.T)
         zero_block = max_abs < GROUP_MAX_EPS  # C writes an all-zero block
         iscale = f32(-128) / np.where(zero_block, f32(1), max_scale)
         d = (f32(1) / iscale).astype(np.float16)
@@ -597,3 +562,227 @@ class Q6_K(_KQuant):
         q = unpack_q6_k_codes(ql, qh).reshape(n, 16, 16).astype(np.int8) - np.int8(32)
         dl = half_values(d) * np.ascontiguousarray(scales).view(np.int8).astype(f32)  # d * sc[is]
         return (dl[:, :, None] * q.astype(f32)).reshape(n, QK_K)
+
+
+# ----------------------------------------------------------------------------- Q3_K
+
+
+def _make_q3_quants(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """make_q3_quants(16, nmax 4, do_rmse true) on every column of X (16, S): codes from -4/max, the
+    signed value of largest magnitude, then up to 5 passes that move one code at a time while that
+    raises (sum w*x*l)^2 / sum w*l^2, w = x*x. Returns (scale (S,), codes (16, S) float32 in 0..7);
+    an all-zero column gets scale 0 and codes 0.
+
+    C stops a column after a pass that changes nothing, and so does this: the next pass would see
+    the same state and change nothing either, so each pass runs only on the columns the last one changed.
+    """
+    amax, max_ = running_absmax(X)
+    zero = amax < GROUP_MAX_EPS
+    max_ = np.where(zero, f32(1), max_)  # keeps zero columns finite; they are reset at the end
+    iscale = f32(-4) / max_
+    L = round_clip(X * iscale, -4, 3, fits(X.min(axis=0) * iscale, X.max(axis=0) * iscale))
+    W = X * X
+    WX = W * X
+    sumlx = seq_sum(WX * L)  # sumlx += w*x[i]*l
+    suml2 = seq_sum((W * L) * L)  # suml2 += w*l*l
+    active = np.arange(X.shape[1])
+    for _ in range(5):
+        Xa, Wa, WXa, La = X[:, active], W[:, active], WX[:, active], L[:, active]
+        slx_total, sl2_total = sumlx[active], suml2[active]
+        changed = np.zeros(len(active), dtype=bool)
+        for i in range(len(X)):
+            x, w, wx, code = Xa[i], Wa[i], WXa[i], La[i]
+            slx = slx_total - wx * code
+            sl2 = sl2_total - (w * code) * code
+            new = np.clip(nearest_int(x * sl2 / slx), -4, 3).astype(f32)
+            new_slx = slx + wx * new
+            new_sl2 = sl2 + (w * new) * new
+            take = new_slx * new_slx * sl2_total > slx_total * slx_total * new_sl2
+            take &= slx > 0
+            take &= new != code
+            take &= new_sl2 > 0
+            np.copyto(code, new, where=take)
+            np.copyto(slx_total, new_slx, where=take)
+            np.copyto(sl2_total, new_sl2, where=take)
+            changed |= take
+        L[:, active], sumlx[active], suml2[active] = La, slx_total, sl2_total
+        active = active[changed]
+        if not active.size:
+            break
+    scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, f32(1)), f32(0))
+    L += f32(4)
+    L[:, zero] = 0
+    return np.where(zero, f32(0), scale), L
+
+
+def _pack_q3_k_scales(codes: np.ndarray) -> np.ndarray:
+    """(n, 16) 6-bit scale codes -> the (n, 12) scales field of Q3_K (layout in Q3_K's docstring)."""
+    codes = codes.astype(np.uint8)
+    out = np.empty((len(codes), 12), dtype=np.uint8)
+    out[:, :8] = (codes[:, :8] & 0xF) | (codes[:, 8:] & 0xF) << 4
+    high = (codes >> 4).reshape(len(codes), 4, 4) << np.array([0, 2, 4, 6], dtype=np.uint8)[None, :, None]
+    out[:, 8:] = np.bitwise_or.reduce(high, axis=1)  # scale j: bits 2*(j//4) of byte 8 + j%4
+    return out
+
+
+def _unpack_q3_k_scales(scales: np.ndarray) -> np.ndarray:
+    """The (n, 12) scales field -> (n, 16) signed scales (code - 32) as float32."""
+    low = np.concatenate([scales[:, :8] & 0xF, scales[:, :8] >> 4], axis=1)
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8)[None, :, None]
+    high = ((scales[:, None, 8:12] >> shifts) & 3).reshape(len(scales), 16)
+    return ((low | high << 4).astype(np.int8) - np.int8(32)).astype(f32)
+
+
+def _store_q3_k(X: np.ndarray, L: np.ndarray, d: np.ndarray, scale_codes: np.ndarray) -> np.ndarray:
+    """Re-code X (16, 16n) against the stored half d (n,) and 6-bit scale codes (n, 16), and pack the
+    (n, 110) Q3_K blocks; a sub-block whose d*(code - 32) is 0 keeps its codes in L (C: `if (!d) continue;`)."""
+    n = len(d)
+    scales = _pack_q3_k_scales(scale_codes)
+    dd = (d.astype(f32)[:, None] * _unpack_q3_k_scales(scales)).reshape(-1)
+    redo = dd != 0
+    dd = np.where(redo, dd, f32(1))
+    recoded = round_clip(X / dd, -4, 3, fits(X.min(axis=0) / dd, X.max(axis=0) / dd))
+    recoded += f32(4)
+    codes = np.where(redo, recoded, L).astype(np.uint8).T.reshape(n, QK_K)
+    high = codes > 3  # the third bit of weight 32k + l goes to bit k of hmask[l]
+    hmask = np.bitwise_or.reduce(
+        high.reshape(n, 8, 32).astype(np.uint8) << np.arange(8, dtype=np.uint8)[None, :, None], axis=1
+    )
+    return np.concatenate([hmask, pack_2bit_codes(codes - 4 * high), scales, half_bytes(d)], axis=1)
+
+
+def _q3_k_scale_codes(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """quantize_row_q3_K_ref's scale step: (n, 16) sub-block scales -> d (n,) float16 and (n, 16)
+    6-bit codes, against -32/max_scale (the signed scale of largest magnitude); all 0 when that is 0."""
+    _, max_scale = running_absmax(scales.T)
+    nonzero = max_scale != 0  # C: `if (max_scale)`, which NaN passes
+    iscale = f32(-32) / np.where(nonzero, max_scale, f32(1))
+    # int8_t l = nearest_int(...): the int8 store wraps before MAX(-32, MIN(31, l)) + 32
+    wrapped = (nearest_int(iscale[:, None] * scales) + 128) % 256 - 128
+    codes = np.where(nonzero[:, None], np.clip(wrapped, -32, 31) + 32, 0)
+    d = np.where(nonzero, f32(1) / iscale, f32(0)).astype(np.float16)
+    return d, codes
+
+
+def _importance_weights(blocks: np.ndarray, importance: np.ndarray, width: int, spread: float) -> np.ndarray:
+    """importance * sqrt(sigma2 + x^2) on the (width, S) sub-block columns of (n, 256) blocks, with
+    sigma2 = spread * sum(x^2) / 256 over each super-block (spread 2 for Q3_K-Q5_K, 1 for Q2_K)."""
+    X = columns(blocks, width)
+    sum_x2 = seq_sum(np.square(np.ascontiguousarray(blocks.T)))  # all 256 weights, left to right
+    sigma2 = f32(spread) * sum_x2 / f32(QK_K)
+    return columns(importance, width) * np.sqrt(np.repeat(sigma2, QK_K // width) + X * X)
+
+
+class Q3_K(_KQuant):
+    """3.4375 bits per weight: 16 sub-blocks of 16, each with a 6-bit signed scale; no min.
+
+    uint8 hmask[32]; uint8 qs[64]; uint8 scales[12]; half d      x = d*(sc[j] - 32) * (q - 4), q in 0..7
+    Weight 32k + l (k = 0..7) keeps its third bit in bit k of hmask[l]; its low 2 bits sit in qs as
+    in all 2-bit types: in 128-weight half h, weight 128h + 32k + l in bits 2k, 2k+1 of qs[32h + l].
+    scales: byte j < 8 holds the low 4 bits of sc[j] (low nibble) and of sc[j+8] (high nibble);
+    byte 8 + j%4 holds the top 2 bits of sc[j] at bits 2*(j//4).
+    Search: make_q3_quants (w = x*x, code by code refinement) per sub-block, scales against
+    -32/max_scale. With an imatrix (quantize_row_q3_K_impl): make_qx_quants(nmax 4) per sub-block
+    weighted by importance * sqrt(sigma2 + x^2), and the 16 scales by make_qx_quants(nmax 32)
+    weighted by each sub-block's total weight.
+    """
+
+    name, ggml_type, type_size = "Q3_K", 11, 110
+
+    @classmethod
+    def _quantize_chunk(
+        cls, blocks: np.ndarray, importance: np.ndarray | None = None, thorough: bool = False
+    ) -> np.ndarray:
+        n = len(blocks)
+        X = columns(blocks, 16)
+        if importance is None:
+            scales, L = _make_q3_quants(X)
+            d, codes = _q3_k_scale_codes(scales.reshape(n, 16))
+            return _store_q3_k(X, L, d, codes)
+        W = _importance_weights(blocks, importance, 16, spread=2)
+        scales, L = make_qx_quants(X, 4, W)
+        sub_block_weight = seq_sum(W)  # float sumw = 0; sumw += weight[l]
+        d_block, codes = make_qx_quants(
+            np.ascontiguousarray(scales.reshape(n, 16).T), 32, np.ascontiguousarray(sub_block_weight.reshape(n, 16).T)
+        )
+        return _store_q3_k(X, L, d_block.astype(np.float16), codes.T.astype(np.int32))
+
+    @classmethod
+    def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        hmask, qs, scales, d = split_fields(blocks, 32, 64, 12, 2)
+        n = len(blocks)
+        high = (hmask[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
+        q = unpack_2bit_codes(qs).astype(np.int8) - np.int8(4) * (1 - high.reshape(n, QK_K)).astype(np.int8)
+        dl = half_values(d) * _unpack_q3_k_scales(scales)  # d_all * (scales[is] - 32)
+        return (dl[:, :, None] * q.reshape(n, 16, 16).astype(f32)).reshape(n, QK_K)
+
+
+# ----------------------------------------------------------------------------- Q2_K
+
+
+def _store_q2_k(X: np.ndarray, L: np.ndarray, d: np.ndarray, dmin: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Re-code X (16, 16n) against the stored half d, dmin (n,) and the (n, 16) scale bytes (4-bit
+    scale | 4-bit min << 4), and pack the (n, 84) Q2_K blocks; a sub-block whose d*scale is 0 keeps
+    its codes in L (C: `if (!d) continue;`)."""
+    n = len(d)
+    dd = (d.astype(f32)[:, None] * (scales & 0xF).astype(f32)).reshape(-1)
+    dm = (dmin.astype(f32)[:, None] * (scales >> 4).astype(f32)).reshape(-1)
+    redo = dd != 0
+    dd = np.where(redo, dd, f32(1))
+    V = X + dm
+    V /= dd  # (x + dm)/d
+    recoded = round_clip(V, 0, 3, fits((X.min(axis=0) + dm) / dd, (X.max(axis=0) + dm) / dd))
+    codes = np.where(redo, recoded, L).astype(np.uint8).T.reshape(n, QK_K)
+    return np.concatenate([scales, pack_2bit_codes(codes), half_bytes(d), half_bytes(dmin)], axis=1)
+
+
+def _q2_k_codes_against_max(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """quantize_row_q2_K_ref's 4-bit codes of (n, 16) non-negative scales (or mins) against
+    15/max: (codes int (n, 16), the half super-block scale (n,)); both 0 where the max is not > 0."""
+    largest = _running_max(values)
+    positive = largest > 0
+    iscale = f32(15) / np.where(positive, largest, f32(1))
+    codes = np.where(positive[:, None], nearest_int(iscale[:, None] * values), 0)
+    return codes, np.where(positive, largest / f32(15), f32(0)).astype(np.float16)
+
+
+class Q2_K(_KQuant):
+    """2.625 bits per weight: 16 sub-blocks of 16, each with a 4-bit scale and a 4-bit min.
+
+    uint8 scales[16]; uint8 qs[64]; half d; half dmin      x = d*(scales[j] & 15)*q - dmin*(scales[j] >> 4)
+    q in 0..3, packed as Q3_K's low bits: weight 128h + 32k + l in bits 2k, 2k+1 of qs[32h + l].
+    Search: make_qkx2_quants(nmax 3, rmin -0.5, rdelta 0.1, nstep 15) with weights |x| judged by the
+    weighted ABSOLUTE error; the 16 scales and 16 mins against 15/their maxima. With an imatrix
+    (quantize_row_q2_K_impl): weights importance * sqrt(sigma2 + x^2), sigma2 = mean(x^2), the
+    make_qkx3_quants grid (rmin -0.9, rdelta 0.05, nstep 36), and make_qp_quants for the scales and mins.
+    """
+
+    name, ggml_type, type_size = "Q2_K", 10, 84
+
+    @classmethod
+    def _quantize_chunk(
+        cls, blocks: np.ndarray, importance: np.ndarray | None = None, thorough: bool = False
+    ) -> np.ndarray:
+        n = len(blocks)
+        X = columns(blocks, 16)
+        if importance is None:
+            scales, mins, L = make_qkx2_quants(X, np.abs(X), 3, rmin=-0.5, rdelta=0.1, nstep=15, use_mad=True)
+            ls, d = _q2_k_codes_against_max(scales.reshape(n, 16))
+            lm, dmin = _q2_k_codes_against_max(mins.reshape(n, 16))
+        else:
+            W = _importance_weights(blocks, importance, 16, spread=1)
+            scales, mins, L = make_qkx2_quants(X, W, 3, rmin=-0.9, rdelta=0.05, nstep=36)
+            sub_block_weight = seq_sum(W).reshape(n, 16)  # sw[j] += weight[l], from 0
+            d_scales, ls = _make_qp_quants(scales.reshape(n, 16), sub_block_weight, nmax=15)
+            d_mins, lm = _make_qp_quants(mins.reshape(n, 16), sub_block_weight, nmax=15)
+            d, dmin = d_scales.astype(np.float16), d_mins.astype(np.float16)
+        packed = ((ls.astype(np.int32) & 0xFF) | lm.astype(np.int32) << 4) & 0xFF  # uint8 stores wrap
+        return _store_q2_k(X, L, d, dmin, packed.astype(np.uint8))
+
+    @classmethod
+    def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        scales, qs, d, dmin = split_fields(blocks, 16, 64, 2, 2)
+        n = len(blocks)
+        dl = (half_values(d) * (scales & 0xF).astype(f32))[:, :, None]
+        ml = (half_values(dmin) * (scales >> 4).astype(f32))[:, :, None]
+        return (dl * unpack_2bit_codes(qs).reshape(n, 16, 16).astype(f32) - ml).reshape(n, QK_K)

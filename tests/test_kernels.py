@@ -19,7 +19,10 @@ from slim.kernels import QTYPES, _common, dequantize, ggml, kquants, quantize
 
 needs_ggml = pytest.mark.skipif(not ggml.available(), reason="llama-cpp-python (the C oracle) is not installed")
 
-K_QUANTS = ["Q4_K", "Q5_K", "Q6_K"]
+NUMPY_TYPES = [
+    name for name in QTYPES if not QTYPES[name].c_only
+]  # the lattice i-quants: tests/test_kernels_lattice.py
+K_QUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 ROWS, COLS = 16, 1024  # 64 K-quant blocks or 512 legacy blocks per case
 
 
@@ -91,14 +94,14 @@ def assert_same_bytes(mine: np.ndarray, oracle: np.ndarray, qtype: str, what: st
 
 @needs_ggml
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("qtype", list(QTYPES))
+@pytest.mark.parametrize("qtype", NUMPY_TYPES)
 def test_numpy_matches_c_oracle(qtype: str, case: str) -> None:
     x = make_case(case)
     assert_same_bytes(numpy_quantize(x, qtype), ggml.quantize_rows(x, QTYPES[qtype].ggml_type), qtype, case)
 
 
 @needs_ggml
-@pytest.mark.parametrize("qtype", list(QTYPES))
+@pytest.mark.parametrize("qtype", NUMPY_TYPES)
 def test_backends_write_identical_bytes(qtype: str) -> None:
     x = make_case("heavy_tailed")
     from_c = quantize(x, qtype, backend="ggml")
@@ -138,7 +141,7 @@ def test_nearest_int_is_ggmls() -> None:
 
 
 @pytest.mark.parametrize("case", ["normal", "heavy_tailed", "zero_subblocks", "huge"])
-@pytest.mark.parametrize("qtype", list(QTYPES))
+@pytest.mark.parametrize("qtype", NUMPY_TYPES)
 def test_dequantize_matches_gguf(qtype: str, case: str) -> None:
     x = make_case(case)
     data = numpy_quantize(x, qtype)
@@ -157,6 +160,12 @@ HALF_FIELDS = {
     "Q4_K": [0, 2],
     "Q5_K": [0, 2],
     "Q6_K": [208],
+    "Q2_K": [80, 82],
+    "Q3_K": [108],
+    "IQ4_NL": [0],
+    "IQ4_XS": [0],
+    "TQ1_0": [52],
+    "TQ2_0": [64],
 }
 
 
@@ -187,6 +196,13 @@ MAX_RELATIVE_RMS = {
     "Q4_0": 0.12,
     "Q4_1": 0.12,
     "Q4_K": 0.1,
+    "IQ4_NL": 0.09,
+    "IQ4_XS": 0.09,
+    "Q3_K": 0.17,
+    "Q2_K": 0.32,
+    # ternary: d = max|x| sends most Gaussian weights to 0; ternary weights round-trip exactly (test_kernels_lowbit)
+    "TQ1_0": 0.85,
+    "TQ2_0": 0.85,
 }
 
 
@@ -195,21 +211,21 @@ def _relative_rms(qtype: str, x: np.ndarray) -> float:
     return float(np.sqrt(np.mean((back - x) ** 2) / np.mean(x**2)))
 
 
-@pytest.mark.parametrize("qtype", list(QTYPES))
+@pytest.mark.parametrize("qtype", NUMPY_TYPES)
 def test_round_trip_error_is_sane(qtype: str) -> None:
     assert _relative_rms(qtype, make_case("normal")) <= MAX_RELATIVE_RMS[qtype]
 
 
 def test_k_quants_beat_legacy_quants_of_the_same_width() -> None:
     x = make_case("heavy_tailed")
-    err = {name: _relative_rms(name, x) for name in ("Q4_0", "Q4_K", "Q5_0", "Q5_K", "Q6_K")}
+    err = {name: _relative_rms(name, x) for name in ("Q4_0", "Q2_K", "Q3_K", "Q4_K", "Q5_0", "Q5_K", "Q6_K")}
     assert err["Q4_K"] < err["Q4_0"] and err["Q5_K"] < err["Q5_0"]
-    assert err["Q6_K"] < err["Q5_K"] < err["Q4_K"]
+    assert err["Q6_K"] < err["Q5_K"] < err["Q4_K"] < err["Q3_K"] < err["Q2_K"]
 
 
 def test_unknown_type_is_a_value_error() -> None:
-    with pytest.raises(ValueError, match=r"unknown quantization type 'Q3_K'; choose one of F32, .*Q6_K"):
-        quantize(np.zeros((1, 256), np.float32), "Q3_K")
+    with pytest.raises(ValueError, match=r"unknown quantization type 'Q7_K'; choose one of F32, .*Q6_K"):
+        quantize(np.zeros((1, 256), np.float32), "Q7_K")
     with pytest.raises(ValueError, match="unknown quantization type"):
         dequantize(np.zeros(144, np.uint8), "nope", (1, 256))
 
@@ -237,7 +253,7 @@ def smollm2_weights(smollm2_gguf: Path) -> list[tuple[str, np.ndarray]]:
 
 
 @needs_ggml
-@pytest.mark.parametrize("qtype", list(QTYPES))
+@pytest.mark.parametrize("qtype", NUMPY_TYPES)
 def test_real_model_matches_c_oracle(qtype: str, smollm2_weights: list[tuple[str, np.ndarray]]) -> None:
     """Every weight tensor of a real model, whole; ggml runs in a second thread (it releases the GIL)."""
     with ThreadPoolExecutor(max_workers=1) as pool:

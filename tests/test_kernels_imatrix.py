@@ -19,15 +19,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_kernels import _bf16_rounded, assert_same_bytes
+from test_kernels import NUMPY_TYPES, _bf16_rounded, assert_same_bytes
 
 from slim import kernels
 from slim.kernels import QTYPES, _common, dequantize, ggml, kquants, legacy, quantize
 
 needs_ggml = pytest.mark.skipif(not ggml.available(), reason="llama-cpp-python (the C oracle) is not installed")
 
-WEIGHTED = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
-IGNORING = ["F32", "F16", "BF16", "Q8_0"]  # their C quantizers have no imatrix path
+WEIGHTED = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]
+IGNORING = ["F32", "F16", "BF16", "Q8_0", "TQ1_0", "TQ2_0"]  # their C quantizers have no imatrix path
 ROWS = 8
 
 
@@ -185,7 +185,7 @@ def test_importance_of_the_wrong_shape_is_a_value_error(shape: tuple[int, ...]) 
 
 # ----------------------------------------------------------------------------- search="thorough"
 
-THOROUGH = WEIGHTED
+THOROUGH = [name for name in QTYPES if "thorough" in QTYPES[name].searches]
 
 
 def search_weights(x: np.ndarray, qtype: str, importance: np.ndarray | None) -> np.ndarray:
@@ -251,7 +251,7 @@ def test_thorough_blocks_decode_the_same_in_gguf_py(qtype: str, importance_kind:
     assert np.array_equal(dequantize(data, qtype, x.shape), theirs)
 
 
-@pytest.mark.parametrize("qtype", [name for name in QTYPES if name not in THOROUGH])
+@pytest.mark.parametrize("qtype", [name for name in NUMPY_TYPES if name not in THOROUGH])
 def test_types_without_a_thorough_search_run_the_reference(qtype: str) -> None:
     x = make_data("heavy_tailed", 1536)
     importance = make_importance("activations", 1536)
