@@ -98,6 +98,7 @@ def main() -> None:
                         "--type",
                         args.type,
                         "--quiet",
+                        "--force",  # each repeat replaces the last one's file
                     ]
                 )
             )

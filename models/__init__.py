@@ -8,7 +8,7 @@ import pkgutil
 from functools import cache
 from typing import Any
 
-from .base import ArchitectureError, DecoderArchitecture
+from .base import ArchitectureError, DecoderArchitecture, LayerAttention
 
 
 @cache
@@ -26,12 +26,21 @@ def supported() -> list[str]:
     return sorted(name for arch in registry() for name in arch.hf_architectures)
 
 
-def for_hf_config(config: dict[str, Any]) -> DecoderArchitecture:
-    """The architecture a transformers config.json names, built from that config."""
+def class_for_hf_config(config: dict[str, Any]) -> type[DecoderArchitecture] | None:
+    """The architecture class a config.json names, without reading its hyperparameters."""
     names = config.get("architectures") or []
     for arch in registry():
         if any(name in arch.hf_architectures for name in names):
-            return arch(config)
+            return arch
+    return None
+
+
+def for_hf_config(config: dict[str, Any]) -> DecoderArchitecture:
+    """The architecture a transformers config.json names, built from that config."""
+    arch = class_for_hf_config(config)
+    if arch is not None:
+        return arch(config)
+    names = config.get("architectures") or []
     raise ArchitectureError(
         f"architecture {', '.join(names) or '(none named in config.json)'} is not supported; "
         f"slim converts: {', '.join(supported())}"
@@ -46,4 +55,13 @@ def for_gguf_arch(gguf_arch: str) -> type[DecoderArchitecture]:
     raise ArchitectureError(f"GGUF architecture {gguf_arch!r} is not supported; slim handles: {known}")
 
 
-__all__ = ["ArchitectureError", "DecoderArchitecture", "for_gguf_arch", "for_hf_config", "registry", "supported"]
+__all__ = [
+    "ArchitectureError",
+    "DecoderArchitecture",
+    "LayerAttention",
+    "class_for_hf_config",
+    "for_gguf_arch",
+    "for_hf_config",
+    "registry",
+    "supported",
+]

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -44,16 +45,55 @@ class ArchitectureError(ValueError):
     """The checkpoint does not fit the architecture it claims."""
 
 
-class DecoderArchitecture:
-    """A Llama-style decoder: RMSNorm, rotary attention with grouped KV heads, gated FFN."""
+@dataclass(frozen=True)
+class LayerAttention:
+    """How one layer attends, as the torch student runs it: the RoPE base (None: no RoPE) and the
+    linear RoPE factor positions are divided by, the sliding window in tokens (None: the whole
+    context), the scale of q.k and its tanh soft-cap (None: none)."""
 
+    rope_theta: float | None
+    rope_factor: float
+    window: int | None
+    scale: float
+    softcap: float | None
+
+
+class DecoderArchitecture:
+    """A Llama-style decoder: RMSNorm, rotary attention with grouped KV heads, gated FFN.
+
+    A family says what sets it apart in class attributes (read by the converter, export, the torch
+    student in slim.runtime.train.student and pruning) and, where its config has more to say, by
+    overriding the methods below.
+    """
+
+    #: The family's name in summaries and `slim show` ("Qwen3").
+    family: ClassVar[str]
     gguf_arch: ClassVar[str]
     hf_architectures: ClassVar[tuple[str, ...]]
     hf_model_type: ClassVar[str]
+    #: HF name inside model.layers.N. -> GGUF name inside blk.N.; the model-wide ones.
+    layer_tensors: ClassVar[Mapping[str, str]] = LAYER_TENSORS
+    global_tensors: ClassVar[Mapping[str, str]] = GLOBAL_TENSORS
     #: llama.cpp's `llama` rotates adjacent pairs, HF rotates halves: Q and K rows are permuted.
     permute_qk: ClassVar[bool] = False
     #: Qwen2 has q/k/v biases.
     attention_bias: ClassVar[bool] = False
+    #: Qwen3 normalises each head of Q and K (RMSNorm over head_dim) before RoPE.
+    qk_norm: ClassVar[bool] = False
+    #: OLMo 2's Q/K norms span all heads at once (one RMSNorm over the projection, before the split).
+    qk_norm_over_heads: ClassVar[bool] = False
+    #: Whether llama.cpp runs this family's sliding-window layers (Gemma); elsewhere a config that
+    #: asks for them is refused, since llama.cpp would attend to the whole context instead.
+    sliding_window: ClassVar[bool] = False
+    #: config.json lists that hold one entry per layer; pruning a layer drops its entry.
+    per_layer_config: ClassVar[tuple[str, ...]] = ("layer_types",)
+    #: Gemma: RMSNorm scales by (norm_offset + w), the embeddings are multiplied by sqrt(hidden),
+    #: and the FFN gate is GELU (tanh). (Norms after attention and the FFN are named in layer_tensors.)
+    norm_offset: ClassVar[float] = 0.0
+    scale_embeddings: ClassVar[bool] = False
+    ffn_activation: ClassVar[str] = "silu"
+    #: tanh soft-cap of the output logits (Gemma 2), from the config.
+    final_softcap: float | None = None
 
     def __init__(self, config: dict[str, Any]):
         def need(*keys: str) -> Any:
@@ -69,6 +109,14 @@ class DecoderArchitecture:
         self.n_head = int(need("num_attention_heads"))
         self.n_head_kv = int(config.get("num_key_value_heads") or self.n_head)
         self.head_dim = int(config.get("head_dim") or self.hidden // self.n_head)
+        #: Dimensions of each head that RoPE rotates (the first ones; Phi-4-mini rotates 3/4).
+        self.rope_dim = self.head_dim
+        #: Granite's multipliers: of the embeddings, of Q.K (instead of 1/sqrt(head_dim)), of each
+        #: block's attention and FFN output before the residual sum, and the divisor of the logits.
+        self.embedding_scale = 1.0
+        self.attention_scale = self.head_dim**-0.5
+        self.residual_scale = 1.0
+        self.logit_scale = 1.0
         self.vocab_size = int(need("vocab_size"))
         self.context_length = int(config.get("max_position_embeddings", 2048))
         self.rms_eps = float(config.get("rms_norm_eps", 1e-6))
@@ -76,6 +124,12 @@ class DecoderArchitecture:
         self.rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
         self.rope_theta = float(self.rope.get("rope_theta", config.get("rope_theta", 10000.0)))
         self.tied_embeddings = bool(config.get("tie_word_embeddings", False))
+        asks_sliding = config.get("use_sliding_window") or "sliding_attention" in (config.get("layer_types") or ())
+        if asks_sliding and not self.sliding_window:
+            raise ArchitectureError(
+                f"config.json asks for sliding-window attention, which llama.cpp's {self.gguf_arch} does not run; "
+                "set use_sliding_window to false if the model was trained without it"
+            )
 
     # ---- HF -> GGUF ---------------------------------------------------------------------------
 
@@ -83,15 +137,73 @@ class DecoderArchitecture:
         """The GGUF name of a checkpoint tensor, or None for one llama.cpp does not use."""
         if IGNORED.search(hf_name) or (self.tied_embeddings and hf_name == "lm_head.weight"):
             return None
-        if hf_name in GLOBAL_TENSORS:
-            return GLOBAL_TENSORS[hf_name]
+        if hf_name in self.global_tensors:
+            return self.global_tensors[hf_name]
         match = _LAYER.match(hf_name)
-        if match and match.group(2) in LAYER_TENSORS:
-            suffix = LAYER_TENSORS[match.group(2)]
+        if match and match.group(2) in self.layer_tensors:
+            suffix = self.layer_tensors[match.group(2)]
             if suffix.endswith(".bias") and not self.attention_bias:
                 raise ArchitectureError(f"{hf_name}: {self.gguf_arch} has no attention biases")
             return f"blk.{match.group(1)}.{suffix}"
         raise ArchitectureError(f"unexpected tensor {hf_name!r} for architecture {self.gguf_arch}")
+
+    def required_tensors(self) -> list[str]:
+        """The GGUF tensors llama.cpp cannot load the model without (the output projection is
+        optional: llama.cpp falls back to the embeddings)."""
+        per_layer = [name for name in self.layer_tensors.values() if self.attention_bias or not name.endswith(".bias")]
+        model_wide = [name for name in self.global_tensors.values() if name != "output.weight"]
+        return model_wide + [f"blk.{i}.{name}" for i in range(self.n_layer) for name in per_layer]
+
+    def rope_layers(self) -> list[bool]:
+        """Per layer, whether attention rotates Q and K (SmolLM3 leaves every fourth layer without)."""
+        return [True] * self.n_layer
+
+    def layer_attention(self) -> list[LayerAttention]:
+        """Per layer, how attention runs (for the torch student; Gemma's sliding layers differ)."""
+        rope_type = self.rope.get("rope_type", self.rope.get("type"))
+        factor = float(self.rope["factor"]) if rope_type == "linear" else 1.0
+        return [
+            LayerAttention(self.rope_theta if rotary else None, factor, None, self.attention_scale, None)
+            for rotary in self.rope_layers()
+        ]
+
+    def rope_factors(self, length: int) -> np.ndarray | None:
+        """What divides each rotated pair's frequency in transformers' forward pass over `length`
+        tokens (Llama 3's rope_freqs; LongRoPE's short or long factors), None when nothing does."""
+        return self.extra_tensors().get("rope_freqs.weight")
+
+    def rope_attention_factor(self) -> float:
+        """What transformers multiplies RoPE's cos and sin by (LongRoPE's attention factor)."""
+        return 1.0
+
+    @classmethod
+    def tokenizer_overrides(
+        cls, config: Mapping[str, Any], tokenizer_config: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        """tokenizer.* settings the family's llama.cpp converter decides itself, over what the
+        tokenizer files say (fields of slim.runtime.formats.tokenizer.TokenizerSpec)."""
+        return {}
+
+    @classmethod
+    def gguf_facts(cls, fields: Mapping[str, Any], tensor_names: Collection[str]) -> dict[str, str]:
+        """What a user should know about a GGUF of this family beyond its sizes (`slim show`)."""
+        arch = cls.gguf_arch
+        facts = {"family": cls.family}
+        scaling = fields.get(f"{arch}.rope.scaling.type")
+        if "rope_freqs.weight" in tensor_names:
+            facts["rope scaling"] = "llama3 (per-frequency factors)"
+        elif scaling not in (None, "none"):
+            facts["rope scaling"] = f"{scaling} x{fields.get(f'{arch}.rope.scaling.factor', '?')}"
+        if f"{arch}.rope.freq_base" in fields:
+            facts["rope base"] = f"{fields[f'{arch}.rope.freq_base']:g}"
+        if f"{arch}.attention.sliding_window" in fields:
+            facts["sliding window"] = f"{fields[f'{arch}.attention.sliding_window']} tokens"
+        heads, width = fields.get(f"{arch}.attention.head_count"), fields.get(f"{arch}.embedding_length")
+        head_dim = fields.get(f"{arch}.attention.key_length")
+        if head_dim is not None and heads and width and head_dim != width // heads:
+            facts["head size"] = f"{head_dim} (not {width} / {heads})"
+        facts["embeddings"] = "separate output" if "output.weight" in tensor_names else "tied to the output"
+        return facts
 
     def used_gguf_name(self, hf_name: str) -> str:
         """The GGUF name of a tensor llama.cpp must use (a block's matrices); ArchitectureError otherwise."""
@@ -116,28 +228,14 @@ class DecoderArchitecture:
         )
 
     def extra_tensors(self) -> dict[str, np.ndarray]:
-        """Tensors llama.cpp needs that the checkpoint does not hold (Llama 3.1 RoPE factors)."""
+        """Tensors llama.cpp needs that the checkpoint does not hold (Llama 3.1's RoPE factors);
+        export turns them back into config (config_from_gguf)."""
         if self.rope.get("rope_type", self.rope.get("type", "")) != "llama3":
             return {}
-        factor = float(self.rope.get("factor", 8.0))
-        low = float(self.rope.get("low_freq_factor", 1.0))
-        high = float(self.rope.get("high_freq_factor", 4.0))
-        old_context = float(self.rope.get("original_max_position_embeddings", 8192))
-        freqs = 1.0 / (self.rope_theta ** (np.arange(0, self.head_dim, 2, dtype=np.float32) / self.head_dim))
-        factors = []
-        for freq in freqs:
-            wavelength = 2 * math.pi / freq
-            if wavelength < old_context / high:
-                factors.append(1.0)
-            elif wavelength > old_context / low:
-                factors.append(factor)
-            else:
-                smooth = (old_context / wavelength - low) / (high - low)
-                factors.append(1 / ((1 - smooth) / factor + smooth))
-        return {"rope_freqs.weight": np.array(factors, dtype=np.float32)}
+        return {"rope_freqs.weight": llama3_rope_factors(self.rope, self.rope_theta, self.head_dim)}
 
     def metadata(self) -> dict[str, Any]:
-        """The `{arch}.*` GGUF keys, as llama.cpp's converter writes them."""
+        """The `{arch}.*` GGUF keys, as llama.cpp's converter (its TextModel) writes them."""
         arch = self.gguf_arch
         keys: dict[str, Any] = {
             f"{arch}.context_length": self.context_length,
@@ -148,10 +246,8 @@ class DecoderArchitecture:
             f"{arch}.attention.head_count_kv": self.n_head_kv,
             f"{arch}.rope.freq_base": self.rope_theta,
             f"{arch}.attention.layer_norm_rms_epsilon": self.rms_eps,
-            f"{arch}.vocab_size": self.vocab_size,
-            f"{arch}.rope.dimension_count": self.head_dim,
         }
-        if self.head_dim != self.hidden // self.n_head:  # llama.cpp assumes hidden / heads otherwise
+        if self.config.get("head_dim") is not None:  # llama.cpp's converter writes it whenever config.json has it
             keys[f"{arch}.attention.key_length"] = self.head_dim
             keys[f"{arch}.attention.value_length"] = self.head_dim
         rope_type = self.rope.get("rope_type", self.rope.get("type"))
@@ -165,12 +261,12 @@ class DecoderArchitecture:
     # ---- GGUF -> HF ---------------------------------------------------------------------------
 
     def hf_name(self, gguf_name: str) -> str:
-        for hf, gguf_ in GLOBAL_TENSORS.items():
+        for hf, gguf_ in self.global_tensors.items():
             if gguf_ == gguf_name:
                 return hf
         match = _BLOCK.match(gguf_name)
         if match:
-            for hf, gguf_ in LAYER_TENSORS.items():
+            for hf, gguf_ in self.layer_tensors.items():
                 if gguf_ == match.group(2):
                     return f"model.layers.{match.group(1)}.{hf}"
         raise ArchitectureError(f"GGUF tensor {gguf_name!r} has no Hugging Face name in {self.gguf_arch}")
@@ -186,7 +282,8 @@ class DecoderArchitecture:
 
     @classmethod
     def config_from_gguf(cls, fields: dict[str, Any], has_output: bool) -> dict[str, Any]:
-        """A transformers config.json for a GGUF of this architecture (its metadata as a dict)."""
+        """A transformers config.json for a GGUF of this architecture: `fields` holds its metadata and,
+        under their names, the arrays of its model-wide tensors that have no checkpoint name (RoPE factors)."""
         arch = cls.gguf_arch
 
         def get(key: str, default: Any = None) -> Any:
@@ -202,7 +299,6 @@ class DecoderArchitecture:
             "num_hidden_layers": int(get("block_count")),
             "num_attention_heads": n_head,
             "num_key_value_heads": int(get("attention.head_count_kv", n_head)),
-            "head_dim": int(get("attention.key_length", get("rope.dimension_count", hidden // n_head))),
             "max_position_embeddings": int(get("context_length", 2048)),
             "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
             "rope_theta": float(get("rope.freq_base", 10000.0)),
@@ -212,14 +308,23 @@ class DecoderArchitecture:
             "attention_bias": cls.attention_bias,
             "torch_dtype": "float32",
         }
+        if get("attention.key_length") is not None:
+            config["head_dim"] = int(get("attention.key_length"))
         for key, hf_key in (
             ("tokenizer.ggml.bos_token_id", "bos_token_id"),
             ("tokenizer.ggml.eos_token_id", "eos_token_id"),
         ):
             if key in fields:
                 config[hf_key] = int(fields[key])
+        # Said even when the GGUF has none: a family's default (SmolLM3's, Phi-3's) may lie outside the vocabulary.
+        config["pad_token_id"] = fields.get("tokenizer.ggml.padding_token_id")
         if get("rope.scaling.type") == "linear":
             config["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+        factors = fields.get("rope_freqs.weight")
+        if factors is not None:
+            head_dim = int(get("attention.key_length", hidden // n_head))
+            theta = float(get("rope.freq_base", 10000.0))
+            config["rope_scaling"] = llama3_rope_from_factors(factors, theta, head_dim)
         return config
 
     def _qk_heads(self, gguf_name: str) -> int | None:
@@ -230,3 +335,59 @@ class DecoderArchitecture:
         if gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
             return self.n_head_kv
         return None
+
+
+def llama3_rope_factors(rope: Mapping[str, Any], theta: float, head_dim: int) -> np.ndarray:
+    """Llama 3.1's per-frequency RoPE divisors (llama.cpp's rope_freqs tensor).
+
+    Float32 arithmetic as llama.cpp's converter does it in torch, to the bit: the frequencies' power
+    in float64 rounded once, and `scalar / tensor` as the reciprocal of the tensor times the scalar
+    (torch's __rtruediv__)."""
+    f32 = np.float32
+
+    def scalar_over(scalar: float, value: np.float32) -> np.float32:
+        return (f32(1) / value) * f32(scalar)
+
+    factor = float(rope.get("factor", 8.0))
+    low = float(rope.get("low_freq_factor", 1.0))
+    high = float(rope.get("high_freq_factor", 4.0))
+    old_context = float(rope.get("original_max_position_embeddings", 8192))
+    exponents = np.arange(0, head_dim, 2, dtype=f32) / f32(head_dim)
+    freqs = f32(1) / (theta ** exponents.astype(np.float64)).astype(f32)
+    factors = []
+    for freq in freqs:
+        wavelength = scalar_over(2 * math.pi, freq)
+        if wavelength < old_context / high:
+            factors.append(f32(1))
+        elif wavelength > old_context / low:
+            factors.append(f32(factor))
+        else:
+            smooth = (scalar_over(old_context, wavelength) - f32(low)) / f32(high - low)
+            factors.append(scalar_over(1, (f32(1) - smooth) / f32(factor) + smooth))
+    return np.array(factors, dtype=f32)
+
+
+# The values Llama 3.x configs use, searched when export recovers the scaling from rope_freqs.
+_LLAMA3_HIGH_FACTORS = (4.0, 2.0, 8.0)
+_LLAMA3_CONTEXTS = tuple(2**n for n in range(5, 19))
+
+
+def llama3_rope_from_factors(factors: np.ndarray, theta: float, head_dim: int) -> dict[str, Any]:
+    """The `llama3` rope_scaling whose factors are exactly `factors` (low_freq_factor 1, as every
+    Llama 3.x ships; the factor is the largest divisor). The GGUF keeps only the factors, so the
+    usual settings are tried in turn; ArchitectureError if none reproduces them bit for bit."""
+    factor = float(np.max(factors))
+    for high in _LLAMA3_HIGH_FACTORS:
+        for context in _LLAMA3_CONTEXTS:
+            rope = {
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": high,
+                "original_max_position_embeddings": context,
+            }
+            if np.array_equal(llama3_rope_factors(rope, theta, head_dim), factors):
+                return rope
+    raise ArchitectureError(
+        "the GGUF's rope_freqs tensor matches no llama3 RoPE scaling slim knows; it cannot be exported"
+    )

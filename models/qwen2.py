@@ -4,6 +4,7 @@ from .base import DecoderArchitecture
 
 
 class Qwen2(DecoderArchitecture):
+    family = "Qwen2"
     gguf_arch = "qwen2"
     hf_architectures = ("Qwen2ForCausalLM",)
     hf_model_type = "qwen2"

@@ -138,7 +138,7 @@ def test_cli_writes_the_file_and_reports(smollm2_gguf: Path, calibration_text: P
         "1",
     )
     assert run.returncode == 0, run.stderr
-    assert f"210 weights, 1 chunks of {CTX} tokens" in run.stdout
+    assert f"210 weights, 1 chunk of {CTX} tokens" in run.stdout
     assert Calibration.load(out).counts["blk.0.ffn_up.weight"] == CTX
 
 

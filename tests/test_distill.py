@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import llama_logits, log_softmax, make_llama_checkpoint, make_qwen2_checkpoint
+from helpers import llama_logits, log_softmax, make_llama_checkpoint
 from helpers import run_slim as slim
 
 from slim.runtime.formats.mixes import mix
@@ -52,23 +52,6 @@ def student_hf(smollm2_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory
     return make_llama_checkpoint(
         tmp_path_factory.mktemp("student") / "hf", smollm2_tokenizer, hidden=64, n_layer=2, ffn=128, tied=True, seed=2
     )
-
-
-@pytest.mark.parametrize("kind", ["llama-tied", "llama", "qwen2"])
-def test_student_matches_transformers(kind: str, smollm2_tokenizer: Path, tmp_path: Path) -> None:
-    if kind == "qwen2":
-        hf = make_qwen2_checkpoint(tmp_path / "hf", smollm2_tokenizer, hidden=64, ffn=128)
-    else:
-        hf = make_llama_checkpoint(
-            tmp_path / "hf", smollm2_tokenizer, hidden=64, n_layer=2, ffn=128, tied=kind == "llama-tied"
-        )
-    tokens = torch.randint(0, 49152, (2, 48), generator=torch.Generator().manual_seed(0))
-    ours = student_lib.load(hf)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
-    with torch.no_grad():
-        a, b = ours(tokens), theirs(tokens).logits
-    assert a.abs().max() > 0.5  # not a trivially small output
-    assert (a - b).abs().max() < 1e-5
 
 
 def test_student_saves_what_it_loaded(student_hf: Path, tmp_path: Path) -> None:
@@ -226,7 +209,7 @@ def test_distill_cli_moves_the_student_towards_the_teacher(
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout)
     assert summary["steps"] == 12 and summary["last_loss"] < summary["first_loss"]
-    assert (tmp_path / "out.ckpt").is_file() and list((tmp_path / "cache").glob("*.npz"))
+    assert not (tmp_path / "out.ckpt").exists() and list((tmp_path / "cache").glob("*.npz"))
     assert Path(summary["gguf"]) == tmp_path / "out-q8_0.gguf"
     from slim.runtime.inference import load
 

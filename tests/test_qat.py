@@ -216,3 +216,23 @@ def test_qat_cli_writes_a_gguf_of_the_mix(tiny_64: Path, tmp_path: Path) -> None
         bad.returncode == 2
         and bad.stderr == "error: F16 is not quantized; QAT needs a quantized --type such as Q4_K_M\n"
     )
+
+
+def test_a_run_that_cannot_improve_writes_the_starting_blocks(tiny_64: Path, tmp_path: Path) -> None:
+    """Validated on held-out text, QAT keeps the best state it saw, the start included: a run
+    whose steps change nothing ends with exactly the post-training file of the thorough search,
+    and says so."""
+    from helpers import gguf_tensors
+
+    from slim.runtime.pipeline.convert import convert
+    from slim.runtime.store import assets
+
+    text = assets.wiki_text("train").read_text(encoding="utf-8")[:8000]
+    out = tmp_path / "qat.gguf"
+    summary = qat_lib.qat(
+        tiny_64, mix("Q4_K_M"), text, out, steps=2, lr=1e-12, seq_len=64, threads=1, cache_dir=tmp_path / "cache"
+    )
+    assert summary.best_step == 0 and summary.heldout_kl_after == summary.heldout_kl_before > 0
+    assert "training never beat the starting point" in summary.line()
+    convert(tiny_64, tmp_path / "ptq.gguf", mix("Q4_K_M"), search="thorough")
+    assert gguf_tensors(out) == gguf_tensors(tmp_path / "ptq.gguf")

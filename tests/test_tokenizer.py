@@ -16,6 +16,7 @@ from pathlib import Path
 
 import gguf
 import pytest
+from helpers import LLAMA3_REGEX, QWEN2_REGEX, TEKKEN_REGEX
 from tokenizers import (
     AddedToken,
     Regex,
@@ -42,26 +43,16 @@ from slim.runtime.formats.tokenizer import (
     write_to_gguf,
 )
 
-# The split regexes as Llama 3 and Qwen2.5 ship them in tokenizer.json (written out independently
-# of the module's table on purpose).
-LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-QWEN2_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
 CORPUS = [
     f"In {1900 + i} the {word} counted {i * 37} ships; they'd seen {i * 1234 % 9973} more, "
-    f"and I'VE heard   it's {i / 7:.3f} km away.\n\tcafé naïve Ångström {'ñ' * (i % 3)} 我想 🦙 ---"
+    f"and I'VE heard   it's {i / 7:.3f} km away.\n\tcafé naïve Ångström {'ñ' * (i % 3)} 我想 🦙 --- McDonaldsHQ iPhone"
     for i in range(200)
     for word in ("city", "harbour", "council", "river")
 ]
 SAMPLE = (
     "Hello world! I'VE seen 12345 cats in 2024, they're 3.14 happy.\n\n\tIndented  double  spaces\r\n"
-    "Ångström naïve café 我想在apple工作1314151天 🦙🦙 ------======= '''```\"quoted\"... we'Ve a'lL  "
+    "Ångström naïve café 我想在apple工作1314151天 🦙🦙 ------======= '''```\"quoted\"... we'Ve a'lL "
+    "McDonaldsHQ iPhone "
 )
 
 
@@ -146,6 +137,14 @@ PRE_TOKENIZER_CASES = {
             ]
         ),
         normalizers.NFC(),
+    ),
+    "tekken": lambda: _bpe(
+        pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(TEKKEN_REGEX), "isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     ),
 }
 
@@ -328,6 +327,12 @@ def test_missing_tokenizer_is_an_error(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def sentencepiece_model() -> bytes:
+    return trained_sentencepiece()
+
+
+@functools.cache
+def trained_sentencepiece() -> bytes:
+    """A 400-piece SentencePiece BPE model with byte fallback, trained on CORPUS."""
     import sentencepiece
 
     model = io.BytesIO()
@@ -383,8 +388,12 @@ def test_sentencepiece_vocabulary(sentencepiece_model: bytes, tmp_path: Path) ->
     assert read_gguf_tokenizer(gguf.GGUFReader(vocab_gguf)) == spec
     text = "In 1984 the harbour counted 12345 ships; café naïve 我想"
     assert _llama_cpp_tokenizer(vocab_gguf)(text) == processor.encode(text)
-    with pytest.raises(TokenizerError, match="exporting a 'llama' tokenizer is not supported"):
-        write_hf_tokenizer(gguf.GGUFReader(vocab_gguf), tmp_path / "out")
+    # Exported as a tokenizer.model that sentencepiece loads and that reads back as the same spec.
+    write_hf_tokenizer(gguf.GGUFReader(vocab_gguf), tmp_path / "out")
+    (tmp_path / "out" / "config.json").write_text((tmp_path / "config.json").read_text())
+    exported = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "out" / "tokenizer.model"))
+    assert exported.encode(text) == processor.encode(text)
+    assert read_hf_tokenizer(tmp_path / "out") == spec
 
 
 # --- chat templates ----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ that slim reads it directly: the safetensors package has no numpy view of bfloat
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -130,38 +131,88 @@ class Checkpoint:
                 self.tensors[name] = TensorRef(name, "F32", tuple(array.shape), already_loaded(array))
 
 
+# The safetensors library's own cap on the JSON header; real headers are a few hundred kilobytes.
+MAX_HEADER_BYTES = 100_000_000
+
+
 def _read_header(path: Path) -> list[TensorRef]:
+    """The tensors of one safetensors file, each checked as the format requires: a known dtype, a shape whose
+    byte size matches its range (computed without int64 wrap-around), ranges inside the file that do not overlap."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{path.name} is truncated (only {size} bytes); download it again")
         (header_len,) = struct.unpack("<Q", head)
+        if header_len > MAX_HEADER_BYTES:
+            raise CheckpointError(
+                f"{path.name} claims a {header_len}-byte header (the limit is {MAX_HEADER_BYTES}); "
+                "it is damaged or not a safetensors file"
+            )
         if header_len > size - 8:
             raise CheckpointError(f"{path.name} is truncated or not a safetensors file; download it again")
         try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            header = json.loads(f.read(header_len), object_pairs_hook=_no_duplicate_keys)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, _DuplicateKey):
             raise CheckpointError(f"{path.name} has a corrupt safetensors header; download it again") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name} has a corrupt safetensors header (not a JSON object); download it again")
     data_start = 8 + header_len
     refs = []
+    ranges = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        dtype = entry.get("dtype")
-        if dtype not in _DTYPES:
-            raise CheckpointError(f"{path.name}: tensor {name} has dtype {dtype}, which slim does not read")
-        begin, end = entry["data_offsets"]
+        dtype, shape, begin, end = _entry(path, name, entry)
         if data_start + end > size:
             raise CheckpointError(
                 f"{path.name} is truncated: tensor {name} ends past the end of the file; download it again"
             )
-        shape = tuple(int(n) for n in entry["shape"])
-        expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+        expected = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize
         if end - begin != expected:
             raise CheckpointError(f"{path.name}: tensor {name} has {end - begin} bytes for shape {shape}")
+        ranges.append((begin, end, name))
         refs.append(TensorRef(name, dtype, shape, _mapped(path, data_start + begin, dtype, shape)))
+    ranges.sort()
+    for (_, end, name), (begin, _, other) in zip(ranges, ranges[1:], strict=False):
+        if begin < end:
+            raise CheckpointError(f"{path.name} is damaged: tensors {name} and {other} overlap; download it again")
     return refs
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise _DuplicateKey
+    return result
+
+
+def _entry(path: Path, name: str, entry: Any) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, or a CheckpointError saying what is wrong with it."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{path.name} has a corrupt safetensors header (entry {name}); download it again")
+    dtype = entry.get("dtype")
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise CheckpointError(f"{path.name}: tensor {name} has dtype {dtype!r}, which slim does not read")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(shape, list) and len(shape) <= 8 and all(_is_count(n) for n in shape)):
+        raise CheckpointError(f"{path.name}: tensor {name} has an invalid shape {shape!r}; download it again")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(n) for n in offsets)):
+        raise CheckpointError(f"{path.name}: tensor {name} has invalid data_offsets {offsets!r}; download it again")
+    if math.prod(max(n, 1) for n in shape) * 8 >= 1 << 63:  # numpy cannot even describe it, empty or not
+        raise CheckpointError(f"{path.name}: tensor {name} has an impossible shape {shape}; download it again")
+    begin, end = offsets
+    if begin > end:
+        raise CheckpointError(f"{path.name}: tensor {name} has data_offsets {offsets} out of order; download it again")
+    return dtype, tuple(shape), begin, end
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 63
 
 
 def write_safetensors(

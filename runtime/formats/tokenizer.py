@@ -8,19 +8,23 @@ read off tokenizer.json's pre_tokenizer and normalizer and looked up in `PRE_TOK
 not in that table is refused rather than guessed: a wrong pre-tokenizer silently degrades every prompt.
 
 GGUF -> HF (`read_gguf_tokenizer`, `write_hf_tokenizer`) writes a tokenizer.json that the
-`tokenizers` library loads and that gives llama.cpp's token ids, plus tokenizer_config.json and
-special_tokens_map.json; only byte-level BPE ("gpt2") GGUFs with a pre-tokenizer in the table.
+`tokenizers` library loads and that gives llama.cpp's token ids (byte-level BPE, "gpt2" GGUFs with a
+pre-tokenizer in the table), or a SentencePiece tokenizer.model ("llama" GGUFs), plus
+tokenizer_config.json and special_tokens_map.json.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from string import ascii_letters, digits
 from typing import Any
 
 import gguf
+
+from slim import models
 
 # llama.cpp's token types (tokenizer.ggml.token_type).
 NORMAL = int(gguf.TokenType.NORMAL)
@@ -30,21 +34,11 @@ USER_DEFINED = int(gguf.TokenType.USER_DEFINED)
 UNUSED = int(gguf.TokenType.UNUSED)
 BYTE = int(gguf.TokenType.BYTE)
 
+# The score llama.cpp's converter gives a SentencePiece vocabulary's tokens from added_tokens.json/tokenizer_config.
+ADDED_TOKEN_SCORE = -1000.0
+
 # The special tokens a spec carries, in the order llama.cpp writes their ids.
 SPECIAL_TYPES = ("bos", "eos", "unk", "pad")
-# HF architectures that llama.cpp converts with its LlamaModel class, which adds two tokenizer
-# rules of its own: add_space_prefix from tokenizer_config's add_prefix_space, and
-# add_bos_token = false for 49152-token vocabularies (SmolLM, Granite).
-LLAMA_CONVERTER_ARCHITECTURES = frozenset(
-    {
-        "LLaMAForCausalLM",
-        "LlamaForCausalLM",
-        "LlamaModel",
-        "MistralForCausalLM",
-        "MixtralForCausalLM",
-    }
-)
-_NO_BOS_VOCAB_SIZE = 49152
 
 
 class TokenizerError(ValueError):
@@ -102,6 +96,12 @@ _LLAMA3_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Mistral's tekken (Nemo, Small 3): case-aware words, single digits, and "/" kept with punctuation.
+_TEKKEN_REGEX = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _QWEN2_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -140,6 +140,7 @@ PRE_TOKENIZERS: dict[str, PreTokenizer] = {
     "llama-bpe": PreTokenizer(None, (_split(_LLAMA3_REGEX), _byte_level(use_regex=False)), ignore_merges=True),
     # Qwen2 / Qwen2.5: the same regex with single digits, after NFC.
     "qwen2": PreTokenizer({"type": "NFC"}, (_split(_QWEN2_REGEX), _byte_level(use_regex=False))),
+    "tekken": PreTokenizer(None, (_split(_TEKKEN_REGEX), _byte_level(use_regex=False)), ignore_merges=True),
 }
 
 
@@ -200,6 +201,7 @@ def read_hf_tokenizer(model_dir: Path, vocab_size: int | None = None) -> Tokeniz
 
     tokenizer.model (SentencePiece) wins over tokenizer.json, as in llama.cpp. vocab_size (default:
     config.json's) is the embedding's row count; ids the tokenizer lacks become [PAD{id}] tokens.
+    The family config.json names (slim.models) may set fields itself, as its llama.cpp converter does.
     """
     model_dir = Path(model_dir)
     config = _load_json(model_dir / "config.json") or {}
@@ -220,12 +222,10 @@ def read_hf_tokenizer(model_dir: Path, vocab_size: int | None = None) -> Tokeniz
     spec.bos_id, spec.eos_id, spec.unk_id, spec.pad_id = (ids.get(t) for t in SPECIAL_TYPES)
     spec.add_bos, spec.add_eos = add.get("bos"), add.get("eos")
 
-    architecture = (config.get("architectures") or [None])[0]
-    if architecture in LLAMA_CONVERTER_ARCHITECTURES:
-        if tokenizer_config is not None and tokenizer_config.get("add_prefix_space") is not None:
-            spec.add_space_prefix = bool(tokenizer_config["add_prefix_space"])
-        if _config_value(config, "vocab_size") == _NO_BOS_VOCAB_SIZE:
-            spec.add_bos = False
+    family = models.class_for_hf_config(config)
+    if family is not None:
+        for name, value in family.tokenizer_overrides(config, tokenizer_config).items():
+            setattr(spec, name, value)
 
     if tokenizer_config is not None:  # llama.cpp reads templates only next to a tokenizer_config.json
         spec.chat_template, spec.named_chat_templates = _chat_templates(model_dir, tokenizer_config)
@@ -383,12 +383,12 @@ def _read_sentencepiece(
     added_tokens = _load_json(model_dir / "added_tokens.json") or {}
     for text, i in added_tokens.items():
         if i < n_tokens:
-            tokens[i], scores[i], types[i] = text, -1000.0, USER_DEFINED
+            tokens[i], scores[i], types[i] = text, ADDED_TOKEN_SCORE, USER_DEFINED
     for key, entry in ((tokenizer_config or {}).get("added_tokens_decoder") or {}).items():
         i = int(key)
         if i < n_tokens:
             tokens[i], types[i] = _added_token_type(entry["content"], bool(entry.get("special")))
-            scores[i] = -1000.0
+            scores[i] = ADDED_TOKEN_SCORE
     return TokenizerSpec("llama", "default", tokens, types, scores=scores)
 
 
@@ -541,13 +541,13 @@ def write_hf_tokenizer(reader: gguf.GGUFReader, out_dir: Path) -> None:
     config.json's vocab_size, as llama.cpp's converter does.
     """
     spec = read_gguf_tokenizer(reader)
-    if spec.model != "gpt2":
+    if spec.model not in ("gpt2", "llama"):
         raise TokenizerError(
             f"exporting a {spec.model!r} tokenizer is not supported; "
-            "only byte-level BPE ('gpt2') GGUF tokenizers can be exported"
+            "only byte-level BPE ('gpt2') and SentencePiece ('llama') GGUF tokenizers can be exported"
         )
     pre = PRE_TOKENIZERS.get(spec.pre)
-    if pre is None:
+    if pre is None and spec.model == "gpt2":
         raise TokenizerError(
             f"exporting the pre-tokenizer {spec.pre!r} is not supported; supported: {', '.join(sorted(PRE_TOKENIZERS))}"
         )
@@ -560,7 +560,10 @@ def write_hf_tokenizer(reader: gguf.GGUFReader, out_dir: Path) -> None:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(out_dir / "tokenizer.json", _tokenizer_json(spec, pre))
+    if pre is None:
+        (out_dir / "tokenizer.model").write_bytes(_sentencepiece_model(spec))
+    else:
+        _write_json(out_dir / "tokenizer.json", _tokenizer_json(spec, pre))
     special_map = {
         f"{kind}_token": spec.tokens[i] for kind in SPECIAL_TYPES if (i := getattr(spec, f"{kind}_id")) is not None
     }
@@ -572,10 +575,12 @@ def write_hf_tokenizer(reader: gguf.GGUFReader, out_dir: Path) -> None:
     ):
         if value is not None:
             config[key] = value
+    # tokenizer.model keeps its own control pieces: only the tokens llama.cpp's converter added from
+    # tokenizer_config (score -1000) go back there, so that reading the export gives the same scores.
     config["added_tokens_decoder"] = {
         str(i): _added_token(spec.tokens[i], kind)
         for i, kind in enumerate(spec.token_types)
-        if kind in (CONTROL, USER_DEFINED)
+        if kind in (CONTROL, USER_DEFINED) and (pre is not None or (spec.scores or [])[i] == ADDED_TOKEN_SCORE)
     }
     config.update(special_map)
     if spec.named_chat_templates:
@@ -587,9 +592,58 @@ def write_hf_tokenizer(reader: gguf.GGUFReader, out_dir: Path) -> None:
     config["clean_up_tokenization_spaces"] = False
     if context is not None:
         config["model_max_length"] = int(context.contents())
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if pre is not None:  # a tokenizer.model is read by the class config.json's model type implies
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
     _write_json(out_dir / "tokenizer_config.json", config)
     _write_json(out_dir / "special_tokens_map.json", special_map)
+
+
+def _sentencepiece_model(spec: TokenizerSpec) -> bytes:
+    """tokenizer.model for a SentencePiece GGUF: a BPE model of its pieces, scores and types, with
+    llama.cpp's normalisation (none but spaces as U+2581, a leading one if add_space_prefix).
+
+    Written as protobuf wire format directly (sentencepiece_model.proto's field numbers): the
+    sentencepiece package's own proto module needs the protobuf package, which slim does not."""
+    tokens, types = list(spec.tokens), list(spec.token_types)
+    while tokens and types[-1] == UNUSED and tokens[-1] == f"[PAD{len(tokens) - 1}]":
+        tokens.pop(), types.pop()
+    # SentencePiece needs an unknown piece: the GGUF's, else its UNKNOWN-typed token, else llama.cpp's default id 0.
+    unk_id = spec.unk_id if spec.unk_id is not None else next((i for i, t in enumerate(types) if t == UNKNOWN), 0)
+    if unk_id >= len(tokens):
+        raise TokenizerError(f"the GGUF's unknown token id {unk_id} is past its {len(tokens)} tokens")
+    types[unk_id] = UNKNOWN
+    scores = spec.scores or [0.0] * len(tokens)
+
+    def varint(value: int) -> bytes:
+        value &= (1 << 64) - 1  # negative int32 fields are sign-extended to 64 bits
+        out = bytearray()
+        while value > 0x7F:
+            out.append(value & 0x7F | 0x80)
+            value >>= 7
+        return bytes(out + bytes([value]))
+
+    def number(field_number: int, value: int) -> bytes:
+        return varint(field_number << 3) + varint(value)
+
+    def nested(field_number: int, payload: bytes) -> bytes:
+        return varint(field_number << 3 | 2) + varint(len(payload)) + payload
+
+    def text(field_number: int, value: str) -> bytes:
+        return nested(field_number, value.encode("utf-8"))
+
+    pieces = b"".join(
+        nested(1, text(1, token) + varint(2 << 3 | 5) + struct.pack("<f", scores[i]) + number(3, types[i]))
+        for i, token in enumerate(tokens)
+    )
+    trainer = number(3, 2) + number(4, len(tokens)) + number(35, int(BYTE in types))  # model_type BPE
+    for field_number, kind in zip((40, 41, 42, 43), ("unk", "bos", "eos", "pad"), strict=True):
+        token_id = unk_id if kind == "unk" else getattr(spec, f"{kind}_id")
+        trainer += number(field_number, -1 if token_id is None or token_id >= len(tokens) else token_id)
+        if token_id is not None and token_id < len(tokens):
+            trainer += text(field_number + 5, tokens[token_id])  # unk_piece 45 ... pad_piece 48
+    add_prefix = spec.add_space_prefix is not False  # llama.cpp's default for SentencePiece
+    normalizer = text(1, "identity") + number(3, int(add_prefix)) + number(4, 0) + number(5, 1)
+    return pieces + nested(2, trainer) + nested(3, normalizer)
 
 
 def _added_token(text: str, kind: int) -> dict[str, Any]:

@@ -17,6 +17,7 @@ rounding; they are written in its GGUF format.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -88,6 +89,15 @@ class Calibration:
         sums = self.sums[name].astype(np.float32)
         return sums / count if count > 0 else np.ones_like(sums)
 
+    def check_fits(self, columns: dict[str, int], source: str) -> None:
+        """Refuse statistics whose length is not the column count of the weight of the same name (GGUF names)."""
+        for name, sums in self.sums.items():
+            if name in columns and len(sums) != columns[name]:
+                raise CalibrationError(
+                    f"the importance matrix has {len(sums)} columns for {name}, which has {columns[name]} in "
+                    f"{source}; was it made from this model?"
+                )
+
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write llama.cpp's imatrix GGUF (llama-quantize --imatrix reads it), atomically."""
         with atomic_path(path) as partial:
@@ -109,9 +119,16 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Calibration:
-        """Read an imatrix GGUF written by slim calibrate or llama-imatrix."""
+        """Read an imatrix GGUF written by slim calibrate or llama-imatrix, checked: the header as check_gguf
+        checks a model's, every sum finite and non-negative, every count a finite non-negative number, and
+        each weight's statistics one row of sums with one count."""
+        from slim.runtime.formats.gguf_file import GGUFError, check_gguf
+
         try:
+            check_gguf(path)
             reader = gguf.GGUFReader(path)
+        except GGUFError as exc:
+            raise CalibrationError(f"{exc}; make the importance matrix again with `slim calibrate`") from None
         except (OSError, ValueError) as exc:
             raise CalibrationError(f"{path} is not an imatrix GGUF ({exc})") from None
 
@@ -125,23 +142,45 @@ class Calibration:
                 f"{path} is a GGUF but not an importance matrix ({gguf.Keys.General.TYPE} is "
                 f"{kind!r}); make one with `slim calibrate`"
             )
-        tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
-        cal = cls(
-            chunk_size=int(scalar(_IMATRIX_KEYS.CHUNK_SIZE) or 0),
-            chunk_count=int(scalar(_IMATRIX_KEYS.CHUNK_COUNT) or 0),
-            datasets=list(scalar(_IMATRIX_KEYS.DATASETS) or []),
-        )
-        for key, values in tensors.items():
+        chunk_size, chunk_count = scalar(_IMATRIX_KEYS.CHUNK_SIZE) or 0, scalar(_IMATRIX_KEYS.CHUNK_COUNT) or 0
+        datasets = scalar(_IMATRIX_KEYS.DATASETS) or []
+        for key, value in ((_IMATRIX_KEYS.CHUNK_SIZE, chunk_size), (_IMATRIX_KEYS.CHUNK_COUNT, chunk_count)):
+            if not isinstance(value, int) or value < 0:
+                raise CalibrationError(f"{path} is damaged: {key} is {value!r}; make it again with `slim calibrate`")
+        if not isinstance(datasets, list) or not all(isinstance(d, str) for d in datasets):
+            datasets = []
+        tensors = {t.name: t for t in reader.tensors}
+        cal = cls(chunk_size=chunk_size, chunk_count=chunk_count, datasets=datasets)
+        for key in tensors:
+            if key.endswith(".counts") and key[: -len(".counts")] + ".in_sum2" not in tensors:
+                raise CalibrationError(f"{path} is damaged: {key} has no matching .in_sum2 sums")
             if not key.endswith(".in_sum2"):
                 continue
             name = key[: -len(".in_sum2")]
             counts = tensors.get(f"{name}.counts")
-            if counts is None or counts.size != 1:
+            if counts is None or counts.n_elements != 1:
                 raise CalibrationError(
                     f"{path}: {name} has no single token count (an expert-split imatrix is not supported)"
                 )
-            cal.sums[name] = values.reshape(-1).astype(np.float64)
-            cal.counts[name] = int(counts.reshape(-1)[0])
+            sums = tensors[key]
+            if sums.n_elements == 0 or int(sums.n_elements) != int(sums.shape[0]):
+                raise CalibrationError(
+                    f"{path} is damaged: {key} has shape {[int(n) for n in sums.shape]} where one row of sums belongs"
+                )
+            values = np.asarray(sums.data, dtype=np.float64).reshape(-1)
+            count = float(np.asarray(counts.data, dtype=np.float64).reshape(-1)[0])
+            if not np.isfinite(values).all() or (values < 0).any():
+                raise CalibrationError(
+                    f"{path} is damaged: {key} holds negative or non-finite sums of squares; "
+                    "make the importance matrix again with `slim calibrate`"
+                )
+            if not math.isfinite(count) or count < 0 or count != int(count):
+                raise CalibrationError(
+                    f"{path} is damaged: {name}.counts is {count}, not a token count; "
+                    "make the importance matrix again with `slim calibrate`"
+                )
+            cal.sums[name] = values
+            cal.counts[name] = int(count)
         return cal
 
 

@@ -48,6 +48,7 @@ class ConvertSummary:
     seconds: float
     imatrix: str | None = None  # the importance matrix the weights were quantized with
     search: str = "reference"
+    family: str = ""  # the model family, as slim.models names it ("Qwen3")
 
     def line(self) -> str:
         counts = ", ".join(f"{n} {t}" for t, n in sorted(self.tensor_types.items(), key=lambda kv: -kv[1]))
@@ -58,8 +59,9 @@ class ConvertSummary:
             ]
         )
         return (
-            f"wrote {self.output}: {self.size_bytes / 1e6:.1f} MB, {self.bits_per_weight:.2f} bits/weight, "
-            f"{self.parameters / 1e6:.1f}M parameters ({counts}{extras}) in {self.seconds:.1f} s"
+            f"wrote {self.output}: {self.family or self.architecture} {self.parameters / 1e6:.1f}M parameters, "
+            f"{self.size_bytes / 1e6:.1f} MB, {self.bits_per_weight:.2f} bits/weight ({counts}{extras}) "
+            f"in {self.seconds:.1f} s"
         )
 
     def to_json(self) -> str:
@@ -90,6 +92,7 @@ def convert(
     allow_pickle: bool = False,
     imatrix: str | os.PathLike[str] | None = None,
     search: str = "reference",
+    tensor_overrides: mixes.Overrides | None = None,
     progress: Callable[[int], object] | None = None,
     on_plan: Callable[[int], None] | None = None,
 ) -> ConvertSummary:
@@ -101,6 +104,7 @@ def convert(
     imatrix: an importance matrix file (slim calibrate, llama-imatrix); the weights it covers are
     quantized as llama-quantize --imatrix quantizes them. search: "reference" (llama.cpp's
     scale search, byte-identical) or "thorough" (a wider search; standard blocks, lower error).
+    tensor_overrides: llama-quantize's per-tensor flags (mixes.overrides parses them) for a mix.
     progress(n_bytes) is called as each tensor is written; on_plan(total_bytes) once before.
     """
     from slim.runtime.formats.tokenizer import TokenizerError, read_hf_tokenizer, write_to_gguf
@@ -130,7 +134,9 @@ def convert(
         tokenizer = read_hf_tokenizer(directory)
     except TokenizerError as exc:
         raise ConvertError(str(exc)) from None
-    planned = _plan(checkpoint, arch, quantization, calibration)
+    if tensor_overrides is not None and isinstance(quantization, mixes.TypePlan):
+        raise ConvertError("per-tensor overrides apply to a --type mix, not to a TypePlan made already")
+    planned = _plan(checkpoint, arch, quantization, calibration, tensor_overrides)
 
     with atomic_path(output) as partial:
         writer = gguf.GGUFWriter(partial, arch.gguf_arch)
@@ -176,6 +182,7 @@ def convert(
         seconds=time.perf_counter() - started,
         imatrix=str(imatrix) if imatrix is not None else None,
         search=search,
+        family=arch.family,
     )
 
 
@@ -205,6 +212,7 @@ def _plan(
     arch: models.DecoderArchitecture,
     quantization: mixes.Mix | mixes.TypePlan,
     calibration: Calibration | None = None,
+    tensor_overrides: mixes.Overrides | None = None,
 ) -> list[_Planned]:
     """Every tensor the GGUF holds, with its type, in llama.cpp's order."""
     found: dict[str, _Planned] = {}
@@ -228,6 +236,7 @@ def _plan(
             quantization,
             arch.n_layer,
             has_imatrix=calibration is not None,
+            tensor_overrides=tensor_overrides,
         )
     for name, qtype in plan.types.items():
         found[name].qtype = qtype
@@ -261,22 +270,7 @@ def _transformed(arch: models.DecoderArchitecture, name: str, ref: TensorRef) ->
 
 
 def _check_complete(arch: models.DecoderArchitecture, found: dict[str, _Planned]) -> None:
-    needed = ["token_embd.weight", "output_norm.weight"] + [
-        f"blk.{i}.{part}"
-        for i in range(arch.n_layer)
-        for part in (
-            "attn_norm.weight",
-            "attn_q.weight",
-            "attn_k.weight",
-            "attn_v.weight",
-            "attn_output.weight",
-            "ffn_norm.weight",
-            "ffn_gate.weight",
-            "ffn_up.weight",
-            "ffn_down.weight",
-        )
-    ]
-    missing = [name for name in needed if name not in found]
+    missing = [name for name in arch.required_tensors() if name not in found]
     if missing:
         raise CheckpointError(
             f"the checkpoint lacks {len(missing)} tensors {arch.gguf_arch} needs, e.g. {missing[0]}; "
@@ -317,5 +311,7 @@ def add_metadata_value(writer: gguf.GGUFWriter, key: str, value: object) -> None
         writer.add_uint32(key, value)
     elif isinstance(value, float):
         writer.add_float32(key, value)
+    elif isinstance(value, list):
+        writer.add_array(key, value)
     else:
         writer.add_string(key, str(value))

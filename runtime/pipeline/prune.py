@@ -46,19 +46,6 @@ from slim.runtime.pipeline.calibrate import Calibration
 UNSTRUCTURED = ("magnitude", "wanda")
 METHODS = UNSTRUCTURED + ("layers", "width")
 LAYER_SCORES = ("angular", "influence")
-# The matrices inside a block, by their Hugging Face suffix: what unstructured pruning touches.
-BLOCK_MATRICES = tuple(
-    f"{part}.weight"
-    for part in (
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    )
-)
 # Kept FFN widths are a multiple of this when the original is, so 32-weight quant blocks still fit.
 WIDTH_STEP = 32
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -66,6 +53,14 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 class PruneError(ValueError):
     """Pruning that cannot go ahead; the message says what to change."""
+
+
+def block_matrices(arch: models.DecoderArchitecture) -> tuple[str, ...]:
+    """The matrices inside a block, by their Hugging Face suffix (the family's, fused ones included):
+    what unstructured pruning touches."""
+    return tuple(
+        hf for hf, gguf_name in arch.layer_tensors.items() if hf.endswith(".weight") and "norm" not in gguf_name
+    )
 
 
 @dataclass
@@ -88,7 +83,8 @@ class Plan:
                 f"{self.sparsity:.0%} of each row" if self.pattern is None else f"{self.pattern[0]}:{self.pattern[1]}"
             )
             return (
-                f"{self.method}: zero {amount} in the {len(BLOCK_MATRICES)} matrices of each of {arch.n_layer} blocks"
+                f"{self.method}: zero {amount} in the {len(block_matrices(arch))} matrices of each of "
+                f"{arch.n_layer} blocks"
             )
         if self.method == "layers":
             blocks = ", ".join(
@@ -166,6 +162,12 @@ def check_amounts(
                 raise PruneError(f"{label} is the fraction to keep, in (0, 1]; got {fraction}")
         if ffn == 1 and heads == 1:
             raise PruneError("--method width needs --ffn F or --heads H below 1 (the fraction to keep)")
+        if heads < 1:  # the family must take fewer heads (llama.cpp's phi3 and olmo2 need heads x head_dim = hidden)
+            fewer = Plan("width", kv_kept={0: np.arange(_kept_groups(arch, heads))})
+            try:
+                type(arch)(pruned_config(arch.config, arch, fewer))
+            except models.ArchitectureError as exc:
+                raise PruneError(f"--heads {heads} cannot be pruned from this {arch.family}: {exc}") from None
     else:
         raise PruneError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
@@ -185,7 +187,7 @@ def plan_unstructured(
         if calibration is None:
             raise PruneError("--method wanda needs calibration: --text FILE or --imatrix FILE")
         for i in range(arch.n_layer):
-            for suffix in BLOCK_MATRICES:
+            for suffix in block_matrices(arch):
                 name = arch.used_gguf_name(f"model.layers.{i}.{suffix}")
                 norms[name] = np.sqrt(_sums(calibration, name))
     return Plan(method, sparsity=sparsity, pattern=pattern, column_norms=norms)
@@ -242,7 +244,7 @@ def plan_width(
     n_ffn = round(ffn * arch.ffn)
     if arch.ffn % WIDTH_STEP == 0:
         n_ffn = max(WIDTH_STEP, n_ffn // WIDTH_STEP * WIDTH_STEP)
-    n_groups = max(1, round(heads * arch.n_head_kv))
+    n_groups = _kept_groups(arch, heads)
     per_group = arch.n_head // arch.n_head_kv
     plan = Plan("width")
     for i in range(arch.n_layer):
@@ -255,6 +257,10 @@ def plan_width(
             energy = _sums(calibration, out) * _column_energy(checkpoint, f"model.layers.{i}.self_attn.o_proj.weight")
             plan.kv_kept[i] = _top(energy.reshape(arch.n_head_kv, per_group * arch.head_dim).sum(axis=1), n_groups)
     return plan
+
+
+def _kept_groups(arch: models.DecoderArchitecture, heads: float) -> int:
+    return max(1, round(heads * arch.n_head_kv))
 
 
 def _sums(calibration: Calibration, name: str) -> np.ndarray:
@@ -305,15 +311,17 @@ def prune_checkpoint(
     plan: Plan,
     *,
     progress: Callable[[int], None] | None = None,
+    replace: bool = False,
 ) -> PruneSummary:
     """Prune the HF checkpoint in `source` into a new HF folder `output` (config, weights, tokenizer).
 
     Tensors are read, pruned and written one at a time; the folder is assembled under a temporary
-    name and renamed into place. progress(1) is called per tensor written.
+    name and renamed into place (replacing a folder there when `replace`). progress(1) is called
+    per tensor written.
     """
     output = Path(output)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise PruneError(f"{output} already exists and is not an empty folder; choose a new output")
+    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not replace)):
+        raise PruneError(f"{output} already exists; add --force to replace it")
     if not output.parent.is_dir():
         raise PruneError(f"output's parent folder {output.parent} does not exist; create it first")
     checkpoint = Checkpoint(Path(source))
@@ -321,19 +329,20 @@ def prune_checkpoint(
     pruned = pruned_tensors(checkpoint, arch, plan)
     shapes = {name: (shape, dtype) for name, (shape, dtype, _) in pruned.items()}
     zeroed = block_weights = 0
+    matrices = block_matrices(arch)
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
         nonlocal zeroed, block_weights
         for name, (_, _, load) in pruned.items():
             array = load()
-            if name.endswith(BLOCK_MATRICES):
+            if name.endswith(matrices):
                 zeroed += int(array.size - np.count_nonzero(array))
                 block_weights += array.size
             yield name, array
             if progress:
                 progress(1)
 
-    with atomic_folder(output) as partial:
+    with atomic_folder(output, replace=replace) as partial:
         for item in checkpoint.directory.iterdir():
             if item.is_file() and not _is_weights(item.name) and item.name != "config.json":
                 shutil.copy2(item, partial / item.name)
@@ -387,6 +396,8 @@ def _kept_indices(
     part = suffix.rsplit(".", 1)[0]
     if neurons is not None and part in ("mlp.gate_proj", "mlp.up_proj"):
         return neurons, None
+    if neurons is not None and part == "mlp.gate_up_proj":  # the gate's rows, then up's
+        return np.concatenate((neurons, neurons + arch.ffn)), None
     if neurons is not None and part == "mlp.down_proj":
         return None, neurons
     if groups is not None and part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"):
@@ -406,7 +417,7 @@ def _loader(
             array = array[rows]
         if cols is not None:
             array = array[:, cols]
-        if plan.method in UNSTRUCTURED and ref.name.endswith(BLOCK_MATRICES):
+        if plan.method in UNSTRUCTURED and ref.name.endswith(block_matrices(arch)):
             scores = np.abs(array)
             if plan.method == "wanda":
                 scores *= plan.column_norms[arch.used_gguf_name(ref.name)][None, :].astype(np.float32)
@@ -421,8 +432,9 @@ def pruned_config(config: dict[str, Any], arch: models.DecoderArchitecture, plan
     config = dict(config)
     kept_blocks = [i for i in range(arch.n_layer) if i not in plan.removed_blocks]
     config["num_hidden_layers"] = len(kept_blocks)
-    if isinstance(config.get("layer_types"), list):
-        config["layer_types"] = [config["layer_types"][i] for i in kept_blocks]
+    for key in arch.per_layer_config:
+        if isinstance(config.get(key), list):
+            config[key] = [config[key][i] for i in kept_blocks]
     if plan.ffn_kept:
         config["intermediate_size"] = len(next(iter(plan.ffn_kept.values())))
     if plan.kv_kept:
@@ -529,13 +541,14 @@ class PruneReport:
     """What `prune_model` did; fields that do not apply to the run are None."""
 
     source: str
-    output: str
+    output: str | None  # None for a dry run without an output
     method: str
     removed: str
     parameters_before: int
     parameters_after: int
     source_bytes: int
-    expected_bytes: int | None = None  # a dry run's estimate
+    unpruned_bytes: int  # the unpruned weights written the same way (same --type): what pruning is measured against
+    expected_bytes: int | None = None  # the pruned weights (tensor data) as written, or as a dry run would write them
     dry_run: bool = False
     zeroed: int | None = None  # unstructured pruning: zero weights in the block matrices
     block_weights: int | None = None
@@ -555,23 +568,32 @@ DEFAULT_GGUF_MIX = "Q4_K_M"
 
 
 def prune_model(
-    source: str, output: str | os.PathLike[str], options: PruneOptions, *, progress: Progress | None = None
+    source: str,
+    output: str | os.PathLike[str] | None,
+    options: PruneOptions,
+    *,
+    progress: Progress | None = None,
+    replace_output: bool = False,
 ) -> PruneReport:
     """Prune `source` (an HF folder, a hub repo id, or a GGUF: a path, store or catalog name) into
-    `output`: an HF folder, or a GGUF of options.mix when the name ends in .gguf. Calibrates on
-    options.text when the method needs it, heals and evaluates when asked. progress(stage, done,
-    total) reports calibrating, pruning, teacher, healing, converting and perplexity."""
-    output = Path(output)
-    to_gguf = output.name.endswith(".gguf")
+    `output`: an HF folder, or a GGUF of options.mix when the name ends in .gguf (a dry run may have
+    no output: it sizes a GGUF). Calibrates on options.text when the method needs it, heals and
+    evaluates when asked. progress(stage, done, total) reports calibrating, pruning, teacher,
+    healing, converting and perplexity. replace_output: an existing output folder is replaced."""
+    if output is None and not options.dry_run:
+        raise PruneError("give the output: -o FOLDER for a checkpoint or -o FILE.gguf")
+    out = Path(output) if output is not None else None
+    to_gguf = out is None or out.name.endswith(".gguf")
     options.check(to_gguf)
     if to_gguf and options.mix is None:
         options = replace(options, mix=mixes.MIXES[DEFAULT_GGUF_MIX])
-    if not output.parent.is_dir():
-        raise PruneError(f"output's parent folder {output.parent} does not exist; create it first")
-    if not to_gguf and output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise PruneError(f"{output} already exists and is not an empty folder; choose a new output")
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".slim-prune-") as tmp:
-        return _prune_model(source, output, Path(tmp), options, progress or _no_progress)
+    if out is not None and not out.parent.is_dir():
+        raise PruneError(f"output's parent folder {out.parent} does not exist; create it first")
+    if not to_gguf and out is not None and out.exists() and not options.dry_run:
+        if not out.is_dir() or (any(out.iterdir()) and not replace_output):
+            raise PruneError(f"{out} already exists; add --force to replace it")
+    with tempfile.TemporaryDirectory(dir=out.parent if out else None, prefix=".slim-prune-") as tmp:
+        return _prune_model(source, out, Path(tmp), options, progress or _no_progress, replace_output)
 
 
 _T = TypeVar("_T")
@@ -588,12 +610,19 @@ def _no_progress(stage: str, done: int, total: int | None, *, loss: float | None
     pass
 
 
-def _prune_model(source: str, out: Path, work: Path, options: PruneOptions, progress: Progress) -> PruneReport:
+def _prune_model(
+    source: str, output: Path | None, work: Path, options: PruneOptions, progress: Progress, replace_output: bool
+) -> PruneReport:
     from slim.runtime.pipeline.convert import convert
 
     hf_source, source_gguf, source_bytes = _hf_source(source, work)
     checkpoint = Checkpoint(hf_source)
     arch = models.for_hf_config(checkpoint.config)
+    if arch.config.get("architectures") != checkpoint.config.get("architectures"):  # e.g. Gemma 3's text part
+        raise PruneError(
+            f"{source} is a {', '.join(checkpoint.config.get('architectures') or [])}, whose language model slim "
+            "prunes only on its own: convert it (--type F32) and `slim export` the GGUF, then prune that folder"
+        )
     method, text, mix, threads = options.method, options.text, options.mix, options.threads
     pattern = parse_pattern(options.pattern) if options.pattern else None
     check_amounts(
@@ -607,6 +636,10 @@ def _prune_model(source: str, out: Path, work: Path, options: PruneOptions, prog
     )
 
     calibration = Calibration.load(options.imatrix) if options.imatrix else None
+    if calibration is not None:
+        gguf_names = {ref.name: arch.gguf_name(ref.name) for ref in checkpoint}
+        columns = {name: ref.shape[-1] for ref in checkpoint if (name := gguf_names[ref.name]) and ref.shape}
+        calibration.check_fits(columns, str(source))
     if source_gguf is None and (
         options.heal is not None or (text is not None and not options.imatrix and method != "magnitude")
     ):
@@ -637,16 +670,20 @@ def _prune_model(source: str, out: Path, work: Path, options: PruneOptions, prog
     n_after, size_after = expected_size(checkpoint, plan, mix)
     report = PruneReport(
         source=source,
-        output=str(out),
+        output=str(output) if output is not None else None,
         method=method,
         removed=plan.describe(arch),
         parameters_before=parameter_count(checkpoint),
         parameters_after=n_after,
         source_bytes=source_bytes,
+        unpruned_bytes=expected_size(checkpoint, Plan(method="layers"), mix)[1],
+        expected_bytes=size_after,
+        type=mix.name if mix is not None else None,
     )
     if options.dry_run:
-        report.expected_bytes, report.dry_run = size_after, True
+        report.dry_run = True
         return report
+    out = _required(output, "the output (-o)")
 
     hf_out = work / "pruned-hf" if mix is not None or options.heal is not None else out
     written = 0
@@ -656,7 +693,7 @@ def _prune_model(source: str, out: Path, work: Path, options: PruneOptions, prog
         written += count
         progress("pruning", written, None)
 
-    summary = prune_checkpoint(hf_source, hf_out, plan, progress=tensor_written)
+    summary = prune_checkpoint(hf_source, hf_out, plan, progress=tensor_written, replace=replace_output)
     if method in UNSTRUCTURED:
         report.zeroed, report.block_weights = summary.zeroed, summary.block_weights
     if options.heal is not None:
@@ -680,6 +717,8 @@ def _prune_model(source: str, out: Path, work: Path, options: PruneOptions, prog
         report.healed = {"steps": healing.steps, "loss_first": healing.first_loss, "loss_last": healing.last_loss}
         hf_out = healed
         if mix is None:
+            if replace_output and out.is_dir():
+                shutil.rmtree(out)
             move_into_place(healed, out)
             hf_out = out
     evaluated = None
@@ -692,7 +731,7 @@ def _prune_model(source: str, out: Path, work: Path, options: PruneOptions, prog
             progress("converting", converted, None)
 
         convert(hf_out, out, mix, threads=threads, progress=bytes_written)
-        report.type, evaluated = mix.name, out
+        evaluated = out
     report.output_bytes = out.stat().st_size if mix is not None else summary.size_bytes
     if options.held_out is not None:
         from slim.runtime.inference.evaluate import evaluate

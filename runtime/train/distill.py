@@ -92,12 +92,27 @@ class Summary:
     seconds: float
     gguf: str | None = None
     losses: list[float] = field(default_factory=list, repr=False)
+    # With held-out validation: the KL to the teacher there before training and of the state kept.
+    heldout_kl_before: float | None = None
+    heldout_kl_after: float | None = None
+    best_step: int | None = None  # the step whose state was kept (0: the starting point)
 
     def line(self) -> str:
         extra = f", and {self.gguf}" if self.gguf else ""
-        return (
+        line = (
             f"wrote {self.output}{extra}: {self.steps} steps, {self.tokens_trained} tokens, "
             f"loss {self.first_loss:.4f} -> {self.last_loss:.4f} in {self.seconds:.0f} s"
+        )
+        if self.heldout_kl_before is None or self.heldout_kl_after is None:
+            return line
+        if self.best_step == 0:
+            return (
+                f"{line}; held-out KL {self.heldout_kl_before:.4f}: training never beat the starting point, "
+                "so the file holds the post-training weights"
+            )
+        return (
+            f"{line}; held-out KL {self.heldout_kl_before:.4f} -> {self.heldout_kl_after:.4f} "
+            f"(the state of step {self.best_step} kept)"
         )
 
     def to_json(self) -> str:
@@ -267,6 +282,65 @@ def learning_rate(step: int, options: Options) -> float:
     return options.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+@dataclass
+class Validation:
+    """Held-out sequences with the teacher's top-k, scored (KL to the teacher, T = 1) before training
+    and every `every` steps. Training keeps the best-scoring state, the starting one included, and
+    stops once `patience` scores in a row fail to beat it: a run can only end closer to the
+    teacher on text it did not train on, never further."""
+
+    targets: Targets
+    every: int
+    patience: int = 3
+    scores: list[tuple[int, float]] = field(default_factory=list)  # (step, KL)
+
+    @property
+    def best(self) -> tuple[int, float]:
+        return min(self.scores, key=lambda score: (score[1], score[0]))
+
+
+def heldout_kl(model: torch.nn.Module, targets: Targets, batch_size: int) -> float:
+    """Mean top-k KL(teacher || model) over the sequences, as the training loss measures it."""
+    if targets.top_ids is None or targets.top_log_probs is None:
+        raise DistillError("held-out validation needs the teacher's top-k for its sequences")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(targets.tokens), batch_size):
+            rows = slice(start, start + batch_size)
+            tokens = torch.from_numpy(targets.tokens[rows])
+            _, kl, _ = distill_loss(
+                model(tokens),
+                tokens,
+                alpha=1.0,
+                temperature=1.0,
+                top_ids=torch.from_numpy(targets.top_ids[rows]).long(),
+                top_log_probs=torch.from_numpy(targets.top_log_probs[rows]),
+            )
+            total += float(kl) * len(tokens)
+            count += len(tokens)
+    return total / count
+
+
+def split_heldout(targets: Targets, fraction: float) -> tuple[Targets, Targets]:
+    """(training, held-out): the last `fraction` of the sequences (at least one) held out."""
+    n = len(targets.tokens)
+    if n < 2:
+        raise DistillError(
+            f"the text gives {n} sequence; held-out validation needs at least 2: give a longer text, "
+            "a shorter --seq-len, or --eval-text"
+        )
+    held = max(1, round(n * fraction))
+
+    def part(rows: slice) -> Targets:
+        return Targets(
+            targets.tokens[rows],
+            None if targets.top_ids is None else targets.top_ids[rows],
+            None if targets.top_log_probs is None else targets.top_log_probs[rows],
+        )
+
+    return part(slice(0, n - held)), part(slice(n - held, n))
+
+
 def train(
     model: torch.nn.Module,
     targets: Targets,
@@ -276,12 +350,14 @@ def train(
     resume: bool = False,
     teacher: torch.nn.Module | None = None,
     progress: Callable[[int, int, float], None] | None = None,
+    validation: Validation | None = None,
 ) -> list[float]:
-    """Train `model` in place for options.steps steps (fewer when options.time_limit runs out);
-    returns the loss of each step run here.
+    """Train `model` in place for options.steps steps (fewer when options.time_limit runs out or
+    validation stops it early); returns the loss of each step run here.
 
     checkpoint: where training state is saved every options.save_every steps (and at the end);
-    resume: continue from it. teacher: an online teacher (else targets carries the top-k)."""
+    resume: continue from it. teacher: an online teacher (else targets carries the top-k).
+    validation: held-out sequences; the model ends in the best-scoring state seen."""
     if options.threads:
         torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
@@ -292,6 +368,10 @@ def train(
     began = time.perf_counter()
     losses = []
     n = len(targets.tokens)
+    kept: dict[str, torch.Tensor] = {}
+    if validation is not None:
+        validation.scores.append((start, heldout_kl(model, validation.targets, options.batch_size)))
+        kept = {name: value.clone() for name, value in model.state_dict().items()}
     for step in range(start, options.steps):
         chosen = batch_indices(step, options.batch_size, n, options.seed)
         tokens = torch.from_numpy(targets.tokens[chosen])
@@ -319,10 +399,19 @@ def train(
         if progress:
             progress(step + 1, options.steps, losses[-1])
         out_of_time = options.time_limit is not None and time.perf_counter() - began > options.time_limit
-        if (step + 1) % options.save_every == 0 or step + 1 == options.steps or out_of_time:
+        stalled = False
+        if validation is not None and ((step + 1) % validation.every == 0 or step + 1 == options.steps):
+            best_before = validation.best
+            validation.scores.append((step + 1, heldout_kl(model, validation.targets, options.batch_size)))
+            if validation.best != best_before:
+                kept = {name: value.clone() for name, value in model.state_dict().items()}
+            stalled = len(validation.scores) - 1 - validation.scores.index(validation.best) >= validation.patience
+        if (step + 1) % options.save_every == 0 or step + 1 == options.steps or out_of_time or stalled:
             _save_state(checkpoint, model, optimizer, step + 1, options)
-        if out_of_time:
+        if out_of_time or stalled:
             break
+    if validation is not None:
+        model.load_state_dict(kept)
     return losses
 
 
@@ -358,8 +447,15 @@ def _load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
     return int(state["step"])
 
 
-def summarize(output: Path, options: Options, losses: list[float], started: float, gguf: Path | None = None) -> Summary:
-    return Summary(
+def summarize(
+    output: Path,
+    options: Options,
+    losses: list[float],
+    started: float,
+    gguf: Path | None = None,
+    validation: Validation | None = None,
+) -> Summary:
+    summary = Summary(
         str(output),
         len(losses),
         len(losses) * options.batch_size * options.seq_len,
@@ -369,6 +465,10 @@ def summarize(output: Path, options: Options, losses: list[float], started: floa
         str(gguf) if gguf else None,
         losses,
     )
+    if validation is not None and validation.scores:
+        summary.best_step, summary.heldout_kl_after = validation.best
+        summary.heldout_kl_before = validation.scores[0][1]
+    return summary
 
 
 def checkpoint_path(output: Path) -> Path:
@@ -387,13 +487,15 @@ def distill(
     online: bool = False,
     mix: Mix | None = None,
     resume: bool = False,
+    replace: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: Callable[[int, int, float], None] | None = None,
     teacher_progress: Callable[[int, int], None] | None = None,
     **options: Any,
 ) -> Summary:
     """Distill `teacher` into the HF checkpoint `student_dir`; write the result to `out_dir` (an HF
-    folder) and, with a mix, a GGUF of that mix next to it (OUT-<type>.gguf).
+    folder; one already there is replaced only when `replace`) and, with a mix, a GGUF of that mix
+    next to it (OUT-<type>.gguf).
 
     teacher: a GGUF (offline, top-k cached) or, with online=True, an HF folder. Healing a pruned
     model is the same call with the unpruned model as teacher. options: see `Options`."""
@@ -401,8 +503,8 @@ def distill(
     settings = Options(**options)
     settings.check()
     teacher, student_dir, out_dir = Path(teacher), Path(student_dir), Path(out_dir)
-    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
-        raise DistillError(f"{out_dir} already exists; choose a new output folder")
+    if out_dir.exists() and not (out_dir.is_dir() and (replace or not any(out_dir.iterdir()))):
+        raise DistillError(f"{out_dir} already exists; add --force to replace it")
     if not out_dir.parent.is_dir():
         raise DistillError(f"output's parent folder {out_dir.parent} does not exist; create it first")
     if resume and not checkpoint_path(out_dir).is_file():

@@ -35,9 +35,12 @@ from slim.runtime.train.distill import (
     DistillError,
     Options,
     Summary,
+    Targets,
+    Validation,
     check_vocabulary,
     checkpoint_path,
     gguf_tokens,
+    split_heldout,
     summarize,
     teacher_targets,
     train,
@@ -94,11 +97,12 @@ def type_plan(model: student_lib.Decoder, mix: mixes.Mix, has_imatrix: bool = Fa
 
 
 def attach_grids(
-    model: student_lib.Decoder, plan: mixes.TypePlan, calibration: Any = None
+    model: student_lib.Decoder, plan: mixes.TypePlan, calibration: Any = None, search: str = "reference"
 ) -> dict[str, tuple[str, str, np.ndarray]]:
-    """Quantize each weight the plan quantizes (post-training, importance-weighted where the
-    calibration, a slim.runtime.pipeline.calibrate.Calibration, covers it), freeze its grid, and make the
-    forward pass use the weight rounded onto it. Returns HF name -> (GGUF name, type, initial blocks)."""
+    """Quantize each weight the plan quantizes (post-training with the kernels' `search`,
+    importance-weighted where the calibration, a slim.runtime.pipeline.calibrate.Calibration, covers
+    it), freeze its grid, and make the forward pass use the weight rounded onto it. Returns HF name
+    -> (GGUF name, type, initial blocks)."""
     hf_names = {model.arch.gguf_name(name): name for name in model.hf_state()}
     attached = {}
     for gguf_name, qtype in plan.types.items():
@@ -111,7 +115,7 @@ def attach_grids(
         importance = None
         if calibration is not None and gguf_name in calibration.sums:
             importance = calibration.mean_squares(gguf_name)
-        blocks = kernels.quantize(weight, qtype, importance=importance)
+        blocks = kernels.quantize(weight, qtype, importance=importance, search=search)
         grid, codes = grids.grid(blocks, qtype, weight.shape)
         on_grid = OnGrid(grid)
         with torch.no_grad():
@@ -184,6 +188,11 @@ def qat(
     *,
     teacher: str | os.PathLike[str] | None = None,
     imatrix: str | os.PathLike[str] | None = None,
+    search: str = "thorough",
+    eval_text: str | None = None,
+    eval_every: int | None = None,
+    patience: int = 3,
+    holdout: float = 0.1,
     resume: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: Callable[[int, int, float], None] | None = None,
@@ -192,15 +201,26 @@ def qat(
 ) -> Summary:
     """Quantization-aware training of the HF checkpoint `source` for a quantized mix; writes
     the GGUF `output`. teacher: a GGUF of the unquantized model (default: `source` converted to F16).
-    imatrix: an importance matrix (slim calibrate) for the initial quantization. options: see
-    slim.runtime.train.distill.Options."""
+    imatrix: an importance matrix (slim calibrate) for the initial quantization; search: the kernels'
+    scale search for it ("thorough", the best post-training start slim can make, or "reference").
+
+    Training is validated on text it does not train on: `eval_text` if given, else the last
+    `holdout` fraction of `text`'s sequences, scored every `eval_every` steps (default: a tenth of
+    the steps); the state closest to the teacher there is kept, the starting one included, and
+    training stops after `patience` scores without progress. options: see
+    slim.runtime.train.distill.Options (alpha defaults to 1 here: the goal is closeness to the
+    unquantized model, not to the training text)."""
     from slim.runtime.pipeline.convert import convert, load_imatrix, resolve_source
 
     started = time.perf_counter()
-    settings = Options(**options)
+    settings = Options(**{"alpha": 1.0, **options})
     settings.check()
     if mix.name in mixes.FLOAT_MIXES:
         raise DistillError(f"{mix.name} is not quantized; QAT needs a quantized --type such as Q4_K_M")
+    if search not in kernels.SEARCHES:
+        raise DistillError(f"unknown search {search!r}; choose {' or '.join(kernels.SEARCHES)}")
+    if not 0 < holdout < 1 or patience < 1 or (eval_every is not None and eval_every < 1):
+        raise DistillError("the held-out fraction must lie in 0..1, patience and eval-every be at least 1")
     output = Path(output)
     if output.is_dir():
         raise DistillError(f"{output} is a directory; give the output file name, e.g. {output / 'model.gguf'}")
@@ -219,21 +239,32 @@ def qat(
             convert(source, teacher, mixes.MIXES["F16"])
         teacher = Path(teacher)
         check_vocabulary(source, gguf_tokens(teacher))
-        targets = teacher_targets(
-            teacher,
-            text,
-            settings.seq_len,
-            settings.top_k,
-            threads=settings.threads,
-            cache_dir=Path(cache_dir) if cache_dir else None,
-            progress=teacher_progress,
-        )
 
+        def targets_of(some_text: str, report: Callable[[int, int], None] | None) -> Targets:
+            return teacher_targets(
+                teacher,
+                some_text,
+                settings.seq_len,
+                settings.top_k,
+                threads=settings.threads,
+                cache_dir=Path(cache_dir) if cache_dir else None,
+                progress=report,
+            )
+
+        targets = targets_of(text, teacher_progress)
+        if eval_text is not None:
+            heldout = targets_of(eval_text, None)
+        else:
+            targets, heldout = split_heldout(targets, holdout)
+
+    validation = Validation(heldout, eval_every or max(1, settings.steps // 10), patience)
     model = student_lib.load(source)
     plan = type_plan(model, mix, has_imatrix=calibration is not None)
-    attached = attach_grids(model, plan, calibration)
-    losses = train(model, targets, settings, checkpoint_path(output), resume=resume, progress=progress)
+    attached = attach_grids(model, plan, calibration, search)
+    losses = train(
+        model, targets, settings, checkpoint_path(output), resume=resume, progress=progress, validation=validation
+    )
     write_gguf(
         model, source, final_blocks(model, attached), plan, output, Path(imatrix) if imatrix is not None else None
     )
-    return summarize(output, settings, losses, started)
+    return summarize(output, settings, losses, started, validation=validation)

@@ -1,10 +1,14 @@
-"""The decoders slim supports (Llama and Qwen2 families) as a torch module, for training.
+"""The decoders slim supports (every family in slim.models) as a torch module, for training.
 
 Parameter names are the Hugging Face checkpoint's own (model.layers.N.self_attn.q_proj.weight, ...),
 so a checkpoint loads by name and saves back unchanged. The maths follows transformers: RMSNorm in
 float32, rotary embeddings in HF's half-split layout (the GGUF's interleaved layout is the Q/K row
-permutation slim.models undoes on export), grouped KV heads, SwiGLU, tied embeddings, Qwen2's q/k/v
-biases. Tested against transformers on a random checkpoint (tests/test_distill.py).
+permutation slim.models undoes on export), grouped KV heads, SwiGLU, tied embeddings, and what a
+family's module in slim.models declares (Qwen2's q/k/v biases, Qwen3's Q/K norms, SmolLM3's layers
+without RoPE, Gemma's (1 + w) norms, scaled embeddings, norms around attention and the FFN, GELU gate,
+per-layer sliding windows, RoPE bases and attention scale, soft-capping, Phi-3's fused qkv_proj and
+gate_up_proj, partial rotary and LongRoPE, Granite's multipliers, OLMo 2's norms after attention and
+FFN). Tested against transformers on a random checkpoint of every family (tests/test_architectures.py).
 
 torch is optional (`pip install 'slim-llm[train]'`): only the training modules import this one.
 """
@@ -35,18 +39,23 @@ _SIDE_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
+# The norms a block may have, by llama.cpp's name: before and after attention, before and after the FFN.
+_BLOCK_NORMS = ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm")
 # torch.nn.utils.parametrize keeps a parametrized weight as <module>.parametrizations.weight.original
 _PARAMETRIZED = re.compile(r"\.parametrizations\.(\w+)\.original$")
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
+    """Scales by (offset + weight): Gemma stores its norms as w around 0 and applies 1 + w."""
+
+    def __init__(self, size: int, eps: float, offset: float = 0.0):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
+        self.weight = nn.Parameter(torch.full((size,), 1.0 - offset))
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed * (self.weight + self.offset) if self.offset else self.weight * normed
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -54,53 +63,120 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] dimensions of each head; the rest pass (partial rotary)."""
+    dim = cos.shape[-1]
+    rotated = x[..., :dim] * cos + rotate_half(x[..., :dim]) * sin
+    return rotated if dim == x.shape[-1] else torch.cat((rotated, x[..., dim:]), dim=-1)
+
+
 class Attention(nn.Module):
-    def __init__(self, arch: models.DecoderArchitecture):
+    def __init__(self, arch: models.DecoderArchitecture, how: models.LayerAttention):
         super().__init__()
         self.n_head, self.n_head_kv, self.head_dim = arch.n_head, arch.n_head_kv, arch.head_dim
+        self.how = how
         bias = arch.attention_bias
-        self.q_proj = nn.Linear(arch.hidden, self.n_head * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(arch.hidden, self.n_head_kv * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(arch.hidden, self.n_head_kv * self.head_dim, bias=bias)
+        self.widths = [self.n_head * self.head_dim, self.n_head_kv * self.head_dim, self.n_head_kv * self.head_dim]
+        if "self_attn.qkv_proj.weight" in arch.layer_tensors:  # Q, K and V rows in one matrix
+            self.qkv_proj = nn.Linear(arch.hidden, sum(self.widths), bias=bias)
+        else:
+            self.q_proj = nn.Linear(arch.hidden, self.widths[0], bias=bias)
+            self.k_proj = nn.Linear(arch.hidden, self.widths[1], bias=bias)
+            self.v_proj = nn.Linear(arch.hidden, self.widths[2], bias=bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, arch.hidden, bias=False)
+        self.norm_over_heads = arch.qk_norm_over_heads
+        if arch.qk_norm:
+            q_size, k_size = (self.widths[0], self.widths[1]) if self.norm_over_heads else (self.head_dim,) * 2
+            self.q_norm = RMSNorm(q_size, arch.rms_eps, arch.norm_offset)
+            self.k_norm = RMSNorm(k_size, arch.rms_eps, arch.norm_offset)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         batch, length, _ = x.shape
 
         def heads(t: torch.Tensor, n: int) -> torch.Tensor:
             return t.view(batch, length, n, self.head_dim).transpose(1, 2)
 
-        q = heads(self.q_proj(x), self.n_head)
-        k = heads(self.k_proj(x), self.n_head_kv)
-        v = heads(self.v_proj(x), self.n_head_kv)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_head != self.n_head_kv)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        if hasattr(self, "qkv_proj"):
+            q, k, v = self.qkv_proj(x).split(self.widths, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if hasattr(self, "q_norm") and self.norm_over_heads:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = heads(q, self.n_head), heads(k, self.n_head_kv), heads(v, self.n_head_kv)
+        if hasattr(self, "q_norm") and not self.norm_over_heads:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return self.o_proj(self.attend(q, k, v).transpose(1, 2).reshape(batch, length, -1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention, within the sliding window and soft-capped where the layer says so."""
+        how, length = self.how, q.shape[2]
+        if how.softcap is None and how.window is None:
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=how.scale, enable_gqa=self.n_head != self.n_head_kv
+            )
+        positions = torch.arange(length)
+        distance = positions[:, None] - positions[None, :]
+        allowed = distance >= 0
+        if how.window is not None:
+            allowed &= distance < how.window
+        if how.softcap is None:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=allowed, scale=how.scale, enable_gqa=self.n_head != self.n_head_kv
+            )
+        group = self.n_head // self.n_head_kv
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = torch.tanh(q @ k.transpose(2, 3) * how.scale / how.softcap) * how.softcap
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        return torch.softmax(scores, dim=-1) @ v
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden: int, ffn: int):
+    def __init__(self, arch: models.DecoderArchitecture):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, ffn, bias=False)
-        self.up_proj = nn.Linear(hidden, ffn, bias=False)
-        self.down_proj = nn.Linear(ffn, hidden, bias=False)
+        if "mlp.gate_up_proj.weight" in arch.layer_tensors:  # the gate's rows, then up's, in one matrix
+            self.gate_up_proj = nn.Linear(arch.hidden, 2 * arch.ffn, bias=False)
+        else:
+            self.gate_proj = nn.Linear(arch.hidden, arch.ffn, bias=False)
+            self.up_proj = nn.Linear(arch.hidden, arch.ffn, bias=False)
+        self.down_proj = nn.Linear(arch.ffn, arch.hidden, bias=False)
+        self.activation = arch.ffn_activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if hasattr(self, "gate_up_proj"):
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        gate = F.gelu(gate, approximate="tanh") if self.activation == "gelu_tanh" else F.silu(gate)
+        return self.down_proj(gate * up)
 
 
 class Layer(nn.Module):
-    def __init__(self, arch: models.DecoderArchitecture):
-        super().__init__()
-        self.input_layernorm = RMSNorm(arch.hidden, arch.rms_eps)
-        self.self_attn = Attention(arch)
-        self.post_attention_layernorm = RMSNorm(arch.hidden, arch.rms_eps)
-        self.mlp = MLP(arch.hidden, arch.ffn)
+    """Attention then FFN, each with the norms the family has around it: before (llama.cpp's
+    attn_norm, ffn_norm) and after (post_attention_norm, post_ffw_norm; Gemma, OLMo 2), under the
+    checkpoint's names."""
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __init__(self, arch: models.DecoderArchitecture, how: models.LayerAttention):
+        super().__init__()
+        self.norm_names: dict[str, str] = {}  # llama.cpp's role -> the checkpoint's module name
+        for hf_name, gguf_name in arch.layer_tensors.items():
+            role, name = gguf_name.removesuffix(".weight"), hf_name.removesuffix(".weight")
+            if role in _BLOCK_NORMS:
+                self.add_module(name, RMSNorm(arch.hidden, arch.rms_eps, arch.norm_offset))
+                self.norm_names[role] = name
+        self.self_attn = Attention(arch, how)
+        self.mlp = MLP(arch)
+        self.residual_scale = arch.residual_scale
+
+    def norm(self, role: str, x: torch.Tensor) -> torch.Tensor:
+        name = self.norm_names.get(role)
+        return x if name is None else self.get_submodule(name)(x)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        attention = self.norm("post_attention_norm", self.self_attn(self.norm("attn_norm", x), rope))
+        x = x + attention * self.residual_scale
+        return x + self.norm("post_ffw_norm", self.mlp(self.norm("ffn_norm", x))) * self.residual_scale
 
 
 class Body(nn.Module):
@@ -109,35 +185,55 @@ class Body(nn.Module):
     def __init__(self, arch: models.DecoderArchitecture):
         super().__init__()
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden)
-        self.layers = nn.ModuleList(Layer(arch) for _ in range(arch.n_layer))
-        self.norm = RMSNorm(arch.hidden, arch.rms_eps)
+        self.layers = nn.ModuleList(Layer(arch, how) for how in arch.layer_attention())
+        self.norm = RMSNorm(arch.hidden, arch.rms_eps, arch.norm_offset)
 
 
 class Decoder(nn.Module):
     """A causal LM: token ids (batch, length) -> logits (batch, length, vocab)."""
 
-    inv_freq: torch.Tensor
-
     def __init__(self, arch: models.DecoderArchitecture):
         super().__init__()
+        arch.metadata()  # raises for a RoPE scaling slim does not support
         self.arch = arch
         self.model = Body(arch)
         # Tied embeddings have no lm_head of their own: the output projection reads embed_tokens.weight
         # (through any parametrization on it, such as QAT's rounding).
         self.lm_head = None if arch.tied_embeddings else nn.Linear(arch.hidden, arch.vocab_size, bias=False)
-        self.register_buffer("inv_freq", rope_inverse_frequencies(arch), persistent=False)
-        self.position_scale = _linear_rope_factor(arch)
+        self.attention = arch.layer_attention()
+        # transformers multiplies the embeddings by sqrt(hidden) rounded to the weights' dtype (Gemma),
+        # or by Granite's multiplier
+        scale = arch.hidden**0.5 if arch.scale_embeddings else arch.embedding_scale
+        self.embed_scale = None if scale == 1.0 else torch.tensor(scale, dtype=torch.float32)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(tokens.shape[1], dtype=torch.float32) / self.position_scale
-        angles = torch.outer(positions, self.inv_freq)
-        angles = torch.cat((angles, angles), dim=-1)
-        cos, sin = angles.cos(), angles.sin()
+        length = tokens.shape[1]
+        ropes: dict[tuple[float, float], tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def rope(how: models.LayerAttention) -> tuple[torch.Tensor, torch.Tensor] | None:
+            if how.rope_theta is None:
+                return None
+            key = (how.rope_theta, how.rope_factor)
+            if key not in ropes:
+                positions = torch.arange(length, dtype=torch.float32) / how.rope_factor
+                angles = torch.outer(positions, rope_inverse_frequencies(self.arch, how.rope_theta, length))
+                angles = torch.cat((angles, angles), dim=-1)
+                scale = self.arch.rope_attention_factor()
+                ropes[key] = angles.cos() * scale, angles.sin() * scale
+            return ropes[key]
+
         x = self.model.embed_tokens(tokens)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
+        for layer, how in zip(self.model.layers, self.attention, strict=True):
+            x = layer(x, rope(how))
         x = self.model.norm(x)
-        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.model.embed_tokens.weight)
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.model.embed_tokens.weight)
+        if self.arch.logit_scale != 1.0:
+            logits = logits / self.arch.logit_scale
+        if self.arch.final_softcap:
+            logits = torch.tanh(logits / self.arch.final_softcap) * self.arch.final_softcap
+        return logits
 
     def hf_state(self) -> dict[str, torch.Tensor]:
         """The weights under their checkpoint names, as the forward pass uses them: a parametrized
@@ -150,21 +246,14 @@ class Decoder(nn.Module):
         return state
 
 
-def rope_inverse_frequencies(arch: models.DecoderArchitecture) -> torch.Tensor:
-    """theta^(-2i/d) per rotated pair; Llama 3.1's per-frequency factors (the rope_freqs tensor
-    slim writes into the GGUF) divide them."""
-    exponents = torch.arange(0, arch.head_dim, 2, dtype=torch.int64).float() / arch.head_dim
-    inv_freq = 1.0 / (arch.rope_theta**exponents)
-    factors = arch.extra_tensors().get("rope_freqs.weight")
-    if factors is not None:
-        inv_freq = inv_freq / torch.from_numpy(factors)
-    return inv_freq
-
-
-def _linear_rope_factor(arch: models.DecoderArchitecture) -> float:
-    arch.metadata()  # raises for a RoPE scaling slim does not support
-    kind = arch.rope.get("rope_type", arch.rope.get("type"))
-    return float(arch.rope["factor"]) if kind == "linear" else 1.0
+def rope_inverse_frequencies(arch: models.DecoderArchitecture, theta: float, length: int) -> torch.Tensor:
+    """theta^(-2i/d) per rotated pair (d: the rotated dimensions) for a sequence of `length` tokens;
+    the family's per-frequency factors (Llama 3.1's rope_freqs, LongRoPE's short or long ones) divide them."""
+    exponents = torch.arange(0, arch.rope_dim, 2, dtype=torch.int64).float() / arch.rope_dim
+    factors = arch.rope_factors(length)
+    if factors is None:
+        return 1.0 / (theta**exponents)
+    return 1.0 / (torch.from_numpy(factors) * theta**exponents)
 
 
 def load(directory: str | os.PathLike[str]) -> Decoder:
@@ -175,9 +264,12 @@ def load(directory: str | os.PathLike[str]) -> Decoder:
     expected = model.hf_state()
     found = {}
     for ref in checkpoint:
-        if ref.name in expected:
-            found[ref.name] = torch.from_numpy(np.array(ref.load(), dtype=np.float32))
-        elif arch.gguf_name(ref.name) is not None:  # raises for a tensor the architecture does not have
+        gguf_name = arch.gguf_name(ref.name)  # raises for a tensor the architecture does not have
+        # A language model inside a multimodal checkpoint (Gemma 3) keeps its tensors under another prefix.
+        name = ref.name if ref.name in expected or gguf_name is None else arch.hf_name(gguf_name)
+        if name in expected:
+            found[name] = torch.from_numpy(np.array(ref.load(), dtype=np.float32))
+        elif gguf_name is not None:
             raise models.ArchitectureError(f"{ref.name} does not fit a {arch.gguf_arch} of this config")
     missing = sorted(set(expected) - set(found))
     if missing:
