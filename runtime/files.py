@@ -1,15 +1,19 @@
 """Writing files so that no reader ever sees half of one, and hashing them.
 
-An output is written under a temporary name beside its target (`.NAME.<random>.partial`: the same
-folder, so the rename never crosses file systems, and a unique name, so two writers of one target
-cannot mix their bytes), flushed to the disk (fsync), and renamed into place only when complete.
-On any failure, Ctrl-C included, the temporary is removed and the target is left as it was.
+An output is written under a temporary name beside its target (`.NAME.<pid>-<random>.partial`: the
+same folder, so the rename never crosses file systems, and a unique name, so two writers of one
+target cannot mix their bytes), flushed to the disk (fsync), and renamed into place only when
+complete. On any failure, Ctrl-C included, the temporary is removed and the target is left as it
+was. A writer killed outright (SIGKILL, a power cut) cannot remove its temporary: the next write of
+the same target removes the temporaries whose writing process no longer runs, so a half-written
+model does not hold its gigabytes until someone finds the hidden file.
 
 The bottom layer: the standard library only.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import secrets
@@ -23,8 +27,37 @@ _CHUNK = 1 << 20  # hashing reads 1 MiB at a time: memory stays small for model 
 
 
 def partial_name(target: Path) -> Path:
-    """A fresh temporary name beside `target`, for a file or folder that becomes `target` when complete."""
-    return target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
+    """A fresh temporary name beside `target`, for a file or folder that becomes `target` when
+    complete; the temporaries of `target` that killed writers left behind are removed first."""
+    remove_stale_partials(target)
+    return target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
+
+
+def remove_stale_partials(target: Path) -> list[Path]:
+    """Remove the temporaries of `target` whose writer is no longer running (killed before it could
+    clean up), and return them. A temporary whose process id is alive, or that is not named as this
+    module names them, is left alone: it may be another writer's, still at work."""
+    removed = []
+    for partial in target.parent.glob(f".{glob.escape(target.name)}.*.partial"):
+        writer = partial.name[len(target.name) + 2 : -len(".partial")].split("-", 1)[0]
+        if not writer.isdigit() or _running(int(writer)):
+            continue
+        if partial.is_dir() and not partial.is_symlink():
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.unlink(missing_ok=True)
+        removed.append(partial)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 @contextmanager
@@ -84,6 +117,37 @@ def move_into_place(finished: str | os.PathLike[str], target: str | os.PathLike[
     _fsync(Path(finished))
     os.replace(finished, target)
     _fsync_folder(Path(target).parent)
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock, shared with other processes through the file `path`, while the block runs:
+    a second process waits at the same lock until the first is done (a crash releases it too).
+
+    The holder deletes the lock file before it lets go; a waiter that then gets the lock of the deleted
+    file sees that `path` is no longer that file and locks it again. POSIX flock; on other systems the
+    block runs unlocked."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if os.name != "posix":
+            break
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        if os.name == "posix":  # elsewhere an open file cannot be deleted
+            path.unlink(missing_ok=True)
+        os.close(fd)  # releases the lock
 
 
 def sha256_digest(path: str | os.PathLike[str]) -> Any:  # hashlib's sha256 object, which hashlib does not name

@@ -8,7 +8,9 @@ It serves the few endpoints huggingface_hub 2.4 (and slim's resumable download) 
     GET  /{repo}/resolve/{rev}/{path}          the bytes, with Range requests answered by 206
 
 Unknown repos get 404 with X-Error-Code: RepoNotFound, as the real hub answers. `interrupt`
-makes the next downloads of a file stop after some bytes by closing the connection mid-body.
+makes the next downloads of a file stop after some bytes by closing the connection mid-body;
+`stall` makes the next one stop sending after some bytes and hold the connection open (a client
+killed mid-download).
 
     with HubStub({"owner/name": {"model.gguf": path}}) as hub:
         env["HF_ENDPOINT"] = hub.endpoint
@@ -34,6 +36,8 @@ class HubStub:
         self.repos = repos
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
         self._interrupts: dict[str, list[int]] = {}  # filename -> [after_bytes, times left]
+        self._stalls: dict[str, int] = {}  # filename -> after_bytes, for the next GET
+        self._closing = threading.Event()
         self._sha256: dict[Path, str] = {}
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -49,12 +53,18 @@ class HubStub:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._closing.set()
         self._server.shutdown()
         self._server.server_close()
 
     def interrupt(self, filename: str, after_bytes: int, times: int = 1) -> None:
         """The next `times` GETs of `filename` send at most `after_bytes` of the body, then hang up."""
         self._interrupts[filename] = [after_bytes, times]
+
+    def stall(self, filename: str, after_bytes: int) -> None:
+        """The next GET of `filename` sends `after_bytes` of the body, then sends nothing more (the
+        connection stays open) until the stub is closed."""
+        self._stalls[filename] = after_bytes
 
     def commit(self, repo: str) -> str:
         return hashlib.sha1(repo.encode()).hexdigest()
@@ -72,6 +82,10 @@ class HubStub:
                 return None
             plan[1] -= 1
             return plan[0]
+
+    def _take_stall(self, filename: str) -> int | None:
+        with self._lock:
+            return self._stalls.pop(filename, None)
 
 
 def _handler(hub: HubStub) -> type[BaseHTTPRequestHandler]:
@@ -151,7 +165,8 @@ def _handler(hub: HubStub) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             if not body:
                 return
-            cut = hub._take_interrupt(filename)
+            stall = hub._take_stall(filename)
+            cut = stall if stall is not None else hub._take_interrupt(filename)
             with open(path, "rb") as f:
                 f.seek(start)
                 remaining = end - start + 1 if cut is None else min(cut, end - start + 1)
@@ -159,7 +174,11 @@ def _handler(hub: HubStub) -> type[BaseHTTPRequestHandler]:
                     chunk = f.read(min(remaining, 1 << 20))
                     self.wfile.write(chunk)
                     remaining -= len(chunk)
-            if cut is not None:
+            if stall is not None:
+                self.wfile.flush()
+                hub._closing.wait(timeout=120)
+                self.close_connection = True
+            elif cut is not None:
                 self.wfile.flush()
                 self.close_connection = True  # hang up mid-body: the client sees a short read
 

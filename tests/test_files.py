@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,3 +135,29 @@ def test_file_sha256_and_a_digest_that_continues(tmp_path: Path) -> None:
     digest = files.sha256_digest(path)
     digest.update(b"more")
     assert digest.hexdigest() == hashlib.sha256(data + b"more").hexdigest()
+
+
+def test_a_killed_writers_temporaries_are_removed_by_the_next_write(tmp_path: Path) -> None:
+    """SIGKILL leaves a temporary behind (file or folder); the next write of that target removes the
+    ones whose process has ended, and never a running writer's or a file it did not name."""
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    target = tmp_path / "model.gguf"
+    stale_file = tmp_path / f".model.gguf.{ended.pid}-0badf00d.partial"
+    stale_file.write_bytes(b"half a model")
+    stale_folder = tmp_path / f".model.gguf.{ended.pid}-deadbeef.partial"
+    (stale_folder / "sub").mkdir(parents=True)
+    (stale_folder / "sub" / "weights").write_bytes(b"w")
+    running = tmp_path / f".model.gguf.{os.getpid()}-12345678.partial"  # a writer still at work
+    running.write_bytes(b"being written")
+    foreign = tmp_path / ".model.gguf.notes.partial"  # not a name this module makes
+    foreign.write_bytes(b"someone's")
+    other_target = tmp_path / f".other.gguf.{ended.pid}-0badf00d.partial"
+    other_target.write_bytes(b"another target's")
+    with files.atomic_path(target) as partial:
+        assert not stale_file.exists() and not stale_folder.exists()
+        partial.write_bytes(b"new")
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["model.gguf", running.name, foreign.name, other_target.name]
+    )

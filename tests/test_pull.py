@@ -10,9 +10,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +32,7 @@ def home(tmp_path: Path) -> Path:
     return tmp_path / "home"
 
 
-def pull(home: Path, endpoint: str, *args: str) -> subprocess.CompletedProcess[str]:
+def pull_env(home: Path, endpoint: str) -> dict[str, str]:
     env = {
         **os.environ,
         "HF_ENDPOINT": endpoint,
@@ -39,8 +41,16 @@ def pull(home: Path, endpoint: str, *args: str) -> subprocess.CompletedProcess[s
         "HF_HUB_DISABLE_TELEMETRY": "1",
     }
     env.pop("HF_TOKEN", None)
+    return env
+
+
+def pull(home: Path, endpoint: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "slim.runtime.cli", "pull", *args], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "slim.runtime.cli", "pull", *args],
+        env=pull_env(home, endpoint),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -135,6 +145,37 @@ def test_interrupted_download_resumes(smollm2_gguf: Path, home: Path) -> None:
     assert resumed[0] == f"bytes={4 * 8_000_000}-"  # the second run continued from the partial file
     stored = store_list(home)["smollm2-135m-instruct"]
     assert sha256(Path(stored["file"])) == sha256(smollm2_gguf)
+
+
+def test_a_pull_killed_mid_download_leaves_no_model_and_the_next_one_resumes(smollm2_gguf: Path, home: Path) -> None:
+    """SIGKILL while the bytes come in: nothing in the store, the bytes received kept for the next
+    pull, which continues from them and ends with the file the hub has."""
+    downloads = home / "slim" / "models" / ".downloads"
+    with HubStub({GGUF_REPO: {GGUF_FILE: smollm2_gguf}}) as hub:
+        hub.stall(GGUF_FILE, after_bytes=20_000_000)
+        first = subprocess.Popen(
+            [sys.executable, "-m", "slim.runtime.cli", "pull", GGUF_REPO, "-q"],
+            env=pull_env(home, hub.endpoint),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        while sum(p.stat().st_size for p in downloads.glob("*.part")) < 19_000_000:
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.05)
+        first.kill()
+        assert first.wait(timeout=30) == -signal.SIGKILL
+        (part,) = downloads.glob("*.part")
+        received = part.stat().st_size
+        assert not store_list(home) and not list((home / "slim" / "models").glob("*.gguf"))
+        second = pull(home, hub.endpoint, GGUF_REPO, "-q")
+        gets = [r for m, p, r in hub.requests if m == "GET" and p.endswith(GGUF_FILE)]
+    assert second.returncode == 0, second.stderr
+    assert gets[-1] == f"bytes={received}-"
+    stored = store_list(home)["smollm2-135m-instruct"]
+    assert sha256(Path(stored["file"])) == sha256(smollm2_gguf)
+    assert not list(downloads.iterdir())
 
 
 def test_unknown_repo(home: Path, tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ def test_show_describes_the_default_model(home: Path) -> None:
     assert 134e6 < info["parameters"] < 135e6 and info["license"] == "apache-2.0"
     assert "<|im_start|>" in info["chat_template"]
     text = slim(home, "show", "smollm2-135m").stdout
-    assert "architecture    llama" in text and "210 Q4_1" in text
+    assert "architecture    Llama (llama)" in text and "210 Q4_1" in text
 
 
 def test_list_and_rm(home: Path, tmp_path: Path) -> None:

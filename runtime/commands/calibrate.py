@@ -1,4 +1,4 @@
-"""slim calibrate MODEL --text FILE -o IMATRIX.gguf"""
+"""slim calibrate MODEL --text FILE [-o IMATRIX.gguf]"""
 
 from __future__ import annotations
 
@@ -8,8 +8,16 @@ from pathlib import Path
 
 import click
 
-from slim.runtime.cli import fail
-from slim.runtime.commands.options import read_text_file
+from slim.runtime.cli import fail, plural
+from slim.runtime.commands.options import (
+    default_threads,
+    force_option,
+    output_file,
+    quiet_option,
+    read_text_file,
+    source_stem,
+    threads_option,
+)
 
 
 @click.command(name="calibrate")
@@ -24,9 +32,10 @@ from slim.runtime.commands.options import read_text_file
 @click.option(
     "-o",
     "--output",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="The importance matrix to write (llama.cpp's imatrix GGUF).",
+    default=None,
+    type=click.Path(),
+    help="The importance matrix to write (llama.cpp's imatrix GGUF); a folder means the default name "
+    "inside it  [default: MODEL.imatrix.gguf here].",
 )
 @click.option(
     "-c",
@@ -43,19 +52,21 @@ from slim.runtime.commands.options import read_text_file
     help="Use at most this many chunks  [default: all of the text].",
 )
 @click.option("--process-output", is_flag=True, help="Also collect output.weight (llama-imatrix --process-output).")
-@click.option(
-    "-t", "--threads", type=click.IntRange(min=1), default=None, help="CPU threads  [default: physical cores]."
-)
+@threads_option
+@force_option
 @click.option("--json", "as_json", is_flag=True, help="Print a summary as JSON.")
+@quiet_option
 def command(
     model: str,
     text_file: str,
-    output: str,
+    output: str | None,
     ctx: int,
     chunks: int | None,
     process_output: bool,
     threads: int | None,
+    force: bool,
     as_json: bool,
+    quiet: bool,
 ) -> None:
     """Measure a model's activations on a text: the importance matrix for quantization and pruning.
 
@@ -65,9 +76,13 @@ def command(
     `slim prune --method wanda` scores weights with it. Calibrate the F16 or Q8_0 of the model.
 
     \b
+    Without -o the file is named after MODEL (llama-imatrix writes imatrix.gguf; one name per
+    model keeps two calibrations apart).
+
+    \b
     Examples:
-      slim calibrate smollm2-f16.gguf --text wiki.txt -o smollm2.imatrix.gguf
-      slim convert ./SmolLM2-135M-Instruct -o smol.gguf --type Q4_K_M --imatrix smollm2.imatrix.gguf
+      slim calibrate smollm2-f16.gguf --text wiki.txt          # writes smollm2-f16.imatrix.gguf
+      slim convert ./SmolLM2-135M-Instruct -o smol.gguf --type Q4_K_M --imatrix smollm2-f16.imatrix.gguf
     """
     from tqdm import tqdm
 
@@ -75,15 +90,13 @@ def command(
     from slim.runtime.inference import EngineError
     from slim.runtime.pipeline.calibrate import CalibrationError, calibrate
 
-    target = Path(output)
-    if target.is_dir() or not target.parent.is_dir():
-        fail(f"{output} is not a file path in an existing directory")
+    target = output_file(output, f"{source_stem(model)}.imatrix.gguf", force)
     text = read_text_file(text_file)
     try:
         path = store.resolve(model)
     except ValueError as exc:
         fail(str(exc))
-    with tqdm(desc="calibrating", unit="chunk", disable=as_json or None, file=sys.stderr) as bar:
+    with tqdm(desc="calibrating", unit="chunk", disable=quiet or as_json or None, file=sys.stderr) as bar:
 
         def advance(done: int, total: int) -> None:
             bar.total = total
@@ -95,7 +108,7 @@ def command(
                 text,
                 ctx=ctx,
                 chunks=chunks,
-                threads=threads,
+                threads=default_threads(threads),
                 include_output=process_output,
                 dataset=Path(text_file).name,
                 progress=advance,
@@ -109,7 +122,7 @@ def command(
     try:
         result.save(target)
     except OSError as exc:
-        fail(f"cannot write {output}: {exc.strerror}", 1)
+        fail(f"cannot write {target}: {exc.strerror}", 1)
     tokens = max(result.counts.values())
     if as_json:
         click.echo(
@@ -125,6 +138,6 @@ def command(
         )
     else:
         click.echo(
-            f"wrote {target}: {len(result.sums)} weights, {result.chunk_count} chunks of "
+            f"wrote {target}: {len(result.sums)} weights, {plural(result.chunk_count, 'chunk')} of "
             f"{result.chunk_size} tokens ({tokens} tokens)"
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -10,12 +11,13 @@ from typing import Any
 import click
 
 from slim.runtime.cli import fail
-from slim.runtime.commands.options import generation_options, load_model, sampling_params
+from slim.runtime.commands.options import cache_load_options, generation_options, load_model, sampling_params
 from slim.runtime.files import atomic_open
 
 HELP = """\
 /reset          forget the conversation (the system message stays)
 /system TEXT    set the system message
+/think on|off   let a thinking model think before it answers, or not (shown dimmed)
 /save FILE      save the conversation as JSON
 /load FILE      load a conversation saved with /save
 /help           this list
@@ -41,9 +43,6 @@ def command(
     MODEL is a store name, a catalog name or a .gguf path [default: smollm2-135m, fetched on
     first use]. Each turn evaluates only the tokens it adds; the earlier ones stay in llama.cpp's
     KV cache. Read from a pipe, slim chat answers each input line in turn, so scripts can use it.
-
-    \b
-    In the chat:
     """
     from slim.runtime import store
 
@@ -52,7 +51,7 @@ def command(
         params = sampling_params(sampling)
     except ValueError as exc:
         fail(str(exc))
-    llm = load_model(path, n_ctx=ctx, n_threads=threads)
+    llm = load_model(path, n_ctx=ctx, n_threads=threads, lookup=sampling["lookup"], **cache_load_options(sampling))
     interactive = sys.stdin.isatty()
     if llm.template_warning:
         click.echo(f"warning: {llm.template_warning}", err=True)
@@ -63,7 +62,13 @@ def command(
     Chat(llm, system, on_overflow, params, interactive).loop()
 
 
-command.help += "\n".join(f"  {line}" for line in HELP.splitlines())  # type: ignore[operator]
+# The docstring is dedented before the command list joins it, so that click rewraps its paragraph
+# as one and prints the list (after \b, unwrapped) with one indent.
+command.help = (
+    inspect.cleandoc(command.help or "")
+    + "\n\n\b\nIn the chat:\n"
+    + "\n".join(f"  {line}" for line in HELP.splitlines())
+)
 
 
 class Chat:
@@ -94,16 +99,18 @@ class Chat:
     def reply(self, text: str) -> None:
         from slim.runtime.inference import ContextError, EngineError
 
-        stream = None
+        stream = shown = None
         try:
             stream = self.session.send(text, stream=True)
+            shown = _Shown(self.session.opens_thinking if self.session.thinks else None, sys.stdout.isatty())
             for piece in stream:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
+                shown.write(piece)
+            shown.end()
         except ContextError as exc:
             self.say(f"{exc}; /reset to start over, or restart with a larger --ctx")
         except KeyboardInterrupt:
+            if shown is not None:
+                shown.stop()
             sys.stdout.write(" [stopped]\n")
         except EngineError as exc:
             self.say(str(exc))
@@ -124,8 +131,9 @@ class Chat:
         if name == "/help":
             click.echo(HELP)
         elif name == "/reset":
-            system = self.system
+            system, thinking = self.system, self.session.thinking
             self.session = self.llm.session(system, context_policy=self.policy, params=self.params)
+            self.session.thinking = thinking
             self.say("conversation cleared")
         elif name == "/system":
             if not argument:
@@ -139,11 +147,24 @@ class Chat:
             self.save(Path(argument).expanduser())
         elif name == "/load" and argument:
             self.load(Path(argument).expanduser())
+        elif name == "/think":
+            self.think(argument)
         elif name in ("/save", "/load"):
             self.say(f"{name} needs a file name: {name} FILE")
         else:
             self.say(f"unknown command {name}; /help lists them")
         return True
+
+    def think(self, argument: str) -> None:
+        session = self.session
+        if not session.thinks:
+            self.say("this model's chat template has no thinking to switch")
+        elif argument in ("on", "off"):
+            session.thinking = argument == "on"
+            self.say(f"thinking {argument}")
+        else:
+            state = {None: "the template's default", True: "on", False: "off"}[session.thinking]
+            self.say(f"thinking: {state}; /think on or /think off switches it")
 
     @property
     def system(self) -> str | None:
@@ -190,3 +211,51 @@ class Chat:
     def say(self, message: str) -> None:
         """A note from slim itself, not the model: on stderr, so piped replies stay clean."""
         click.echo(f"({message})", err=True)
+
+
+class _Shown:
+    """A reply written as it streams: a thinking model's thought dimmed on a terminal (left out
+    when the output is piped, so that scripts read the answer only), then the answer."""
+
+    DIM, NORMAL = "\x1b[2m", "\x1b[22m"
+
+    def __init__(self, inside: bool | None, terminal: bool) -> None:
+        from slim.runtime.inference import ThinkingSplitter
+
+        self.splitter = None if inside is None else ThinkingSplitter(inside)
+        self.terminal = terminal
+        self.thought = False  # a thought is being shown
+
+    def write(self, piece: str) -> None:
+        parts = [(False, piece)] if self.splitter is None else self.splitter.feed(piece)
+        self._show(parts)
+
+    def end(self) -> None:
+        if self.splitter is not None:
+            self._show(self.splitter.flush())
+        self._close_thought()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+    def stop(self) -> None:
+        """Cut short: the terminal's text back to normal."""
+        if self.thought:
+            sys.stdout.write(self.NORMAL)
+            self.thought = False
+
+    def _show(self, parts: list[tuple[bool, str]]) -> None:
+        for thought, text in parts:
+            if thought and not self.terminal:
+                continue
+            if thought and not self.thought:
+                sys.stdout.write(self.DIM)
+                self.thought = True
+            elif not thought:
+                self._close_thought()
+            sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def _close_thought(self) -> None:
+        if self.thought:
+            sys.stdout.write(self.NORMAL + "\n\n")
+            self.thought = False

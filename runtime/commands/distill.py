@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
-from slim.runtime.cli import fail
-from slim.runtime.commands.options import read_text_file
+from slim.runtime.cli import fail, size_text
+from slim.runtime.commands.options import (
+    add_to_store,
+    check_store_name,
+    default_threads,
+    force_option,
+    name_option,
+    output_folder,
+    quiet_option,
+    read_text_file,
+    threads_option,
+)
 from slim.runtime.formats import mixes
 
 TORCH_MISSING = "training needs torch, which is an optional extra: pip install 'slim-llm[train]'"
 
 
 def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The options distill and qat share: text, steps, learning rate, loss, checkpoints."""
+    """The options distill and qat share: text, steps, learning rate, loss, checkpoints, --name, --force."""
     options = [
         click.option(
             "--text", "text_file", required=True, type=click.Path(dir_okay=False), help="The training text (UTF-8)."
@@ -42,9 +53,9 @@ def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--alpha",
             type=click.FloatRange(0, 1),
-            default=0.5,
-            show_default=True,
-            help="Weight of the KL term; 1 - alpha weighs cross-entropy on the text.",
+            default=None,
+            help="Weight of the KL term; 1 - alpha weighs cross-entropy on the text  "
+            "[default: 0.5 for distill; 1 for qat, whose goal is closeness to the unquantized model].",
         ),
         click.option(
             "-T",
@@ -67,24 +78,21 @@ def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
             type=click.IntRange(min=1),
             default=50,
             show_default=True,
-            help="Checkpoint the training state (OUT.ckpt) every N steps.",
+            help="Checkpoint the training state (OUT.ckpt) every N steps; it is deleted once the run ends.",
         ),
-        click.option("--resume", is_flag=True, help="Continue from OUT.ckpt, bit for bit."),
+        click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT.ckpt, bit for bit."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the batch order."),
-        click.option(
-            "--threads",
-            type=click.IntRange(min=1),
-            default=None,
-            help="CPU threads for torch and llama.cpp  [default: all cores].",
-        ),
+        threads_option,
         click.option(
             "--cache-dir",
             type=click.Path(file_okay=False),
             default=None,
             help="Where the teacher's top-k are cached  [default: SLIM_HOME/distill-cache].",
         ),
+        name_option,
+        force_option,
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
-        click.option("-q", "--quiet", is_flag=True, help="No progress bars."),
+        quiet_option,
     ]
     for option in reversed(options):
         command = option(command)
@@ -98,11 +106,26 @@ def require_torch() -> None:
         fail(TORCH_MISSING, 1)
 
 
-def run_training(job: Callable[..., Any], text_file: str, quiet: bool, as_json: bool, **kwargs: Any) -> None:
-    """Read the text, run distill or qat with progress bars, report the summary or one error line."""
+def run_training(
+    job: Callable[..., Any],
+    output: Path,
+    text_file: str,
+    quiet: bool,
+    as_json: bool,
+    name: str | None,
+    threads: int | None,
+    store_source: str,
+    **kwargs: Any,
+) -> None:
+    """Read the text, run distill or qat with progress bars, report the summary or one error line;
+    then delete the training checkpoint (OUT.ckpt: --resume's, useless after a finished run) and add
+    the GGUF to the store under --name."""
     from tqdm import tqdm
 
+    from slim.runtime.train.distill import checkpoint_path
+
     text = read_text_file(text_file)
+    kwargs = {key: value for key, value in kwargs.items() if value is not None}  # unset: the job's default
     hide = quiet or as_json or None
     teacher_bar = tqdm(desc="teacher", unit="seq", disable=hide, file=sys.stderr)
     train_bar = tqdm(desc="training", unit="step", disable=hide, file=sys.stderr)
@@ -117,7 +140,13 @@ def run_training(job: Callable[..., Any], text_file: str, quiet: bool, as_json: 
         train_bar.set_postfix(loss=f"{loss:.4f}")
 
     try:
-        summary = job(text=text, progress=progress, teacher_progress=teacher_progress, **kwargs)
+        summary = job(
+            text=text,
+            progress=progress,
+            teacher_progress=teacher_progress,
+            threads=default_threads(threads),
+            **kwargs,
+        )
     except ValueError as exc:
         fail(str(exc))
     except RuntimeError as exc:
@@ -127,7 +156,14 @@ def run_training(job: Callable[..., Any], text_file: str, quiet: bool, as_json: 
     finally:
         teacher_bar.close()
         train_bar.close()
+    checkpoint = checkpoint_path(output)
+    freed = checkpoint.stat().st_size if checkpoint.is_file() else 0
+    checkpoint.unlink(missing_ok=True)
     click.echo(summary.to_json() if as_json else summary.line())
+    if freed and not as_json:
+        click.echo(f"(deleted the training checkpoint {checkpoint}, {size_text(freed)}: the run is complete)")
+    if name is not None:
+        add_to_store(name, Path(summary.gguf or summary.output), store_source, say=not as_json)
 
 
 @click.command(name="distill")
@@ -146,12 +182,11 @@ def run_training(job: Callable[..., Any], text_file: str, quiet: bool, as_json: 
 @click.option("-o", "--output", required=True, type=click.Path(), help="The folder for the trained checkpoint.")
 @click.option("--online", is_flag=True, help="Run an HF teacher in torch at each step (its full distribution).")
 @click.option(
-    "-t",
     "--type",
     "qtype",
     default=None,
     metavar="TYPE",
-    help=f"Also write OUT-<type>.gguf of this type: {', '.join(mixes.type_names())}.",
+    help=f"Also write OUT-<type>.gguf of this type (--name adds it to the store): {', '.join(mixes.type_names())}.",
 )
 @training_options
 def command(teacher: str, student: str, output: str, online: bool, qtype: str | None, **options: Any) -> None:
@@ -162,7 +197,8 @@ def command(teacher: str, student: str, output: str, online: bool, qtype: str | 
     Offline (the default), llama.cpp runs the teacher GGUF over the text once and its top-k
     log-probabilities are cached, so later epochs and runs cost only the student. Healing a pruned
     model is distillation with the unpruned model as the teacher. The result is a Hugging Face
-    checkpoint (and, with --type, a GGUF); training state is saved to OUT.ckpt for --resume.
+    checkpoint (and, with --type, a GGUF); training state is saved to OUT.ckpt while it runs, for
+    --resume after an interruption, and deleted when the run completes.
 
     \b
     Examples:
@@ -178,6 +214,15 @@ def command(teacher: str, student: str, output: str, online: bool, qtype: str | 
             mix = mixes.mix(qtype)
         except ValueError as exc:
             fail(str(exc))
+    if options["name"] is not None and mix is None:
+        fail("--name adds a GGUF to the store: give --type too (the checkpoint folder is not a GGUF)")
+    force = options.pop("force")
+    check_store_name(options["name"], force)
+    target = output_folder(output, force)
+    if mix is not None:
+        gguf = target.with_name(f"{target.name}-{mix.name.lower()}.gguf")
+        if gguf.exists() and not force:
+            fail(f"{gguf} already exists; add --force to replace it")
     if not online:
         try:
             teacher = str(store.resolve(teacher))
@@ -187,6 +232,6 @@ def command(teacher: str, student: str, output: str, online: bool, qtype: str | 
     def job(**kwargs: Any) -> Any:
         from slim.runtime.train.distill import distill
 
-        return distill(teacher, student, out_dir=output, online=online, mix=mix, **kwargs)
+        return distill(teacher, student, out_dir=target, online=online, mix=mix, replace=force, **kwargs)
 
-    run_training(job, **options)
+    run_training(job, target, store_source=f"distill:{student}", **options)

@@ -7,8 +7,15 @@ from pathlib import Path
 
 import click
 
-from slim.runtime.cli import fail
-from slim.runtime.commands.options import read_text_file
+from slim.runtime.cli import fail, plural
+from slim.runtime.commands.options import (
+    default_threads,
+    force_option,
+    output_file,
+    quiet_option,
+    read_text_file,
+    threads_option,
+)
 
 
 @click.command(name="eval")
@@ -40,10 +47,10 @@ from slim.runtime.commands.options import read_text_file
     default=None,
     help="Save the reference's log-probabilities here, to reuse with --reference-logits.",
 )
-@click.option(
-    "-t", "--threads", type=click.IntRange(min=1), default=None, help="CPU threads  [default: physical cores]."
-)
+@threads_option
+@force_option
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@quiet_option
 def command(
     models: tuple[str, ...],
     text_file: str,
@@ -52,7 +59,9 @@ def command(
     reference_logits: str | None,
     save_logits: str | None,
     threads: int | None,
+    force: bool,
     as_json: bool,
+    quiet: bool,
 ) -> None:
     """Measure what quantization lost: perplexity, and divergence from a reference.
 
@@ -71,6 +80,7 @@ def command(
 
     if reference and reference_logits:
         fail("give --reference or --reference-logits, not both")
+    logits_file = output_file(save_logits, "reference-logits.npz", force) if save_logits else None
     text = read_text_file(text_file)
     try:
         paths = [store.resolve(m) for m in models]
@@ -82,7 +92,7 @@ def command(
     reports: list[EvalReport] = []
     try:
         for path in paths:
-            with tqdm(desc=path.name, unit="chunk", disable=as_json or None, file=sys.stderr) as bar:
+            with tqdm(desc=path.name, unit="chunk", disable=quiet or as_json or None, file=sys.stderr) as bar:
 
                 def advance(done: int, total: int) -> None:
                     bar.total = total
@@ -93,9 +103,9 @@ def command(
                     text,
                     n_ctx=ctx,
                     reference=ref,
-                    n_threads=threads,
+                    n_threads=default_threads(threads),
                     progress=advance,
-                    save_logits=Path(save_logits) if save_logits and not reports else None,
+                    save_logits=logits_file if not reports else None,
                 )
             reports.append(report)
     except (ValueError, RuntimeError) as exc:
@@ -131,5 +141,5 @@ def table(reports: list) -> str:
         for row in [header] + rows
     ]
     first = reports[0]
-    lines.append(f"({first.chunks} chunks of {first.n_ctx} tokens, {first.tokens_scored} tokens scored)")
+    lines.append(f"({plural(first.chunks, 'chunk')} of {first.n_ctx} tokens, {first.tokens_scored} tokens scored)")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""slim list"""
+"""slim list (alias: slim ls)"""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ from typing import TypedDict
 
 import click
 
-from slim.runtime.cli import fail
+from slim.runtime.cli import fail, size_text
 
 
 class _Row(TypedDict):
     """One stored model, as `slim list --json` prints it."""
 
     name: str
+    type: str | None  # Q4_K_M, Q8_0, ... from the GGUF's header; None when its file is missing or damaged
     size_bytes: int | None  # None when its file is missing
     source: str
     file: str
@@ -22,8 +23,13 @@ class _Row(TypedDict):
 @click.command(name="list")
 @click.option("--json", "as_json", is_flag=True, help="Print the store as JSON.")
 def command(as_json: bool) -> None:
-    """List the models in the store (SLIM_HOME/models), and the catalog models not yet fetched."""
+    """List the models in the store, and the catalog models not yet fetched.
+
+    SOURCE says where each came from: catalog:, hub:REPO, file:PATH (slim pull of a local .gguf) or
+    the command that wrote it (convert:, prune:, qat:, distill:, with --name).
+    """
     from slim.runtime import store
+    from slim.runtime.formats.model_info import file_type_name
 
     try:
         entries = store.entries()
@@ -31,8 +37,20 @@ def command(as_json: bool) -> None:
         fail(str(exc))
     rows: list[_Row] = []
     for entry in entries.values():
-        size_bytes = entry.path.stat().st_size if entry.path.exists() else None
-        rows.append({"name": entry.name, "size_bytes": size_bytes, "source": entry.source, "file": entry.file})
+        present = entry.path.exists()
+        try:
+            type_name = file_type_name(entry.path) if present else None
+        except ValueError:
+            type_name = None
+        rows.append(
+            {
+                "name": entry.name,
+                "type": type_name,
+                "size_bytes": entry.path.stat().st_size if present else None,
+                "source": entry.source,
+                "file": entry.file,
+            }
+        )
     available = [
         {"name": c.name, "description": c.description} for c in store.CATALOG.values() if c.name not in entries
     ]
@@ -42,11 +60,12 @@ def command(as_json: bool) -> None:
     if not rows:
         click.echo("no models in the store yet")
     else:
-        width = max(len(r["name"]) for r in rows)
-        click.echo(f"{'NAME':<{width}}  {'SIZE':>9}  SOURCE")
+        width = max(len("NAME"), *(len(r["name"]) for r in rows))
+        type_width = max(len("TYPE"), *(len(r["type"] or "-") for r in rows))
+        click.echo(f"{'NAME':<{width}}  {'TYPE':<{type_width}}  {'SIZE':>9}  SOURCE")
         for r in rows:
             size_bytes = r["size_bytes"]
-            size = f"{size_bytes / 1e6:.1f} MB" if size_bytes is not None else "missing"
-            click.echo(f"{r['name']:<{width}}  {size:>9}  {r['source']}")
+            size = size_text(size_bytes) if size_bytes is not None else "missing"
+            click.echo(f"{r['name']:<{width}}  {r['type'] or '-':<{type_width}}  {size:>9}  {r['source']}")
     for c in available:
         click.echo(f"available: {c['name']} - {c['description']} (`slim pull {c['name']}`)")

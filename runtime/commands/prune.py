@@ -1,4 +1,4 @@
-"""slim prune SRC -o OUT --method METHOD ... [--text CALIBRATION]"""
+"""slim prune SRC -o OUT --method METHOD ... [--text CALIBRATION] [--name NAME]"""
 
 from __future__ import annotations
 
@@ -7,7 +7,16 @@ import json
 import click
 
 from slim.runtime.cli import fail
-from slim.runtime.commands.options import read_text_file
+from slim.runtime.commands.options import (
+    add_to_store,
+    check_store_name,
+    default_threads,
+    force_option,
+    name_option,
+    quiet_option,
+    read_text_file,
+    threads_option,
+)
 from slim.runtime.formats import mixes
 from slim.runtime.pipeline.prune import LAYER_SCORES, METHODS, PruneReport
 
@@ -17,9 +26,10 @@ from slim.runtime.pipeline.prune import LAYER_SCORES, METHODS, PruneReport
 @click.option(
     "-o",
     "--output",
-    required=True,
+    default=None,
     type=click.Path(),
-    help="A folder for a Hugging Face checkpoint, or a file ending in .gguf.",
+    help="A folder for a Hugging Face checkpoint, or a file ending in .gguf (not needed by --dry-run, "
+    "nor with --name, which writes the GGUF into the store).",
 )
 @click.option("-m", "--method", required=True, type=click.Choice(METHODS), help="What to remove (see above).")
 @click.option(
@@ -67,7 +77,6 @@ from slim.runtime.pipeline.prune import LAYER_SCORES, METHODS, PruneReport
 )
 @click.option("--chunks", type=click.IntRange(min=1), default=None, help="Calibrate on at most this many chunks.")
 @click.option(
-    "-t",
     "--type",
     "qtype",
     default=None,
@@ -88,15 +97,15 @@ from slim.runtime.pipeline.prune import LAYER_SCORES, METHODS, PruneReport
     help="Heal the pruned model by self-distillation for STEPS training steps on --text, with the "
     "unpruned model as teacher (needs torch: pip install 'slim-llm[train]').",
 )
+@name_option
 @click.option("--dry-run", is_flag=True, help="Print what would be removed and the expected size; write nothing.")
-@click.option(
-    "--threads", type=click.IntRange(min=1), default=None, help="CPU threads for llama.cpp  [default: physical cores]."
-)
+@threads_option
+@force_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@quiet_option
 def command(
     source: str,
-    output: str,
+    output: str | None,
     method: str,
     sparsity: float | None,
     pattern: str | None,
@@ -111,8 +120,10 @@ def command(
     qtype: str | None,
     eval_text: str | None,
     heal: int | None,
+    name: str | None,
     dry_run: bool,
     threads: int | None,
+    force: bool,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -141,13 +152,27 @@ def command(
     \b
     Examples:
       slim prune ./smollm2-hf -o smol-wanda --method wanda --sparsity 0.5 --text wiki.txt
-      slim prune smollm2-135m -o smol-26.gguf --method layers --remove 4 --text wiki.txt --type Q8_0
-      slim prune ./smollm2-hf -o smol-w.gguf --method width --ffn 0.75 --imatrix smol.imatrix --dry-run
+      slim prune smollm2-135m --name smol-26 --method layers --remove 4 --text wiki.txt --type Q8_0
+      slim prune ./smollm2-hf --method width --ffn 0.75 --imatrix smol.imatrix.gguf --dry-run
       slim prune smollm2-135m -o smol-26.gguf --method layers --remove 4 --text wiki.txt --heal 300
     """
+    from pathlib import Path
+
+    from slim.runtime import store
     from slim.runtime.commands.progress import StageBars
     from slim.runtime.pipeline.prune import PruneOptions, prune_model
 
+    check_store_name(name, force)
+    target = Path(output).expanduser() if output else None
+    if name is not None and target is not None and not target.name.endswith(".gguf"):
+        fail("--name adds a GGUF to the store: name the output file *.gguf, or drop -o")
+    if target is not None and target.exists() and not force and not dry_run:
+        fail(f"{target} already exists; add --force to replace it")
+    if target is None and name is not None and not dry_run:
+        target = store.model_file(name)  # straight into the store
+        target.parent.mkdir(parents=True, exist_ok=True)
+    if target is None and not dry_run:
+        fail("give the output: -o FOLDER for a checkpoint, -o FILE.gguf, or --name NAME for the store")
     text, held_out = _read(text_file), _read(eval_text)
     try:
         mix = mixes.mix(qtype) if qtype else None
@@ -169,16 +194,18 @@ def command(
         held_out=held_out,
         heal=heal,
         dry_run=dry_run,
-        threads=threads,
+        threads=default_threads(threads),
     )
     try:
         with StageBars(_UNITS, disable=quiet or as_json, leave=False) as bars:
-            report = prune_model(source, output, options, progress=bars)
+            report = prune_model(source, target, options, progress=bars, replace_output=force)
     except (ValueError, RuntimeError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         fail("interrupted; nothing was written", 130)
     click.echo(json.dumps(report.as_dict(), indent=2) if as_json else _lines(report))
+    if name is not None and target is not None and not dry_run:
+        add_to_store(name, target, f"prune:{source}", say=not as_json)
 
 
 _UNITS = {
@@ -205,11 +232,15 @@ def _lines(report: PruneReport) -> str:
             f"zero weights: {report.zeroed / 1e6:.2f}M ({report.zeroed / report.block_weights:.1%} of "
             f"the block matrices, {report.zeroed / after:.1%} of all parameters)"
         )
-    if report.dry_run and report.expected_bytes is not None:
+    form = f"as {report.type}" if report.type else "as safetensors"
+    if report.expected_bytes is not None:
         lines.append(
-            f"expected size: {report.expected_bytes / 1e6:.1f} MB of weights "
-            f"(source {report.source_bytes / 1e6:.1f} MB); dry run, nothing written"
+            f"weights: {report.expected_bytes / 1e6:.1f} MB {form}, "
+            f"{report.expected_bytes / report.unpruned_bytes:.1%} of the unpruned model's "
+            f"{report.unpruned_bytes / 1e6:.1f} MB {form} (the source's file: {report.source_bytes / 1e6:.1f} MB)"
         )
+    if report.dry_run:
+        lines.append("dry run, nothing written")
         return "\n".join(lines)
     if report.healed is not None:
         healed = report.healed
@@ -218,9 +249,7 @@ def _lines(report: PruneReport) -> str:
             f"{healed['loss_last']:.4f}"
         )
     if report.output_bytes is not None:
-        lines.append(
-            f"wrote {report.output}: {report.output_bytes / 1e6:.1f} MB (source {report.source_bytes / 1e6:.1f} MB)"
-        )
+        lines.append(f"wrote {report.output}: {report.output_bytes / 1e6:.1f} MB")
     if report.perplexity is not None and report.perplexity_error is not None:
         lines.append(f"perplexity ({report.perplexity_of}): {report.perplexity:.4f} ± {report.perplexity_error:.4f}")
     return "\n".join(lines)

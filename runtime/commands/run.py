@@ -10,19 +10,19 @@ from typing import Any
 import click
 
 from slim.runtime.cli import fail
-from slim.runtime.commands.options import generation_options, load_model, sampling_params
+from slim.runtime.commands.options import cache_load_options, generation_options, load_model, sampling_params
 
 
 @click.command(name="run")
 @click.argument("model", metavar="MODEL")
-@click.argument("prompt", metavar="PROMPT")
+@click.argument("prompt", metavar="[PROMPT]", required=False)
 @click.option("-s", "--system", default=None, help="A system message to put before PROMPT.")
 @generation_options
 @click.option("--raw", is_flag=True, help="Plain completion of PROMPT, without the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON (text, token counts, timings).")
 def command(
     model: str,
-    prompt: str,
+    prompt: str | None,
     system: str | None,
     ctx: int | None,
     threads: int | None,
@@ -35,24 +35,29 @@ def command(
     MODEL is a store name, a catalog name (smollm2-135m is fetched on first use) or a .gguf path.
 
     PROMPT is sent as a user message through the model's chat template, or continued as plain
-    text with --raw. PROMPT "-" reads it from stdin.
+    text with --raw. Without PROMPT (or with "-") it is read from stdin, when stdin is a pipe or a
+    file; to talk with a model at the terminal, use `slim chat`.
 
     \b
     Examples:
       slim run smollm2-135m "Why is the sky blue?"
       slim run smollm2-135m "Name three colours." --temperature 0 --max-tokens 40
-      echo "Once upon a time" | slim run smollm2-135m - --raw --stop "."
+      echo "What is 2+2?" | slim run smollm2-135m
+      slim run smollm2-135m --raw --stop "." < story-start.txt
     """
     from slim.runtime import store
 
+    if prompt is None and sys.stdin.isatty():
+        fail(f'give a prompt (slim run {model} "Hi"), pipe one on stdin, or talk with `slim chat {model}`')
     try:
         path = store.resolve(model)
     except ValueError as exc:
         fail(str(exc))
-    if prompt == "-":
-        prompt = sys.stdin.read()
+    from_stdin = False
+    if prompt is None or prompt == "-":
+        prompt, from_stdin = sys.stdin.read(), True
     if not prompt.strip():
-        fail("the prompt is empty")
+        fail("the prompt is empty" + (": stdin gave no text" if from_stdin else ""))
     if raw and system is not None:
         fail("--system needs the chat template; it cannot be combined with --raw")
 
@@ -62,7 +67,7 @@ def command(
         params = sampling_params(sampling)
     except ValueError as exc:
         fail(str(exc))
-    llm = load_model(path, n_ctx=ctx, n_threads=threads)
+    llm = load_model(path, n_ctx=ctx, n_threads=threads, lookup=sampling["lookup"], **cache_load_options(sampling))
     if not raw and llm.template_warning:
         click.echo(f"warning: {llm.template_warning}", err=True)
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from slim.runtime.cli import fail
+from slim.runtime.commands.options import cache_load_options, kv_cache_options, lookup_option
 
 if TYPE_CHECKING:
     from slim.runtime.serve import ModelSpec
@@ -107,6 +108,18 @@ class MemorySize(click.ParamType):
     default=None,
     help="CPU threads for llama.cpp  [default: physical cores less one, left to the HTTP side].",
 )
+@kv_cache_options
+@lookup_option
+@click.option(
+    "--cache-ram",
+    type=click.IntRange(min=0),
+    default=256,
+    show_default=True,
+    metavar="MIB",
+    help="RAM per model for the prompt cache across requests: conversations' KV states kept when their slot "
+    "is taken, so a next turn starts from its own on any slot (least recently used out; counted in the "
+    "memory budget; 0: off).",
+)
 @click.option(
     "--keep-alive",
     type=click.FloatRange(min=-1),
@@ -114,7 +127,8 @@ class MemorySize(click.ParamType):
     show_default=True,
     metavar="SECONDS",
     help="Unload a model this long after its last request; 0 unloads at once, -1 never. "
-    "The first MODEL is loaded at start and stays loaded unless another model needs its memory.",
+    "The first MODEL is loaded at start and stays loaded unless another model needs its memory. "
+    "An Ollama request's keep_alive overrides it for its model.",
 )
 @click.option(
     "--memory-budget",
@@ -127,7 +141,7 @@ class MemorySize(click.ParamType):
     "--api-key",
     default=None,
     envvar="SLIM_API_KEY",
-    help="Require 'Authorization: Bearer KEY' on every route but /health (or set SLIM_API_KEY).",
+    help="Require 'Authorization: Bearer KEY' (or 'x-api-key: KEY') on every route but /health (or set SLIM_API_KEY).",
 )
 @click.option(
     "--cors",
@@ -135,6 +149,14 @@ class MemorySize(click.ParamType):
     default=None,
     metavar="ORIGIN",
     help="Allow browser pages from ORIGIN (e.g. http://localhost:3000) to call the server.",
+)
+@click.option(
+    "--allow-host",
+    "allowed_hosts",
+    multiple=True,
+    metavar="NAME",
+    help="Accept requests whose Host header is NAME besides localhost, 127.0.0.1 and [::1] (repeatable; "
+    "'*': any), when listening on loopback; other Host names are refused against DNS rebinding.",
 )
 @click.option(
     "--max-body",
@@ -158,20 +180,47 @@ def command(
     queue_size: int,
     ctx: int | None,
     threads: int | None,
+    cache_type_k: str,
+    cache_type_v: str,
+    flash_attn: str,
+    lookup: int,
+    cache_ram: int,
     keep_alive: float,
     memory_budget: int | None,
     api_key: str | None,
     cors_origin: str | None,
+    allowed_hosts: tuple[str, ...],
     max_body: int,
     log_format: str,
 ) -> None:
-    """Serve models through an OpenAI-compatible API on http://HOST:PORT/v1.
+    """Serve models through OpenAI's, Anthropic's and Ollama's APIs on http://HOST:PORT.
+
+    \b
+    OpenAI     /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models,
+               /v1/responses (previous_response_id: the last 256 kept in memory)
+    Anthropic  /v1/messages, /v1/messages/count_tokens (x-api-key or Bearer)
+    Ollama     /api/chat, /api/generate, /api/embed, /api/tags, /api/show, /api/ps
+    The schema of every route is at /openapi.json; /metrics is in Prometheus' format.
 
     Each MODEL is a store name, a catalog name or a .gguf path. Requests pick one with "model" (its
     store name or its file name); it is loaded on its first request and unloaded after --keep-alive
     seconds idle. Without MODEL, every model in the store can be asked for, and the default one
     (smollm2-135m) is loaded at start. GET /v1/models lists them, with "state": loaded or unloaded.
     Up to --parallel requests per model are decoded together in one batch.
+
+    Sampling: what a request leaves out takes the defaults of `slim run` (temperature 0.8, top_p
+    0.95, top_k 40, min_p 0.05, no penalties), not OpenAI's (temperature 1, top_p 1), on every
+    API. OpenAI requests may also give top_k, min_p and repeat_penalty; Ollama's options and
+    keep_alive apply per request. A field the API does not have (a misspelt "temprature") is
+    refused with a 400 that names it.
+
+    Security: a local server is reached by every web page in the browser, so by default requests
+    from a page (an Origin header) are refused unless --cors allows its origin, a Host header
+    that does not name loopback is refused on a loopback address (--allow-host), a body must be
+    JSON (application/json, none, or curl -d's form type; text/plain and multipart are refused),
+    and slow or stalled clients are cut off (10 s for headers and for each part of a body, 30 s
+    for a streamed answer nobody reads). Schemas, stop strings, messages and choices are bounded.
+    Without --api-key anyone on this machine may use the models; bind beyond 127.0.0.1 only with one.
 
     \b
     Examples:
@@ -181,15 +230,16 @@ def command(
     """
     from slim.runtime import serve, store
     from slim.runtime.formats.gguf_file import check_gguf
-    from slim.runtime.inference import physical_cores
+    from slim.runtime.inference import check_cache_types, physical_cores
 
     try:
         named = list(dict.fromkeys(models or [store.DEFAULT_MODEL]))
         specs = [model_spec(name, store.resolve(name), keep_loaded=i == 0) for i, name in enumerate(named)]
         if not models:
             specs += store_specs()
-        check_gguf(specs[0].path)
-    except ValueError as exc:  # StoreError, GGUFError
+        cache = cache_load_options(dict(cache_type_k=cache_type_k, cache_type_v=cache_type_v, flash_attn=flash_attn))
+        check_cache_types(check_gguf(specs[0].path), **cache)
+    except ValueError as exc:  # StoreError, GGUFError, a cache the model cannot have
         fail(str(exc))
     ids = [spec.id for spec in specs[: len(named)]]
     twice = sorted({name for name in ids if ids.count(name) > 1})
@@ -209,6 +259,9 @@ def command(
         queue_size=queue_size,
         discover=None if models else store_specs,
         n_threads=threads,
+        prompt_cache_bytes=cache_ram << 20,
+        lookup=lookup,
+        **cache,
     )
     try:
         with pool.use(specs[0].id) as served:  # the default model is ready before the first request
@@ -220,7 +273,9 @@ def command(
         pool.close()
         fail("interrupted", 130)
 
-    app = serve.Server(pool, api_key=api_key, cors_origin=cors_origin, max_body_bytes=max_body)
+    app = serve.Server(
+        pool, api_key=api_key, cors_origin=cors_origin, max_body_bytes=max_body, allowed_hosts=allowed_hosts
+    )
     try:
         bound_host, bound_port = app.bind(host, port)
     except OSError as exc:

@@ -32,11 +32,13 @@ def command(model: str | None, template: bool, as_json: bool) -> None:
     rows = [
         ("name", info.name or "-"),
         ("file", info.path),
-        ("architecture", info.architecture),
+        ("architecture", f"{info.family} ({info.architecture})" if info.family else info.architecture),
+        ("type", info.file_type or "-"),
         ("parameters", f"{info.parameters / 1e6:.1f}M"),
         ("context length", str(info.context_length or "-")),
         ("size", f"{info.size_bytes / 1e6:.1f} MB, {info.bits_per_weight:.2f} bits/weight"),
         ("tensor types", types),
+        *info.facts.items(),
         ("license", info.license or "unknown"),
     ]
     width = max(len(key) for key, _ in rows)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from slim.runtime.files import sha256_digest
+from slim.runtime.files import file_sha256, sha256_digest
 
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
 
@@ -25,7 +25,7 @@ def download_checkpoint(repo_id: str) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=CHECKPOINT_FILES))
+        snapshot = Path(snapshot_download(repo_id, allow_patterns=CHECKPOINT_FILES))
     except RepositoryNotFoundError:
         raise HubError(f"hub repo {repo_id} was not found (or is private: run `hf auth login`)") from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
@@ -34,6 +34,21 @@ def download_checkpoint(repo_id: str) -> Path:
             f"could not download {repo_id} from the hub ({detail}); "
             "check the connection or HF_ENDPOINT, or pass a local folder"
         ) from None
+    _check_blobs(repo_id, snapshot)
+    return snapshot
+
+
+def _check_blobs(repo_id: str, snapshot: Path) -> None:
+    """huggingface_hub names each large file's blob by its sha256 (the hub's ETag) but never hashes what it
+    downloaded: check the weights against it, and remove a damaged blob so that the next run fetches it again."""
+    for path in sorted(snapshot.rglob("*.safetensors")):
+        blob = path.resolve()
+        if _SHA256.match(blob.name) and file_sha256(blob) != blob.name:
+            blob.unlink()
+            raise HubError(
+                f"{path.name} from {repo_id} does not match its sha256 (a damaged download or cache); "
+                "it was removed: run the command again"
+            )
 
 
 # --- slim pull: listing a repo, choosing a GGUF, and a download that resumes across runs ---------------------
@@ -223,6 +238,8 @@ def download(
                         digest, have = hashlib.sha256(), 0
                         if on_start:
                             on_start(remote.size, 0)
+                    elif response.status_code == 206:
+                        _check_content_range(remote, dest, response.headers.get("Content-Range"), have)
                     for chunk in response.iter_bytes():  # as it arrives: a drop loses nothing received
                         out.write(chunk)
                         digest.update(chunk)
@@ -254,4 +271,20 @@ def download(
         raise HubError(
             f"{remote.filename} from {remote.repo_id} does not match its sha256; "
             "the download was discarded, run the command again"
+        )
+
+
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+
+def _check_content_range(remote: RemoteFile, dest: Path, header: str | None, have: int) -> None:
+    """A resumed part must start where the file on disk ends, and belong to a file of the expected size:
+    otherwise appending it would splice two different files together."""
+    match = _CONTENT_RANGE.match(header or "")
+    total = match and match.group(3)
+    if not match or int(match.group(1)) != have or (remote.size is not None and total not in ("*", str(remote.size))):
+        dest.unlink(missing_ok=True)
+        raise HubError(
+            f"the server resumed {remote.filename} with Content-Range {header!r} where bytes {have}- were asked; "
+            "the partial download was discarded, run the command again"
         )
