@@ -11,6 +11,13 @@ by counting whatever comes back). Reported per server:
     CPU s         CPU time the server process used during the load (all its threads): what the
                   work costs, which other processes on a shared machine disturb far less than wall time
 
+--agent runs an agent-like workload instead: --clients conversations of --turns turns each, every
+turn a streamed chat completion that resends the whole conversation (a ~1,500-token system prompt
+shared by all, then the turns so far), the conversations more than the servers' --parallel slots,
+so a turn often finds its conversation's slot taken by another. Both servers run with a prompt
+cache of --cache-ram MiB (slim's --cache-ram, llama-server's own --cache-ram). TTFT here is over the
+turns after each conversation's first (what the prompt cache is for), beside all turns.
+
 --decode-steps measures llama.cpp alone instead, in this process: CPU milliseconds per llama_decode
 of one token for each of 1..16 sequences (what batching buys on this machine), and for 8 sequences
 given in shuffled rather than ascending order (what slim's scheduler avoids: with one KV stream per
@@ -26,6 +33,7 @@ The machine is shared: read ratios, not absolute figures.
 
     python benchmarks/serve.py [--model PATH] [--threads 2] [--clients 8] [--tokens 64] [--requests 1]
                                [--parallel 8] [--rounds 3] [--skip-llama-cpp-python] [--llama-server PATH]
+    python benchmarks/serve.py --agent [--clients 8] [--turns 6] [--parallel 4] [--cache-ram 256] --build-llama-server
     python benchmarks/serve.py --decode-steps [--model PATH]
 """
 
@@ -42,6 +50,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 PROMPTS = [
@@ -112,31 +121,122 @@ def stream_completion(base: str, model: str, prompt: str, tokens: int) -> tuple[
     return (first if first is not None else total), total, generated
 
 
-def load_test(base: str, model: str, clients: int, requests: int, tokens: int) -> dict[str, float]:
-    ttfts: list[float] = []
-    generated: list[int] = []
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(clients)
+def stream_chat(base: str, model: str, messages: list[dict[str, str]], tokens: int) -> tuple[float, str, int]:
+    """(seconds to the first text chunk, the reply, tokens generated) of one streamed chat turn."""
+    body = json.dumps(
+        {
+            "model": model,
+            "messages": messages,
+            "max_tokens": tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
+    request = urllib.request.Request(
+        base + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+    )
+    start = time.perf_counter()
+    first, text, usage = None, [], None
+    with urllib.request.urlopen(request, timeout=600) as response:
+        for raw in response:
+            line = raw.decode("utf-8", errors="replace").strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            usage = event.get("usage") or usage
+            for choice in event.get("choices") or []:
+                if (choice.get("delta") or {}).get("content"):
+                    text.append(choice["delta"]["content"])
+                    if first is None:
+                        first = time.perf_counter() - start
+    waited = first if first is not None else time.perf_counter() - start
+    return waited, "".join(text), usage["completion_tokens"] if usage else len(text)
 
-    def client(index: int) -> None:
+
+AGENT_ASKS = [
+    "Summarise the passage above in one sentence.",
+    "Which names does it mention?",
+    "What happened first?",
+    "Give one question a reader might ask.",
+    "Name a place from the text.",
+    "Say which part is most surprising.",
+    "List two dates or numbers it gives.",
+    "What would you look up next?",
+]
+
+
+def agent_system_prompt() -> str:
+    """About 1,500 tokens of instructions and reference text, the same for every conversation."""
+    from slim.runtime.store import assets
+
+    text = assets.wiki_text("test").read_text(encoding="utf-8")
+    return "You are a careful research assistant. Answer from the reference text below.\n\n" + text[:6000]
+
+
+def concurrently(work: Callable[[int], None], n: int) -> float:
+    """work(0) ... work(n - 1), each in its own thread, started together: the seconds they took.
+    Raises RuntimeError naming the first failure when any failed."""
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(n)
+
+    def run(index: int) -> None:
         try:
             barrier.wait()
-            for r in range(requests):
-                first, _, n = stream_completion(base, model, PROMPTS[(index + r) % len(PROMPTS)], tokens)
-                ttfts.append(first)
-                generated.append(n)
+            work(index)
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - start
     if errors:
-        raise RuntimeError(f"{len(errors)} client(s) failed: {errors[0]!r}")
+        raise RuntimeError(f"{len(errors)} of {n} clients failed: {errors[0]!r}")
+    return time.perf_counter() - start
+
+
+def agent_test(base: str, model: str, conversations: int, turns: int, tokens: int) -> dict[str, float]:
+    """Each conversation in its own thread, its turns one after another, every turn resending it all."""
+    system = agent_system_prompt()
+    first_turns: list[float] = []
+    later_turns: list[float] = []
+    generated: list[int] = []
+
+    def conversation(index: int) -> None:
+        messages = [{"role": "system", "content": system}]
+        for turn in range(turns):
+            messages.append({"role": "user", "content": AGENT_ASKS[(index + turn) % len(AGENT_ASKS)]})
+            first, reply, n = stream_chat(base, model, messages, tokens)
+            (later_turns if turn else first_turns).append(first)
+            generated.append(n)
+            messages.append({"role": "assistant", "content": reply})
+
+    wall = concurrently(conversation, conversations)
+    every = sorted(first_turns + later_turns)
+    return {
+        "tokens": sum(generated),
+        "wall_s": wall,
+        "tokens_per_s": sum(generated) / wall,
+        "ttft_p50_s": statistics.median(sorted(later_turns)),
+        "ttft_p95_s": sorted(later_turns)[min(len(later_turns) - 1, round(0.95 * (len(later_turns) - 1)))],
+        "ttft_all_p50_s": statistics.median(every),
+    }
+
+
+def load_test(base: str, model: str, clients: int, requests: int, tokens: int) -> dict[str, float]:
+    ttfts: list[float] = []
+    generated: list[int] = []
+
+    def client(index: int) -> None:
+        for r in range(requests):
+            first, _, n = stream_completion(base, model, PROMPTS[(index + r) % len(PROMPTS)], tokens)
+            ttfts.append(first)
+            generated.append(n)
+
+    wall = concurrently(client, clients)
     ttfts.sort()
     return {
         "tokens": sum(generated),
@@ -164,7 +264,10 @@ def run_server(name: str, command: list[str], model: str, args: argparse.Namespa
         wait_ready(base, process)
         stream_completion(base, model, "Hello", 4)  # warm-up
         cpu = cpu_seconds(process.pid)
-        result = load_test(base, model, args.clients, args.requests, args.tokens)
+        if args.agent:
+            result = agent_test(base, model, args.clients, args.turns, args.tokens)
+        else:
+            result = load_test(base, model, args.clients, args.requests, args.tokens)
         result["cpu_s"] = cpu_seconds(process.pid) - cpu
         return result
     finally:
@@ -216,13 +319,16 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1, help="requests per client, one after another")
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens of each request")
     parser.add_argument("--parallel", type=int, default=8, help="sequences slim (and llama-server) decode together")
-    parser.add_argument("--ctx", type=int, default=512, help="context tokens per sequence")
+    parser.add_argument("--ctx", type=int, default=None, help="context tokens per sequence [512; --agent: 3072]")
     parser.add_argument("--rounds", type=int, default=3, help="times each server is measured, taking turns")
     parser.add_argument("--skip-llama-cpp-python", action="store_true")
     parser.add_argument("--llama-server", help="path of a llama-server binary")
     parser.add_argument("--build-llama-server", action="store_true", help="build llama-server first (long)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
     parser.add_argument("--decode-steps", action="store_true", help="time llama_decode per step in-process instead")
+    parser.add_argument("--agent", action="store_true", help="the agent-like workload (see above) instead")
+    parser.add_argument("--turns", type=int, default=6, help="--agent: turns per conversation")
+    parser.add_argument("--cache-ram", type=int, default=256, help="--agent: prompt cache MiB of each server")
     args = parser.parse_args()
 
     if args.model:
@@ -234,6 +340,8 @@ def main() -> None:
     if args.decode_steps:
         decode_steps(path)
         return
+    args.ctx = args.ctx or (3072 if args.agent else 512)
+    cache = ["--cache-ram", str(args.cache_ram)] if args.agent else []
     python = sys.executable
     servers = {
         "slim serve": (
@@ -251,11 +359,12 @@ def main() -> None:
                 str(args.parallel),
                 "--ctx",
                 str(args.ctx),
+                *cache,
             ],
             path.name,
         )
     }
-    if not args.skip_llama_cpp_python:
+    if not args.skip_llama_cpp_python and not args.agent:  # one request at a time: no agent workload
         servers["llama-cpp-python server"] = (
             [
                 python,
@@ -300,6 +409,7 @@ def main() -> None:
                 "-c",
                 str(args.ctx * args.parallel),
                 "--no-webui",
+                *cache,
             ],
             path.name,
         )
@@ -311,8 +421,14 @@ def main() -> None:
             rounds[name].append(run_server(name, command, model, args))
     results = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for name, runs in rounds.items()}
 
+    workload = (
+        f"{args.clients} conversations x {args.turns} turns (TTFT: turns after the first), prompt cache "
+        f"{args.cache_ram} MiB, {args.parallel} slots"
+        if args.agent
+        else f"{args.clients} streaming clients x {args.requests} request(s)"
+    )
     print(
-        f"\n{args.clients} streaming clients x {args.requests} request(s), max_tokens {args.tokens}, "
+        f"\n{workload}, max_tokens {args.tokens}, "
         f"{args.threads} threads, {path.name}; median of {args.rounds} round(s); load average "
         f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
     )

@@ -548,15 +548,6 @@ def test_slim_serve_bad_model() -> None:
 
 # ---- tools ------------------------------------------------------------------------------------
 
-TOOLS_TEMPLATE = (
-    "{% if tools %}<|im_start|>system\nYou may call these functions:\n{% for tool in tools %}"
-    "{{ tool | tojson }}\n{% endfor %}"
-    'To call one, answer <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call><|im_end|>\n{% endif %}'
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message.tool_calls %}{% for call in message.tool_calls %}<tool_call>\n{{ call.function | tojson }}\n"
-    "</tool_call>{% endfor %}{% else %}{{ message['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 WEATHER = {
     "type": "function",
     "function": {
@@ -573,25 +564,8 @@ WEATHER = {
 
 
 @pytest.fixture(scope="module")
-def tools_client(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory):
-    """SmolLM2 with a chat template that renders tools and <tool_call> blocks (Hermes style)."""
-    path = tmp_path_factory.mktemp("tools") / "smollm2-tools.gguf"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gguf.scripts.gguf_new_metadata",
-            str(smollm2_gguf),
-            str(path),
-            "--chat-template",
-            TOOLS_TEMPLATE,
-            "--force",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    model = inference.load(path, n_ctx=512, n_threads=1)
+def tools_client(smollm2_tools_gguf: Path):
+    model = inference.load(smollm2_tools_gguf, n_ctx=512, n_threads=1)
     srv = serve.Server(model, ["tools-model"])
     host, port = srv.start("127.0.0.1", 0)
     yield openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key="unused", max_retries=0, timeout=120)

@@ -23,10 +23,14 @@ What lives where (the layers above import only the names below, from this packag
     batching.py       Batcher (continuous batching) and its events Piece, Done, Failed; Sequence,
                       Batch (a llama_batch), Slot (a KV-cache sequence), common_prefix
     sampling.py       SamplingParams, Sampler (llama.cpp's C sampler chain), GrammarError
-    chat_template.py  render_chat, compile_template, sandboxed_environment, FALLBACK_TEMPLATE/_STOPS
+    chat_template.py  render_chat, compile_template, sandboxed_environment, mask_markers, FALLBACK_TEMPLATE/_STOPS
     text.py           TextAssembler (UTF-8 joins across tokens, stop strings that never leak)
     embedding.py      Embedder (mean-pooled sentence embeddings, a second context)
     llama.py          llama_bindings, silence_logs, physical_cores
+    kv_cache.py       KV_CACHE_TYPES, kv_cache_bytes (the cache's memory), check_cache_types
+    reasoning.py      ThinkingSplitter, split_thinking (<think> blocks told apart from the answer),
+                      template_thinks, prompt_opens_thinking, thinking_variables, effort_enables
+    prompt_cache.py   PromptCache: sequences' KV states kept in RAM across requests (the server's --cache-ram)
     errors.py         EngineError (llama.cpp refused), ContextError (the prompt does not fit),
                       TemplateError; GGUFError (not a usable GGUF) comes from formats
     evaluate.py       perplexity and KL divergence (import slim.runtime.inference.evaluate itself:
@@ -60,13 +64,23 @@ from slim.runtime.inference.chat_template import (
     FALLBACK_STOPS,
     FALLBACK_TEMPLATE,
     compile_template,
+    mask_markers,
     render_chat,
     sandboxed_environment,
 )
 from slim.runtime.inference.embedding import Embedder
 from slim.runtime.inference.errors import ContextError, EngineError, GGUFError, TemplateError
+from slim.runtime.inference.kv_cache import KV_CACHE_TYPES, check_cache_types, kv_cache_bytes
 from slim.runtime.inference.llama import llama_bindings, physical_cores, silence_logs
 from slim.runtime.inference.model import DEFAULT_MAX_CTX, Model, Result, Stream, Timings, load
+from slim.runtime.inference.reasoning import (
+    ThinkingSplitter,
+    effort_enables,
+    prompt_opens_thinking,
+    split_thinking,
+    template_thinks,
+    thinking_variables,
+)
 from slim.runtime.inference.sampling import REPEAT_LAST_N, GrammarError, Sampler, SamplingParams
 from slim.runtime.inference.session import ChatSession
 from slim.runtime.inference.text import TextAssembler
@@ -75,6 +89,7 @@ __all__ = [
     "DEFAULT_MAX_CTX",
     "FALLBACK_STOPS",
     "FALLBACK_TEMPLATE",
+    "KV_CACHE_TYPES",
     "PROMPT_BUDGET",
     "REPEAT_LAST_N",
     "Batch",
@@ -98,13 +113,22 @@ __all__ = [
     "Stream",
     "TemplateError",
     "TextAssembler",
+    "ThinkingSplitter",
     "Timings",
+    "check_cache_types",
     "common_prefix",
     "compile_template",
+    "effort_enables",
+    "kv_cache_bytes",
     "llama_bindings",
     "load",
+    "mask_markers",
     "physical_cores",
+    "prompt_opens_thinking",
     "render_chat",
     "sandboxed_environment",
     "silence_logs",
+    "split_thinking",
+    "template_thinks",
+    "thinking_variables",
 ]

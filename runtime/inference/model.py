@@ -5,17 +5,26 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slim.runtime.formats.gguf_file import check_gguf
 from slim.runtime.inference.batching import Batch, Batcher, Done, Failed, Piece, Slot
-from slim.runtime.inference.chat_template import FALLBACK_STOPS, FALLBACK_TEMPLATE, compile_template, render_chat
+from slim.runtime.inference.chat_template import (
+    FALLBACK_STOPS,
+    FALLBACK_TEMPLATE,
+    compile_template,
+    mask_markers,
+    render_chat,
+)
 from slim.runtime.inference.errors import ContextError, EngineError
+from slim.runtime.inference.kv_cache import KV_CACHE_TYPES, check_cache_types
 from slim.runtime.inference.llama import llama_bindings, physical_cores
+from slim.runtime.inference.prompt_cache import CachedState, PromptCache
 from slim.runtime.inference.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -29,7 +38,8 @@ DEFAULT_MAX_CTX = 4096
 @dataclass
 class Timings:
     """Seconds and rates of one request. Generation speed counts the tokens after the first
-    (each needs one decode) over the time from the first token to the last."""
+    over the time from the first token to the last. With prompt lookup, drafted_tokens were
+    proposed and accepted_tokens of them kept (each kept one is a token without a decode of its own)."""
 
     prompt_eval_s: float = 0.0
     time_to_first_token_s: float = 0.0
@@ -37,6 +47,8 @@ class Timings:
     total_s: float = 0.0
     prompt_tokens_per_s: float = 0.0
     generation_tokens_per_s: float = 0.0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 @dataclass
@@ -100,6 +112,12 @@ def load(model_path: str | os.PathLike[str], **options: Any) -> Model:
     (default n_batch: tokens per compute pass), n_seq_max (1: KV-cache sequences, sharing n_ctx),
     extra_buffers (weight repacking; default on unless llama.cpp was built with its AMX kernels,
     whose multi-token batches crash: extra_buffers=True with n_ubatch=1 uses them safely),
+    cache_type_k / cache_type_v (the KV cache's types, KV_CACHE_TYPES: "f16" by default, "q8_0"
+    for about half the memory), flash_attn (True, False, or None: llama.cpp decides),
+    prompt_cache_bytes (0: none; else the RAM that a PromptCache of finished sequences' states may
+    hold, so that a prompt continuing one of them starts from it on any slot),
+    lookup (0: off; else prompt lookup decoding, up to this many tokens drafted per step from
+    where the last tokens occurred earlier in the context, and verified in the same batch),
     eval_callback (llama.cpp's cb_eval, to observe intermediate tensors: slim.runtime.pipeline.calibrate).
     Raises GGUFError for a file that is not a usable GGUF, EngineError if llama.cpp refuses it."""
     return Model(model_path, **options)
@@ -129,6 +147,11 @@ class Model:
         n_ubatch: int | None = None,
         n_seq_max: int = 1,
         extra_buffers: bool | None = None,
+        cache_type_k: str = "f16",
+        cache_type_v: str = "f16",
+        flash_attn: bool | None = None,
+        prompt_cache_bytes: int = 0,
+        lookup: int = 0,
         eval_callback: Any = None,
     ) -> None:
         self.path = Path(model_path)
@@ -141,6 +164,11 @@ class Model:
             raise ValueError("n_threads must be at least 1")
         if n_batch < 1 or n_seq_max < 1 or (n_ubatch is not None and n_ubatch < 1):
             raise ValueError("n_batch, n_ubatch and n_seq_max must be at least 1")
+        if lookup < 0:
+            raise ValueError("lookup must be at least 0 (0 turns prompt lookup off)")
+        self.lookup = lookup
+        check_cache_types(self.metadata, cache_type_k, cache_type_v, flash_attn)
+        self.cache_type_k, self.cache_type_v = cache_type_k, cache_type_v
         L = self._L = llama_bindings()
 
         params = L.llama_model_default_params()
@@ -169,6 +197,12 @@ class Model:
         cparams.n_seq_max = n_seq_max
         cparams.n_threads = cparams.n_threads_batch = self.n_threads
         cparams.no_perf = True
+        cparams.type_k, cparams.type_v = KV_CACHE_TYPES[cache_type_k], KV_CACHE_TYPES[cache_type_v]
+        cparams.flash_attn_type = {
+            None: L.LLAMA_FLASH_ATTN_TYPE_AUTO,
+            True: L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            False: L.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        }[flash_attn]
         if eval_callback is not None:  # a ggml_backend_sched_eval_callback the caller keeps alive
             cparams.cb_eval = eval_callback
         self._ctx = L.llama_init_from_model(self._model, cparams)
@@ -181,6 +215,7 @@ class Model:
         self._memory = L.llama_get_memory(self._ctx)
         self._batch = Batch(self.n_batch)
         self.slots = [Slot(i) for i in range(n_seq_max)]
+        self.prompt_cache = PromptCache(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
         self._next_slot = 0
         self.n_vocab = int(L.llama_vocab_n_tokens(self._vocab))
         self._piece_buffer = ctypes.create_string_buffer(256)
@@ -197,6 +232,7 @@ class Model:
             )
         )
         self._compiled_template: Any = None
+        self._control_texts: tuple[str, ...] | None = None
         self.bos_token = self._special_text(L.llama_vocab_bos(self._vocab))
         self.eos_token = self._special_text(L.llama_vocab_eos(self._vocab))
 
@@ -284,9 +320,11 @@ class Model:
         add_generation_prompt: bool = True,
         *,
         tools: Sequence[dict[str, Any]] | None = None,
+        variables: Mapping[str, Any] | None = None,
     ) -> str:
         """The prompt text the model's chat template makes of `messages` (and `tools`, OpenAI's
-        function list, for templates that render it)."""
+        function list, for templates that render it; `variables`, the template's own switches
+        such as enable_thinking)."""
         if self._compiled_template is None:
             self._compiled_template = compile_template(self.chat_template)
         return render_chat(
@@ -297,10 +335,52 @@ class Model:
             add_generation_prompt=add_generation_prompt,
             compiled=self._compiled_template,
             tools=tools,
+            variables=variables,
         )
 
-    def chat_tokens(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        return self.tokenize(self.render_chat(messages))
+    def chat_tokens(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        tools: Sequence[dict[str, Any]] | None = None,
+        variables: Mapping[str, Any] | None = None,
+    ) -> list[int]:
+        """The prompt tokens of `messages` (and `tools`, `variables`) through the chat template. Only
+        what the template writes becomes control tokens: the messages', tools' and variables' own
+        text is tokenized as text, even where it spells a marker (a user who writes
+        "<|im_start|>system" opens no turn)."""
+        # masked together, so that no placeholder stands for two markers
+        values = [list(messages), list(tools or ()), dict(variables or {})]
+        masked, placeholders = mask_markers(values, self.control_texts())
+        if not placeholders:
+            return self.tokenize(self.render_chat(messages, tools=tools, variables=variables))
+        masked_messages, masked_tools, masked_variables = masked
+        rendered = self.render_chat(
+            masked_messages, tools=masked_tools if tools is not None else None, variables=masked_variables
+        )
+        tokens: list[int] = []
+        for part in re.split(f"([{''.join(placeholders)}])", rendered):
+            if part in placeholders:
+                tokens += self.tokenize(placeholders[part], add_special=False, parse_special=False)
+            elif part:
+                tokens += self.tokenize(part, add_special=False)
+        edges = self.tokenize("", add_special=True)  # BOS (and EOS) as the model adds them to a text
+        eos = edges[-1:] if self._L.llama_vocab_get_add_eos(self._vocab) else []
+        bos = edges[: len(edges) - len(eos)]
+        if tokens[: len(bos)] == bos:  # the template wrote BOS itself
+            bos = []
+        return bos + tokens + eos
+
+    def control_texts(self) -> tuple[str, ...]:
+        """The text of each of the vocabulary's control tokens ("<|im_start|>", "<|im_end|>"...)."""
+        if self._control_texts is None:
+            L = self._L
+            control = L.LLAMA_TOKEN_ATTR_CONTROL
+            texts = (
+                self._special_text(t) for t in range(self.n_vocab) if L.llama_vocab_get_attr(self._vocab, t) & control
+            )
+            self._control_texts = tuple(dict.fromkeys(t for t in texts if t))
+        return self._control_texts
 
     def chat_params(self, params: SamplingParams) -> SamplingParams:
         """`params` for a chat reply: with the fallback template's markers as stop strings when the
@@ -404,6 +484,8 @@ class Model:
     def clear_cache(self) -> None:
         """Forget every cached prompt: the next request evaluates its whole prompt."""
         self._L.llama_memory_clear(self._memory, True)
+        if self.prompt_cache is not None:
+            self.prompt_cache.clear()
         for slot in self.slots:
             slot.tokens.clear()
             slot.epoch += 1
@@ -440,6 +522,30 @@ class Model:
         """How many positions llama.cpp's KV cache holds for a slot's sequence: equal to
         len(slot.tokens) whenever no decode is under way (what the slot bookkeeping promises)."""
         return int(self._L.llama_memory_seq_pos_max(self._memory, slot.seq_id)) + 1
+
+    def state_bytes(self, slot: Slot) -> int:
+        """The bytes of a slot's sequence state as llama.cpp saves it (its KV cells in the cache's
+        types, and a small header): what keeping that sequence aside would take."""
+        return int(self._L.llama_state_seq_get_size(self._ctx, slot.seq_id))
+
+    def save_state(self, slot: Slot) -> bytes:
+        """A copy of the slot's sequence state (its KV cells), for restore_state on any slot."""
+        size = self.state_bytes(slot)
+        buffer = (ctypes.c_uint8 * size)()
+        written = int(self._L.llama_state_seq_get_data(self._ctx, buffer, size, slot.seq_id))
+        return bytes(buffer)[:written]
+
+    def restore_state(self, slot: Slot, state: CachedState) -> bool:
+        """Replace the slot's cache with a saved state; False (and an empty slot) if llama.cpp
+        could not take it."""
+        self._L.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+        slot.tokens.clear()
+        buffer = (ctypes.c_uint8 * len(state.data)).from_buffer_copy(state.data)
+        if not self._L.llama_state_seq_set_data(self._ctx, buffer, len(state.data), slot.seq_id):
+            self._L.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+            return False
+        slot.tokens.extend(state.tokens)
+        return True
 
     def logits_at(self, index: int) -> Any:
         """The logits of row `index` of the last decoded batch: a float32 array of n_vocab, valid
@@ -496,6 +602,8 @@ class Model:
             total_s=t_end - t_start,
             prompt_tokens_per_s=n_eval / prompt_s if prompt_s > 0 else 0.0,
             generation_tokens_per_s=(n_generated - 1) / gen_s if n_generated > 1 and gen_s > 0 else 0.0,
+            drafted_tokens=sequence.drafted,
+            accepted_tokens=sequence.accepted,
         )
         return Result(
             text="".join(pieces),

@@ -29,7 +29,8 @@ class SamplingParams:
     The penalties (llama.cpp's repeat_penalty, OpenAI's frequency_penalty and presence_penalty)
     look back over the last penalty_last_n tokens, the prompt's included when penalize_prompt
     (llama.cpp's way) or only the generated ones (OpenAI's). grammar (GBNF, root rule "root")
-    constrains the output."""
+    constrains the output. thinking_budget: for a reply told apart into thought and answer, the
+    most tokens of thought before </think> is written in place of the next sampled tokens."""
 
     temperature: float = 0.8
     top_p: float = 0.95
@@ -44,6 +45,7 @@ class SamplingParams:
     max_tokens: int = 512
     stop: tuple[str, ...] = ()
     grammar: str | None = None
+    thinking_budget: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -64,6 +66,7 @@ class SamplingParams:
             (self.max_tokens >= 1, "max_tokens must be >= 1"),
             (self.seed is None or 0 <= self.seed < 0xFFFFFFFF, "seed must be in [0, 4294967295)"),
             (all(isinstance(s, str) for s in self.stop), "stop strings must be strings"),
+            (self.thinking_budget is None or self.thinking_budget >= 0, "thinking_budget must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -9,6 +9,7 @@ from typing import Any
 
 from slim.runtime.inference.errors import ContextError
 from slim.runtime.inference.model import Model, Result, Stream
+from slim.runtime.inference.reasoning import prompt_opens_thinking, split_thinking, template_thinks, thinking_variables
 from slim.runtime.inference.sampling import SamplingParams
 
 __all__ = ["ChatSession"]
@@ -29,6 +30,11 @@ class ChatSession:
     Interrupted turns (KeyboardInterrupt, an abandoned or closed stream): the part of the reply
     already produced is kept as the assistant's message; if nothing was produced the user's
     message is removed too, as if the turn had not happened. Either way the session stays usable.
+
+    A thinking template's replies (`thinks`) keep only their answer in `messages`; `thinking`
+    switches the thought on or off where the template can (None: its default), and
+    `opens_thinking` says whether the last prompt left a thought open, so that a reader of the
+    stream (inference.ThinkingSplitter) knows where the reply starts.
 
     `slot` is the KV-cache sequence the conversation lives on."""
 
@@ -51,6 +57,9 @@ class ChatSession:
         self.last_result: Result | None = None
         self.slot = model._take_slot()
         self._pending: _Turn | None = None
+        self.thinks = model.has_chat_template and template_thinks(model.chat_template)
+        self.thinking: bool | None = None
+        self.opens_thinking = False
 
     def send(
         self, content: str, *, stream: bool = False, params: SamplingParams | None = None, **sampling: Any
@@ -95,7 +104,8 @@ class ChatSession:
             return
         self._pending = None
         if turn.done or turn.text:
-            self.messages.append({"role": "assistant", "content": turn.text})
+            answer = split_thinking(turn.text, self.opens_thinking)[1] if self.thinks else turn.text
+            self.messages.append({"role": "assistant", "content": answer})
         else:
             self._remove(turn.user)
 
@@ -110,10 +120,11 @@ class ChatSession:
         the drops are only applied when the prompt then fits."""
         model, messages = self.model, list(self.messages)
         while True:
-            tokens = model.chat_tokens(messages)
+            tokens = model.chat_tokens(messages, variables=thinking_variables(self.thinking))
             if len(tokens) + params.max_tokens <= model.n_ctx:
                 dropped = len(self.messages) - len(messages)
                 self.messages[:] = messages
+                self.opens_thinking = self.thinks and prompt_opens_thinking(model.detokenize(tokens[-8:], special=True))
                 return tokens, dropped
             if self.context_policy == "stop":
                 raise ContextError(

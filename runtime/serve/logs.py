@@ -63,11 +63,14 @@ def configure_logging(log_format: str = "text", stream: IO[str] | None = None) -
         raise ValueError(f"the log format must be one of {', '.join(LOG_FORMATS)}, not {log_format!r}")
     handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(_TextFormatter() if log_format == "text" else _JSONFormatter())
-    for old in list(logger.handlers):
-        logger.removeHandler(old)
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
+    # uvicorn's own warnings and errors (a malformed request, a connection it could not serve)
+    # go to the same place, in the same format
+    for target, level in ((logger, logging.INFO), (logging.getLogger("uvicorn.error"), logging.WARNING)):
+        for old in list(target.handlers):
+            target.removeHandler(old)
+        target.addHandler(handler)
+        target.setLevel(level)
+        target.propagate = False
     return handler
 
 

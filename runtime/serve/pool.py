@@ -9,18 +9,31 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from slim.runtime.formats.gguf_file import check_gguf
-from slim.runtime.inference import DEFAULT_MAX_CTX, Embedder, EngineError, Model, SamplingParams, TemplateError, load
+from slim.runtime.inference import (
+    DEFAULT_MAX_CTX,
+    Embedder,
+    EngineError,
+    Model,
+    SamplingParams,
+    TemplateError,
+    kv_cache_bytes,
+    load,
+    prompt_opens_thinking,
+    template_thinks,
+    thinking_variables,
+)
 from slim.runtime.serve.requests import (
     APIError,
     ChatRequest,
     CompletionRequest,
     EmbeddingRequest,
     bad_request,
+    check_limits,
     fit_max_tokens,
 )
 from slim.runtime.serve.scheduler import Job, Scheduler
@@ -43,43 +56,46 @@ class MemoryEstimate:
     """What a loaded model costs: its file (the mapped weights), the KV cache of its context, and
     llama.cpp's compute buffers, which the logits of one micro-batch dominate (n_ubatch x n_vocab
     floats). tests/test_serve.py holds it to the buffer sizes llama.cpp reports (KV exact, compute
-    within 2%); the embeddings context is counted once it is open (Served.memory)."""
+    within 2%); the embeddings context is counted once it is open (Served.memory). The prompt
+    cache across requests is counted at its bound (--cache-ram), which it may fill."""
 
     weights: int
     kv_cache: int
     compute: int
+    prompt_cache: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.compute
+        return self.weights + self.kv_cache + self.compute + self.prompt_cache
 
     def __str__(self) -> str:
+        cache = f" + prompt cache {format_bytes(self.prompt_cache)}" if self.prompt_cache else ""
         return (
             f"{format_bytes(self.total)} (file {format_bytes(self.weights)} + KV cache "
-            f"{format_bytes(self.kv_cache)} + compute buffers {format_bytes(self.compute)})"
+            f"{format_bytes(self.kv_cache)} + compute buffers {format_bytes(self.compute)}{cache})"
         )
 
 
 FALLBACK_VOCAB = 256 * 1024  # a GGUF without {arch}.vocab_size: assume a large vocabulary
 
 
-def estimate_memory(path: Path, metadata: dict[str, Any], n_ctx: int, n_ubatch: int) -> MemoryEstimate:
+def estimate_memory(
+    path: Path,
+    metadata: dict[str, Any],
+    n_ctx: int,
+    n_ubatch: int,
+    cache_types: tuple[str, str] = ("f16", "f16"),
+    prompt_cache: int = 0,
+) -> MemoryEstimate:
     """The memory a context of `n_ctx` tokens (all sequences) over this GGUF takes, from its
-    metadata: f16 K and V for every layer and cell, and 4 bytes x n_ubatch x (n_vocab + 2 n_embd)."""
+    metadata: K and V of their cache types for every layer and cell, and 4 bytes x n_ubatch x
+    (n_vocab + 2 n_embd); and the prompt cache's bound."""
     arch = metadata.get("general.architecture", "")
-
-    def get(key: str, default: int) -> int:
-        return int(metadata.get(f"{arch}.{key}", default))
-
-    n_embd = get("embedding_length", 0)
-    n_head = get("attention.head_count", 1) or 1
-    n_head_kv = get("attention.head_count_kv", n_head)
-    head_k = get("attention.key_length", n_embd // n_head)
-    head_v = get("attention.value_length", n_embd // n_head)
-    cells = -(-n_ctx // 256) * 256  # llama.cpp pads the cache to 256 cells
-    kv_cache = get("block_count", 0) * cells * n_head_kv * (head_k + head_v) * 2
-    compute = 4 * n_ubatch * (get("vocab_size", FALLBACK_VOCAB) + 2 * n_embd)
-    return MemoryEstimate(path.stat().st_size, kv_cache, compute)
+    n_embd = int(metadata.get(f"{arch}.embedding_length", 0))
+    vocab = int(metadata.get(f"{arch}.vocab_size", FALLBACK_VOCAB))
+    compute = 4 * n_ubatch * (vocab + 2 * n_embd)
+    kv_cache = kv_cache_bytes(metadata, n_ctx, *cache_types)
+    return MemoryEstimate(path.stat().st_size, kv_cache, compute, prompt_cache)
 
 
 def format_bytes(n: int) -> str:
@@ -104,8 +120,10 @@ class Served:
         template = model.chat_template if model.has_chat_template else ""
         self.supports_tools = "tools" in template  # the template renders a tools list
         self.tagged_tool_calls = "<tool_call>" in template
+        self.thinks = template_thinks(template)  # its replies are split into thought and answer
         self.users = 0
         self.last_used = time.monotonic()
+        self.keep_alive: float | None = None  # a request's own keep-alive (Ollama's), else the pool's
         self.scheduler.start()
 
     @property
@@ -114,9 +132,8 @@ class Served:
         if not self.embedder.is_open:
             return self._memory
         extra = estimate_memory(self.model.path, self.model.metadata, self.embedder.n_ctx, self.embedder.n_ctx)
-        return MemoryEstimate(
-            self._memory.weights, self._memory.kv_cache + extra.kv_cache, self._memory.compute + extra.compute
-        )
+        mine = self._memory
+        return replace(mine, kv_cache=mine.kv_cache + extra.kv_cache, compute=mine.compute + extra.compute)
 
     def close(self) -> None:
         """Stop the scheduler (failing what still runs), free the embedder, and the model if it is ours."""
@@ -127,24 +144,31 @@ class Served:
 
     # ---- requests into jobs ------------------------------------------------------------------
 
-    def chat_job(self, request: ChatRequest) -> Job:
-        model = self.model
+    def chat_prompt(self, request: ChatRequest) -> list[int]:
+        """The tokens of the request's messages (and tools) rendered by the model's chat template."""
+        check_limits(request.params, request.messages)
         if request.tools is not None and not self.supports_tools:
             raise bad_request(
                 f"the chat template of {self.id} does not support tools", "tools", "unsupported_parameter"
             )
         try:
-            prompt = model.render_chat(request.messages, tools=request.tools)
+            variables = thinking_variables(request.thinking, request.template_variables)
+            return self.model.chat_tokens(request.messages, tools=request.tools, variables=variables)
         except TemplateError as exc:
             raise bad_request(str(exc), "messages") from None
-        params = model.chat_params(request.params)
+
+    def chat_job(self, request: ChatRequest) -> Job:
+        prompt = self.chat_prompt(request)
+        params = self.model.chat_params(request.params)
         if request.forced_tool is not None:
             assert request.tools is not None
             params = params.with_options(
                 grammar=tool_call_grammar(request.tools, request.forced_tool, self.tagged_tool_calls)
             )
-        job = self._job(model.tokenize(prompt), request.max_tokens, params, request.top_logprobs)
+        job = self._job(prompt, request.max_tokens, params, request.top_logprobs)
         job.tools = request.tools is not None
+        if self.thinks:
+            job.thinking = prompt_opens_thinking(self.model.detokenize(prompt[-8:], special=True))
         return job
 
     def completion_job(self, request: CompletionRequest) -> Job:
@@ -159,9 +183,12 @@ class Served:
     def _job(self, prompt: list[int], max_tokens: int | None, params: SamplingParams, top_logprobs: int | None) -> Job:
         if not prompt:
             raise bad_request("the prompt is empty", "prompt")
+        check_limits(params)
         max_tokens = fit_max_tokens(max_tokens, len(prompt), self.model.n_ctx, "messages")
-        # OpenAI's penalties count every generated token
-        return Job(prompt, params.with_options(max_tokens=max_tokens, penalty_last_n=max_tokens), top_logprobs)
+        # OpenAI's penalties (penalize_prompt off) count every generated token; llama.cpp's look back
+        # over penalty_last_n tokens, the prompt's included
+        window = params.penalty_last_n if params.penalize_prompt else max_tokens
+        return Job(prompt, params.with_options(max_tokens=max_tokens, penalty_last_n=window), top_logprobs)
 
     def embedding_inputs(self, request: EmbeddingRequest) -> list[list[int]]:
         inputs = []
@@ -227,11 +254,13 @@ class _Loading:
 class ModelPool:
     """The models a server can serve. A model is loaded by its first request (later requests for it
     wait; requests for loaded models go on), stays loaded while requests use it, and is unloaded
-    `keep_alive` seconds after its last one ends (0: at once; negative: never). A load that would
+    `keep_alive` seconds after its last one ends (0: at once; negative: never; a request may set
+    its own for the model, as Ollama's keep_alive does, through release()). A load that would
     take the estimated memory of the loaded models past `memory_budget` first unloads idle models,
     least recently used first; if that is not enough it is refused with 503 (400 when the model
     alone is larger than the budget). `parallel`, `ctx` (tokens per sequence; default the model's
-    context, at most DEFAULT_MAX_CTX) and `load_options` (n_threads, n_batch: inference.load's)
+    context, at most DEFAULT_MAX_CTX) and `load_options` (inference.load's: n_threads, n_batch, the
+    cache types, prompt_cache_bytes)
     apply to every model. `discover` returns the current specs (the store), asked again for a
     name the pool does not know and for the listing."""
 
@@ -259,17 +288,17 @@ class ModelPool:
         self._cond = threading.Condition()
         self._closed = False
         self._add(specs)
-        self._reaper = None
-        if keep_alive >= 0:
-            self._reaper = threading.Thread(target=self._reap, name="slim-keep-alive", daemon=True)
-            self._reaper.start()
+        self._reaper = threading.Thread(target=self._reap, name="slim-keep-alive", daemon=True)
+        self._reaper.start()
 
     @classmethod
     def of(cls, model: Model, names: Sequence[str], *, queue_size: int = 64) -> ModelPool:
         """A pool of one model the caller loaded (and closes): always loaded, never unloaded."""
         spec = ModelSpec(list(dict.fromkeys(names)), model.path, keep_loaded=True)
         pool = cls([spec], parallel=len(model.slots), keep_alive=-1, queue_size=queue_size)
-        memory = estimate_memory(model.path, model.metadata, model.n_ctx_total, model.n_batch)
+        kept = model.prompt_cache.capacity if model.prompt_cache is not None else 0
+        types = (model.cache_type_k, model.cache_type_v)
+        memory = estimate_memory(model.path, model.metadata, model.n_ctx_total, model.n_batch, types, kept)
         pool._loaded[spec.id] = Served(spec.id, model, memory, queue_size=queue_size, owns_model=False)
         return pool
 
@@ -363,11 +392,37 @@ class ModelPool:
                 self._cond.notify_all()
         return served
 
-    def release(self, served: Served) -> None:
+    def release(self, served: Served, keep_alive: float | None = None) -> None:
+        """The request is done with `served`; keep_alive (seconds, negative: forever) replaces the
+        pool's for this model from now on."""
         with self._cond:
             served.users -= 1
             served.last_used = time.monotonic()
+            if keep_alive is not None:
+                served.keep_alive = keep_alive
             self._cond.notify_all()  # the keep-alive clock starts
+
+    def _keep_alive(self, served: Served) -> float | None:
+        """Seconds an idle model stays loaded, None for ever."""
+        if not served.owns_model:
+            return None
+        if served.keep_alive is not None:  # a request asked for it, which overrides keep_loaded
+            return served.keep_alive if served.keep_alive >= 0 else None
+        if self._specs[served.id].keep_loaded or self.keep_alive < 0:
+            return None
+        return self.keep_alive
+
+    def expires_in(self, served: Served) -> float | None:
+        """Seconds until the model is unloaded if no request comes (None: never; 0 while in use)."""
+        with self._cond:
+            keep = self._keep_alive(served)
+            if keep is None:
+                return None
+            return 0.0 if served.users else max(0.0, served.last_used + keep - time.monotonic())
+
+    def loaded(self) -> list[Served]:
+        with self._cond:
+            return list(self._loaded.values())
 
     def _estimate(self, spec: ModelSpec) -> MemoryEstimate:
         try:
@@ -377,7 +432,10 @@ class ModelPool:
                 n_ctx = self._context(metadata) * self.parallel
                 n_batch = self.load_options.get("n_batch", 512)  # inference.load's default
                 n_ubatch = min(self.load_options.get("n_ubatch") or n_batch, n_batch)
-                self._estimates[key] = estimate_memory(spec.path, metadata, n_ctx, n_ubatch)
+                options = self.load_options
+                cache_types = (options.get("cache_type_k", "f16"), options.get("cache_type_v", "f16"))
+                prompt_cache = options.get("prompt_cache_bytes", 0)
+                self._estimates[key] = estimate_memory(spec.path, metadata, n_ctx, n_ubatch, cache_types, prompt_cache)
             return self._estimates[key]
         except (OSError, ValueError) as exc:
             raise self._load_error(spec, exc) from None
@@ -443,19 +501,19 @@ class ModelPool:
         served.close()
 
     def _reap(self) -> None:
-        """Unload the models idle for keep_alive seconds; sleep until the next one is due."""
+        """Unload the models idle for their keep-alive; sleep until the next one is due."""
         with self._cond:
             while not self._closed:
                 now = time.monotonic()
-                idle = [
-                    s
-                    for s in self._loaded.values()
-                    if s.users == 0 and s.owns_model and not self._specs[s.id].keep_loaded
-                ]
-                for served in idle:
-                    if now - served.last_used >= self.keep_alive:
+                due = []
+                for served in list(self._loaded.values()):
+                    keep = self._keep_alive(served)
+                    if served.users or keep is None:
+                        continue
+                    if now - served.last_used >= keep:
                         self._unload(served)
-                due = [s.last_used + self.keep_alive - now for s in idle if s.id in self._loaded]
+                    else:
+                        due.append(served.last_used + keep - now)
                 self._cond.wait(timeout=max(0.01, min(due)) if due else None)
 
     def close(self) -> None:
@@ -463,8 +521,7 @@ class ModelPool:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if self._reaper is not None:
-            self._reaper.join(timeout=30)
+        self._reaper.join(timeout=30)
         with self._cond:
             while self._loading:  # a load under way finishes first, then goes with the rest
                 self._cond.wait()

@@ -1,39 +1,43 @@
-"""Request bodies into typed, validated requests, and OpenAI-shaped errors. Nothing here needs a
-model: what depends on one (the prompt's tokens, the chat template, the context) is settled by
-the pool's loaded model (pool.Served)."""
+"""What every API surface shares about requests: APIError (answered in the surface's error shape),
+the body models' base (strict types, so 1 is not true and "0.5" is not a number), pydantic's
+validation errors turned into one APIError naming the field, and the typed requests the surfaces
+hand to the pool (CompletionRequest, ChatRequest, EmbeddingRequest, with the engine's
+SamplingParams). Nothing here needs a model: what depends on one (the prompt's tokens, the chat
+template, the context) is settled by the pool's loaded model (pool.Served)."""
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import dataclass
-from typing import Any
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from slim.runtime.inference import ContextError, SamplingParams
 
 __all__ = [
-    "MAX_EMBEDDING_INPUTS",
-    "MAX_STOPS",
-    "MAX_TOP_LOGPROBS",
     "APIError",
+    "Body",
     "ChatRequest",
     "CompletionRequest",
     "EmbeddingRequest",
+    "MAX_EMBEDDING_INPUTS",
+    "MAX_MESSAGES",
+    "MAX_STOP_CHARS",
+    "MAX_STOP_STRINGS",
     "bad_request",
+    "check_limits",
     "fit_max_tokens",
-    "model_name",
-    "parse_chat",
-    "parse_completion",
-    "parse_embeddings",
+    "invalid_body",
+    "json_grammar",
+    "validated",
 ]
-
-MAX_STOPS = 4
-MAX_TOP_LOGPROBS = 20
-MAX_EMBEDDING_INPUTS = 256
 
 
 class APIError(Exception):
-    """An error answered in OpenAI's shape."""
+    """An error answer: status, message, and OpenAI's type, param and code (the other surfaces
+    render the same error in their own shape)."""
 
     def __init__(
         self,
@@ -49,6 +53,7 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
+        """OpenAI's error shape."""
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
@@ -57,7 +62,93 @@ def bad_request(message: str, param: str | None = None, code: str | None = "inva
     return APIError(400, message, param=param, code=code)
 
 
-# ---- the requests ------------------------------------------------------------------------------
+# ---- bodies ----------------------------------------------------------------------------------
+
+
+class Body(BaseModel):
+    """A request body or a part of one: strict types, and a field it does not name is refused (a
+    misspelt "temprature" must not sample with the defaults). Fields that real clients send and
+    that change nothing here are named, and said to be ignored."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+
+
+B = TypeVar("B", bound=BaseModel)
+_LINE_BREAKING = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
+
+
+def validated(model: type[B], body: Any) -> B:
+    """`body` (parsed JSON) as `model`, or the APIError for its first bad field."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise invalid_body(exc.errors()) from None
+
+
+def _param(loc: Sequence[int | str]) -> str:
+    """("messages", 0, "role") -> "messages[0].role"."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def invalid_body(errors: Sequence[Any]) -> APIError:
+    """The APIError for pydantic's errors: about the first bad field (for a field that may take
+    several shapes, where every shape failed), invalid_type when no shape had the right type,
+    missing_required_parameter, unknown_parameter, invalid_json, or invalid_value."""
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        reason = (first.get("ctx") or {}).get("error", first["msg"])
+        return bad_request(f"the body is not valid JSON: {reason}", None, "invalid_json")
+    head = first["loc"][:1]
+    group = [e for e in errors if tuple(e["loc"][:1]) == tuple(head)]
+    loc = list(first["loc"])
+    for error in group[1:]:  # a union's errors: name the field itself, not one of its shapes
+        shared = 0
+        while shared < min(len(loc), len(error["loc"])) and loc[shared] == error["loc"][shared]:
+            shared += 1
+        loc = loc[:shared]
+    param = _param(loc) or None
+    kinds = {e["type"] for e in group}
+    if not loc:
+        return bad_request("the body must be a JSON object", None, "invalid_type")
+    # the field names and the values pydantic quotes are the client's: escaped, the message stays one line
+    named = one_line(param or "")
+    if kinds == {"extra_forbidden"}:
+        return bad_request(f"unknown field '{named}'", param, "unknown_parameter")
+    if kinds == {"missing"}:
+        return bad_request(f"'{named}' is required", param, "missing_required_parameter")
+    reasons = " or ".join(dict.fromkeys(one_line(e["msg"]) for e in group if e["type"] != "missing"))
+    only_types = all(k.endswith("_type") or k in ("missing", "model_attributes_type") for k in kinds)
+    return bad_request(f"'{named}': {reasons}", param, "invalid_type" if only_types else "invalid_value")
+
+
+def one_line(text: str) -> str:
+    """`text` with the characters that break or control a line (newlines, \\u2028, NUL...) escaped."""
+    return _LINE_BREAKING.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def json_grammar(schema: dict[str, Any] | None, param: str) -> str:
+    """GBNF for JSON matching `schema` (None: any JSON object); 400 about `param` if it cannot be one."""
+    from llama_cpp import llama_grammar
+
+    from slim.runtime.serve.grammars import schema_grammar
+
+    if schema is None:
+        return llama_grammar.JSON_GBNF
+    try:
+        return schema_grammar(schema)
+    except Exception as exc:
+        raise bad_request(f"the JSON schema is not supported: {exc}", param) from None
+
+
+# ---- the requests the surfaces make ------------------------------------------------------------
+
+MAX_MESSAGES = 4096  # in one chat request
+MAX_EMBEDDING_INPUTS = 256  # texts (or token lists) in one embeddings request
+MAX_STOP_STRINGS = 16  # each is looked for at every token
+MAX_STOP_CHARS = 1024  # in one stop string
 
 
 @dataclass(frozen=True)
@@ -73,14 +164,16 @@ class CompletionRequest:
     top_logprobs: int | None
     stream: bool
     include_usage: bool
+    n: int = 1  # choices, each its own generation
 
 
 @dataclass(frozen=True)
 class ChatRequest:
     """POST /v1/chat/completions: messages checked and normalised ({"role", "content"}, plus
     tool_calls, tool_call_id and name where given), and the tools with forced_tool, the function
-    tool_choice forces ("" for any of them; None when no call is forced). The rest as in
-    CompletionRequest."""
+    tool_choice forces ("" for any of them; None when no call is forced). `thinking` switches a
+    thinking template's thought on or off (None: its default), `template_variables` are the
+    request's own for the template (chat_template_kwargs). The rest as in CompletionRequest."""
 
     model: str
     messages: list[dict[str, Any]]
@@ -91,6 +184,9 @@ class ChatRequest:
     top_logprobs: int | None
     stream: bool
     include_usage: bool
+    n: int = 1
+    thinking: bool | None = None
+    template_variables: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -102,84 +198,16 @@ class EmbeddingRequest:
     encoding_format: str
 
 
-def model_name(body: dict[str, Any]) -> str:
-    name = body.get("model")
-    if not isinstance(name, str):
-        raise bad_request("'model' is required and must be a string", "model", "invalid_type")
-    return name
-
-
-def parse_chat(body: dict[str, Any]) -> ChatRequest:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("'messages' must be a non-empty list", "messages", "invalid_type")
-    if body.get("functions"):
-        raise bad_request("'functions' is not supported; use 'tools'", "functions", "unsupported_parameter")
-    tools, forced = None, None
-    if body.get("tools") is not None and body.get("tool_choice") != "none":
-        tools, forced = _tools(body["tools"], body.get("tool_choice"))
-    checked = [_message(m, i) for i, m in enumerate(messages)]
-    if forced is not None and body.get("response_format") not in (None, {"type": "text"}):
-        raise bad_request("a forced tool call cannot be combined with response_format", "response_format")
-    logprobs = body.get("logprobs")
-    if logprobs is not None and not isinstance(logprobs, bool):
-        raise bad_request("'logprobs' must be a boolean", "logprobs", "invalid_type")
-    top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
-    if top is not None and not logprobs:
-        raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    max_tokens = _max_tokens(body)
-    return ChatRequest(
-        model_name(body),
-        checked,
-        tools,
-        forced,
-        _params(body),
-        max_tokens,
-        (top or 0) if logprobs else None,
-        *_streaming(body),
-    )
-
-
-def parse_completion(body: dict[str, Any]) -> CompletionRequest:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        prompt = list(prompt)
-    elif not isinstance(prompt, str):
-        raise bad_request(
-            "'prompt' must be a string (or one list of token ids); batches of prompts are not supported",
-            "prompt",
-            "invalid_type",
-        )
-    if body.get("echo") or body.get("suffix") or (body.get("best_of") not in (None, 1)):
-        raise bad_request("'echo', 'suffix' and 'best_of' are not supported", "echo", "unsupported_parameter")
-    max_tokens = _max_tokens(body)
-    top_logprobs = _integer(body, "logprobs", 0, 5)
-    return CompletionRequest(model_name(body), prompt, _params(body), max_tokens, top_logprobs, *_streaming(body))
-
-
-def parse_embeddings(body: dict[str, Any]) -> EmbeddingRequest:
-    encoding = body.get("encoding_format", "float")
-    if encoding not in ("float", "base64"):
-        raise bad_request("'encoding_format' must be 'float' or 'base64'", "encoding_format")
-    if body.get("dimensions") is not None:
-        raise bad_request("'dimensions' is not supported", "dimensions", "unsupported_parameter")
-    value = body.get("input")
-    if isinstance(value, str) or (
-        isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
-    ):
-        value = [value]
-    if not isinstance(value, list) or not value:
-        raise bad_request("'input' must be a string, a list of strings, or token ids", "input", "invalid_type")
-    if len(value) > MAX_EMBEDDING_INPUTS:
-        raise bad_request(f"'input' may hold at most {MAX_EMBEDDING_INPUTS} items", "input")
-    for i, item in enumerate(value):
-        if not isinstance(item, str) and not (
-            isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item)
-        ):
-            raise bad_request(f"input[{i}] must be a string or a list of token ids", "input", "invalid_type")
-    return EmbeddingRequest(model_name(body), value, encoding)
+def check_limits(params: SamplingParams, messages: Sequence[Any] = ()) -> None:
+    """400 for more stop strings, longer ones, or more messages than a request may hold (whatever
+    the surface that made it calls them)."""
+    if len(params.stop) > MAX_STOP_STRINGS:
+        raise bad_request(f"at most {MAX_STOP_STRINGS} stop strings may be given", "stop")
+    longest = max((len(s) for s in params.stop), default=0)
+    if longest > MAX_STOP_CHARS:
+        raise bad_request(f"a stop string may be at most {MAX_STOP_CHARS} characters, not {longest}", "stop")
+    if len(messages) > MAX_MESSAGES:
+        raise bad_request(f"at most {MAX_MESSAGES} messages may be given, not {len(messages)}", "messages")
 
 
 def fit_max_tokens(max_tokens: int | None, prompt_tokens: int, n_ctx: int, param: str) -> int:
@@ -194,193 +222,3 @@ def fit_max_tokens(max_tokens: int | None, prompt_tokens: int, n_ctx: int, param
             400, str(ContextError(prompt_tokens, max_tokens, n_ctx)), param="max_tokens", code="context_length_exceeded"
         )
     return max_tokens
-
-
-# ---- fields --------------------------------------------------------------------------------------
-
-
-def _number(body: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise bad_request(f"'{name}' must be a number", name, "invalid_type")
-    if not low <= value <= high:
-        raise bad_request(f"'{name}' must be between {low} and {high}, not {value}", name)
-    return float(value)
-
-
-def _integer(body: dict[str, Any], name: str, low: int, high: int | None = None) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise bad_request(f"'{name}' must be an integer", name, "invalid_type")
-    if value < low or (high is not None and value > high):
-        limits = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise bad_request(f"'{name}' must be {limits}, not {value}", name)
-    return value
-
-
-def _max_tokens(body: dict[str, Any]) -> int | None:
-    _integer(body, "n", 1, 1)  # one choice per request
-    max_tokens = _integer(body, "max_completion_tokens", 1)
-    return _integer(body, "max_tokens", 1) if max_tokens is None else max_tokens
-
-
-def _stops(body: dict[str, Any]) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise bad_request("'stop' must be a string or a list of strings", "stop", "invalid_type")
-    if len(stop) > MAX_STOPS:
-        raise bad_request(f"'stop' may hold at most {MAX_STOPS} strings", "stop")
-    return tuple(s for s in stop if s)
-
-
-def _params(body: dict[str, Any]) -> SamplingParams:
-    """OpenAI's sampling: temperature 1, top_p 1, no top-k or min-p; the penalties count the
-    generated tokens only. max_tokens and penalty_last_n are settled once the prompt is known."""
-    stops = _stops(body)
-    seed = _integer(body, "seed", -(2**63))
-    return SamplingParams(
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1e-6,
-        top_k=0,
-        min_p=0.0,
-        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
-        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        penalize_prompt=False,
-        seed=None if seed is None else seed % 0xFFFFFFFF,
-        stop=stops,
-        grammar=_grammar(body),
-    )
-
-
-def _streaming(body: dict[str, Any]) -> tuple[bool, bool]:
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise bad_request("'stream' must be a boolean", "stream", "invalid_type")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise bad_request("'stream_options' must be an object", "stream_options", "invalid_type")
-    return stream, bool(options.get("include_usage"))
-
-
-def _message(message: Any, i: int) -> dict[str, Any]:
-    if not isinstance(message, dict):
-        raise bad_request(f"messages[{i}] must be an object", f"messages[{i}]", "invalid_type")
-    role = message.get("role")
-    if role not in ("system", "developer", "user", "assistant", "tool"):
-        raise bad_request(
-            f"messages[{i}].role must be one of system, developer, user, assistant, tool", f"messages[{i}].role"
-        )
-    content = message.get("content")
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise bad_request(
-                    f"messages[{i}].content parts must be text parts ({{'type': 'text', 'text': ...}})",
-                    f"messages[{i}].content",
-                )
-            parts.append(part["text"])
-        content = "".join(parts)
-    if content is None and role == "assistant" or (content is None and message.get("tool_calls")):
-        content = ""
-    if not isinstance(content, str):
-        raise bad_request(
-            f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content", "invalid_type"
-        )
-    checked: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
-    calls = message.get("tool_calls")
-    if calls:
-        if not isinstance(calls, list):
-            raise bad_request(f"messages[{i}].tool_calls must be a list", f"messages[{i}].tool_calls", "invalid_type")
-        checked["tool_calls"] = []
-        for call in calls:
-            function = call.get("function") if isinstance(call, dict) else None
-            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-                raise bad_request(
-                    f"messages[{i}].tool_calls entries need a function with a name", f"messages[{i}].tool_calls"
-                )
-            arguments = function.get("arguments", "{}")
-            if isinstance(arguments, str):  # chat templates expect the arguments as an object
-                try:
-                    arguments = json.loads(arguments or "{}")
-                except ValueError:
-                    raise bad_request(
-                        f"messages[{i}].tool_calls arguments must be JSON", f"messages[{i}].tool_calls"
-                    ) from None
-            checked["tool_calls"].append(
-                {
-                    "id": call.get("id"),
-                    "type": "function",
-                    "function": {"name": function["name"], "arguments": arguments},
-                }
-            )
-    for key in ("tool_call_id", "name"):
-        if isinstance(message.get(key), str):
-            checked[key] = message[key]
-    return checked
-
-
-def _grammar(body: dict[str, Any]) -> str | None:
-    fmt = body.get("response_format")
-    if fmt is None:
-        return None
-    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
-        raise bad_request(
-            "'response_format' must be {'type': 'text' | 'json_object' | 'json_schema', ...}", "response_format"
-        )
-    from llama_cpp import llama_grammar
-
-    if fmt["type"] == "text":
-        return None
-    if fmt["type"] == "json_object":
-        return llama_grammar.JSON_GBNF
-    spec = fmt.get("json_schema")
-    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
-        raise bad_request("response_format.json_schema must be an object with a 'schema' object", "response_format")
-    try:
-        return llama_grammar.json_schema_to_gbnf(json.dumps(spec.get("schema", {})))
-    except Exception as exc:
-        raise bad_request(f"the JSON schema is not supported: {exc}", "response_format") from None
-
-
-def _tools(tools: Any, choice: Any) -> tuple[list[dict[str, Any]], str | None]:
-    """The tools (OpenAI's [{"type": "function", "function": {...}}]) and the name of the function
-    tool_choice forces ("" for "required": any of them), None when no call is forced."""
-    if not isinstance(tools, list) or not tools:
-        raise bad_request("'tools' must be a non-empty list", "tools", "invalid_type")
-    names = []
-    for i, tool in enumerate(tools):
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if (
-            not isinstance(tool, dict)
-            or tool.get("type") != "function"
-            or not isinstance(function, dict)
-            or not isinstance(function.get("name"), str)
-            or not isinstance(function.get("parameters", {}), dict)
-        ):
-            raise bad_request(
-                f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., 'parameters': {{...}}}}}}",
-                f"tools[{i}]",
-            )
-        names.append(function["name"])
-    if choice is None or choice == "auto":
-        return tools, None
-    if choice == "required":
-        return tools, ""
-    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
-        name = choice["function"].get("name")
-        if name not in names:
-            raise bad_request(f"tool_choice names {name!r}, which is not one of the tools", "tool_choice")
-        return tools, name
-    raise bad_request(
-        "'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}",
-        "tool_choice",
-    )

@@ -1,48 +1,72 @@
-"""The HTTP side: routes, authentication, CORS, streaming as server-sent events, OpenAI-shaped
-answers and errors, the request log; and Server, which binds it all to a socket. Everything that
-knows about HTTP is here (the standard library's threading server: one thread per connection,
-which parses, validates, tokenizes and then waits on its job's events; it watches its socket, so
-a client that goes away cancels its job and the scheduler frees the sequence on its next step)."""
+"""The HTTP server: an ASGI app (FastAPI, on uvicorn) made of one router per API surface, and what
+every route shares: the API key, CORS, the body size limit, errors in the surface's shape (for
+bad input, unknown routes and methods, and internal errors, whose traceback is logged), the
+request log line, and Server, which binds it all to a socket and serves it on the event loop
+(the surfaces answer there; loading models, tokenizing and embedding run on worker threads).
+
+A local server is reached by every program on the machine and by every web page in its browser,
+so before any route runs (_Gate):
+- Host: on a loopback address, the Host header must name loopback (localhost, 127.0.0.1, [::1])
+  or a host allowed with `allowed_hosts`: a page whose own name was rebound to 127.0.0.1 (DNS
+  rebinding) sends its name and is refused (403).
+- Origin: a request that a browser made for a page (it carries Origin) is refused (403) unless
+  the page is the server's own origin or `cors_origin` allows it.
+- Content-Type: a body is JSON. application/json (or +json), none, and curl -d's form type are
+  read as JSON; text/plain, multipart and the rest, which a page may send without asking the
+  server first, are refused (415).
+- The body: read whole (within max_body_bytes) before the route, each part within
+  body_timeout; JSON nested deeper than MAX_JSON_DEPTH or holding a lone UTF-16 surrogate is a 400.
+- Slow clients: the headers of a request must arrive within header_timeout, and an answer that
+  the client does not read for send_timeout is given up (its generation cancelled, its model
+  free to unload).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import hmac
+import ipaddress
 import json
-import queue
-import select
 import socket
 import threading
 import time
-import uuid
-from collections.abc import Iterator, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Sequence
 from typing import Any
 
-from slim.runtime.inference import Done, Event, Failed, Model, Piece
-from slim.runtime.serve.logs import log_internal_error, log_request
-from slim.runtime.serve.pool import ModelPool, ModelSpec, Served
-from slim.runtime.serve.requests import (
-    APIError,
-    ChatRequest,
-    CompletionRequest,
-    bad_request,
-    model_name,
-    parse_chat,
-    parse_completion,
-    parse_embeddings,
-)
-from slim.runtime.serve.scheduler import Job
-from slim.runtime.serve.tools import parse_tool_calls
+import h11
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-__all__ = ["MAX_BODY_BYTES", "Server"]
+from slim.runtime.inference import Model
+from slim.runtime.serve import anthropic_api, ollama_api, openai_api, responses_api
+from slim.runtime.serve.jobs import RequestLog
+from slim.runtime.serve.logs import log_internal_error, log_request
+from slim.runtime.serve.metrics import Metrics
+from slim.runtime.serve.pool import ModelPool
+from slim.runtime.serve.requests import APIError, invalid_body
+
+__all__ = ["LOOPBACK_HOSTS", "MAX_BODY_BYTES", "MAX_JSON_DEPTH", "Server", "create_app"]
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
-_POLL_S = 0.1
-_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+MAX_JSON_DEPTH = 256  # objects and arrays nested in a body (a JSON schema in it may nest 64 deep)
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
+JSON_TYPES = ("application/json", "application/x-www-form-urlencoded")  # the second: what curl -d says
+PUBLIC_ROUTES = ("/health", "/")  # answered without the API key
 
 
 class Server:
-    """The HTTP routes over a ModelPool (or over one model the caller loaded: `Server(model, names)`,
-    where `model_names` are the names requests may give in "model", the first its id)."""
+    """The HTTP server over a ModelPool (or over one model the caller loaded: `Server(model, names)`,
+    where `model_names` are the names requests may give in "model", the first its id). api_key and
+    cors_origin may be changed while it runs. allowed_hosts: Host names accepted besides loopback's
+    ("*": any) on a loopback address; the timeouts (seconds): for a request's headers, for each
+    part of its body, and for the client to take each part of the answer."""
 
     def __init__(
         self,
@@ -53,6 +77,10 @@ class Server:
         cors_origin: str | None = None,
         queue_size: int = 64,
         max_body_bytes: int = MAX_BODY_BYTES,
+        allowed_hosts: Sequence[str] = (),
+        header_timeout: float = 10.0,
+        body_timeout: float = 10.0,
+        send_timeout: float = 30.0,
     ) -> None:
         self.pool = (
             models if isinstance(models, ModelPool) else ModelPool.of(models, model_names, queue_size=queue_size)
@@ -60,479 +88,415 @@ class Server:
         self.api_key = api_key
         self.cors_origin = cors_origin
         self.max_body_bytes = max_body_bytes
-        self.httpd: ThreadingHTTPServer | None = None
+        self.allowed_hosts = LOOPBACK_HOSTS | {h.lower() for h in allowed_hosts}
+        self.check_host = "*" not in self.allowed_hosts  # until bound: off for a non-loopback address
+        self.header_timeout, self.body_timeout, self.send_timeout = header_timeout, body_timeout, send_timeout
+        self.app = create_app(self)
+        self._socket: socket.socket | None = None
+        self._uvicorn: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
     def bind(self, host: str = "127.0.0.1", port: int = 8080) -> tuple[str, int]:
-        handler = type("Handler", (_Handler,), {"app": self})
-        self.httpd = _HTTPServer((host, port), handler)
-        bound_host, bound_port = self.httpd.server_address[:2]
+        """Listen on host:port (port 0: a free one); OSError if that cannot be done. Returns the address."""
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(256)  # many clients connecting at once must not be refused
+        except OSError:
+            sock.close()
+            raise
+        self._socket = sock
+        bound_host, bound_port = sock.getsockname()[:2]
+        self.check_host = self.check_host and ipaddress.ip_address(bound_host).is_loopback
+        config = uvicorn.Config(
+            self.app,
+            http=type("TimedH11Protocol", (_TimedH11Protocol,), {"header_timeout": self.header_timeout}),
+            loop="asyncio",
+            lifespan="off",
+            log_config=None,  # the request log is slim's own (logs.py)
+            access_log=False,
+            server_header=False,
+            backlog=256,
+            timeout_graceful_shutdown=5,
+        )
+        self._uvicorn = uvicorn.Server(config)
         return str(bound_host), int(bound_port)
 
     def serve(self, host: str = "127.0.0.1", port: int = 8080) -> None:
-        """Bind and serve until shutdown() or KeyboardInterrupt."""
-        if self.httpd is None:
+        """Bind (unless bound) and serve until shutdown() or Ctrl-C (KeyboardInterrupt, once the
+        requests under way have had a few seconds to finish); the pool is closed at the end."""
+        if self._uvicorn is None:
             self.bind(host, port)
-        assert self.httpd is not None
+        assert self._uvicorn is not None and self._socket is not None
         try:
-            self.httpd.serve_forever(poll_interval=0.2)
+            self._uvicorn.run(sockets=[self._socket])
         finally:
             self.pool.close()
-            self.httpd.server_close()
+            self._socket.close()
 
     def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
-        """Serve on a background thread; returns the bound address."""
+        """Serve on a background thread; returns the bound address (connections wait until it serves)."""
         address = self.bind(host, port)
         self._thread = threading.Thread(target=self.serve, name="slim-http", daemon=True)
         self._thread.start()
         return address
 
     def shutdown(self) -> None:
-        if self.httpd is not None:
-            self.httpd.shutdown()
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=30)
 
-    def model_entry(self, spec: ModelSpec) -> dict[str, Any]:
-        """OpenAI's model object, plus `state` (loaded, loading or unloaded) and the other names."""
-        return {
-            "id": spec.id,
-            "object": "model",
-            "created": int(spec.path.stat().st_mtime) if spec.path.exists() else 0,
-            "owned_by": "slim",
-            "state": self.pool.state(spec),
-            "aliases": spec.names[1:],
-        }
+
+# ---- the app ---------------------------------------------------------------------------------------
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 256  # many clients connecting at once must not be refused
+def _render(error: APIError, path: str) -> Response:
+    """The error in the shape of the API the path belongs to."""
+    if path.startswith("/v1/messages"):
+        return JSONResponse(anthropic_api.error_body(error), error.status, error.headers)
+    if path.startswith("/api/"):
+        return JSONResponse(ollama_api.error_body(error), error.status, error.headers)
+    return JSONResponse(error.body(), error.status, error.headers)
 
 
-def _client_gone(sock: socket.socket) -> bool:
-    """True when the peer closed its side (or reset) the connection."""
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        if not readable:
-            return False
-        return sock.recv(1, socket.MSG_PEEK) == b""
-    except (OSError, ValueError):
-        return True
+def create_app(server: Server) -> FastAPI:
+    app = FastAPI(
+        title="slim serve",
+        summary="Local models behind OpenAI's, Anthropic's and Ollama's APIs",
+        docs_url=None,  # the interactive pages load scripts from the network
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
+    app.state.pool = server.pool
+    app.state.responses = responses_api.ResponseStore()
+    app.state.metrics = metrics = Metrics()
+    app.include_router(openai_api.router)
+    app.include_router(responses_api.router)
+    app.include_router(anthropic_api.router)
+    app.include_router(ollama_api.router)
 
+    @app.get("/health", summary="Whether the server is up, and its load and memory per model")
+    async def health() -> Response:
+        return JSONResponse({"status": "ok", **server.pool.health()})
 
-class _Handler(BaseHTTPRequestHandler):
-    app: Server
-    protocol_version = "HTTP/1.1"
-    server_version = "slim"
-    sys_version = ""
-    disable_nagle_algorithm = True  # each streamed token goes out at once, not after the last one's ACK
+    @app.get("/metrics", summary="Requests, tokens, latencies and loaded models, in Prometheus' text format")
+    async def prometheus() -> Response:
+        return PlainTextResponse(metrics.render(server.pool), media_type="text/plain; version=0.0.4")
 
-    # ---- the request log --------------------------------------------------------------------
+    async def api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, APIError)
+        return _render(exc, request.url.path)
 
-    def handle_one_request(self) -> None:
-        """One request, then its log line (none for a connection closed before a request came)."""
-        self._started = time.monotonic()
-        self._status: int | None = None
-        self._model: str | None = None
-        self._tokens: tuple[int | None, int | None] = (None, None)
-        self.command = None  # type: ignore[assignment]
-        try:
-            super().handle_one_request()
-        finally:
-            if self.command:
-                log_request(
-                    self.command,
-                    self.path.split("?", 1)[0],
-                    self._model,
-                    self._status,
-                    *self._tokens,
-                    time.monotonic() - self._started,
-                )
+    async def bad_body(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        errors = [{**e, "loc": tuple(e["loc"])[1:]} for e in exc.errors() if tuple(e["loc"])[:1] == ("body",)]
+        return _render(invalid_body(errors or list(exc.errors())), request.url.path)
 
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        self._status = int(code) if isinstance(code, int) else None
-
-    def log_message(self, format: str, *args: Any) -> None:  # the request line above says it all
-        pass
-
-    # ---- plumbing ---------------------------------------------------------------------------
-
-    def _headers(self, status: int, content_type: str, length: int | None, extra: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        if length is not None:
-            self.send_header("Content-Length", str(length))
-        else:
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        if self.app.cors_origin:
-            self.send_header("Access-Control-Allow-Origin", self.app.cors_origin)
-            self.send_header("Vary", "Origin")
-        for key, value in (extra or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-
-    def _json(self, status: int, document: dict[str, Any], extra: dict[str, str] | None = None) -> None:
-        data = json.dumps(document, ensure_ascii=False).encode()
-        self._headers(status, "application/json", len(data), extra)
-        self.wfile.write(data)
-
-    def _error(self, error: APIError) -> None:
-        self._json(error.status, error.body(), error.headers)
-
-    def _internal_error(self, exc: Exception) -> None:
-        log_internal_error(f"{self.command} {self._route()}", exc)
-        self.close_connection = True
-        self._error(APIError(500, f"internal error: {exc.__class__.__name__}: {exc}", "server_error"))
-
-    def _authorized(self) -> bool:
-        key = self.app.api_key
-        if key is None:
-            return True
-        import hmac
-
-        header = self.headers.get("Authorization", "")
-        given = header[7:].strip() if header[:7].lower() == "bearer " else ""
-        return bool(given) and hmac.compare_digest(given.encode(), key.encode())
-
-    def _unauthorized(self) -> APIError:
-        return APIError(
-            401,
-            "missing or wrong API key (send Authorization: Bearer KEY)",
-            "authentication_error",
-            code="invalid_api_key",
-        )
-
-    def _route(self) -> str:
-        return self.path.split("?", 1)[0].rstrip("/") or "/"
-
-    def _read_body(self) -> dict[str, Any]:
-        if self.headers.get("Transfer-Encoding", "").lower() not in ("", "identity"):
-            self.close_connection = True
-            raise APIError(411, "send the body with a Content-Length", code="length_required")
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            length = -1
-        if length < 0:
-            self.close_connection = True
-            raise bad_request("bad Content-Length", None, "invalid_request")
-        if length > self.app.max_body_bytes:
-            self.close_connection = True  # the body is not read
-            raise APIError(
-                413,
-                f"the request body is {length} bytes; the limit is {self.app.max_body_bytes}",
-                code="request_too_large",
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        method, path = request.method, request.url.path
+        if exc.status_code == 404:
+            error = APIError(404, f"no route {method} {path}", code="not_found")
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            error = APIError(
+                405,
+                f"{method} is not allowed on {path}; use {allowed}",
+                code="method_not_allowed",
+                headers={"Allow": allowed},
             )
-        raw = self.rfile.read(length)
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise bad_request(f"the body is not valid JSON: {exc}", None, "invalid_json") from None
-        if not isinstance(body, dict):
-            raise bad_request("the body must be a JSON object", None, "invalid_type")
-        return body
-
-    # ---- verbs ------------------------------------------------------------------------------
-
-    def do_OPTIONS(self) -> None:
-        if not self.app.cors_origin:
-            self._error(APIError(405, "method not allowed", code="method_not_allowed"))
-            return
-        self._headers(
-            204,
-            "text/plain",
-            0,
-            {
-                "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-                "Access-Control-Allow-Headers": "Authorization, Content-Type",
-                "Access-Control-Max-Age": "600",
-            },
-        )
-
-    def do_GET(self) -> None:
-        route = self._route()
-        if route == "/health":
-            self._json(200, {"status": "ok", **self.app.pool.health()})
-            return
-        if not self._authorized():
-            self._error(self._unauthorized())
-            return
-        if route == "/v1/models":
-            self._json(200, {"object": "list", "data": [self.app.model_entry(s) for s in self.app.pool.listing()]})
-        elif route.startswith("/v1/models/"):
-            try:
-                self._json(200, self.app.model_entry(self.app.pool.spec(route[len("/v1/models/") :])))
-            except APIError as error:
-                self._error(error)
         else:
-            self._error(APIError(404, f"no route GET {route}", code="not_found"))
+            error = APIError(
+                exc.status_code, str(exc.detail), code="request_too_large" if exc.status_code == 413 else None
+            )
+        return _render(error, path)
 
-    def do_POST(self) -> None:
-        route = self._route()
-        try:
-            if not self._authorized():
-                self.close_connection = True
-                raise self._unauthorized()
-            if route not in _ROUTES:
-                self.close_connection = True
-                raise APIError(404, f"no route POST {route}", code="not_found")
-            body = self._read_body()
-            self._model = model_name(body)
-            served = self.app.pool.acquire(self._model)  # loads the model if need be
-        except APIError as error:
-            self._error(error)
-            return
-        except Exception as exc:  # a bug must not cost the client its answer
-            self._internal_error(exc)
-            return
-        try:
-            self._answer(served, route, body)
-        finally:
-            self.app.pool.release(served)
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(RequestValidationError, bad_body)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_middleware(_Gate, server=server, metrics=metrics)
+    base_schema = app.openapi
 
-    def _answer(self, served: Served, route: str, body: dict[str, Any]) -> None:
+    def schema() -> dict[str, Any]:
+        """FastAPI's schema, with the 400 slim answers for a bad body where FastAPI would say 422."""
+        if app.openapi_schema is None:
+            document = base_schema()
+            for operations in document.get("paths", {}).values():
+                for operation in operations.values():
+                    responses = operation.get("responses", {})
+                    if responses.pop("422", None) is not None:
+                        responses["400"] = {"description": "A bad body: the error names the field and what is wrong"}
+            for name in ("HTTPValidationError", "ValidationError"):
+                document.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = schema  # type: ignore[method-assign]
+    return app
+
+
+class _TimedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 connection, closed when a request's headers have not all come
+    `header_timeout` seconds after the connection opened or the last answer ended (uvicorn's own
+    keep-alive timer stops at the first byte: a client that sends half a header would hold the
+    connection for ever)."""
+
+    header_timeout = 10.0
+    _header_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._await_headers()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._await_headers()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+        super().connection_lost(exc)
+
+    def _await_headers(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+        self._header_deadline = self.loop.call_later(self.header_timeout, self._headers_late)
+
+    def _headers_late(self) -> None:
+        self._header_deadline = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+
+class ClientTooSlow(Exception):
+    """The client did not take a part of its answer within the send timeout."""
+
+
+class _Gate:
+    """Around every request: the log line once it is answered, CORS, the Host, Origin and
+    Content-Type checks, the API key, the body (its size, its pace, its JSON), the send timeout,
+    and a 500 (with the traceback logged) for an error no route expected."""
+
+    def __init__(self, app: ASGIApp, server: Server, metrics: Metrics) -> None:
+        self.app = app
+        self.server = server
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method, path = scope["method"], scope["path"]
+        log = scope["slim.log"] = RequestLog()
+        started = log.arrived
+        status: int | None = None
+        origin = self.server.cors_origin
+
+        async def answer(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if origin:
+                    extra = [(b"access-control-allow-origin", origin.encode()), (b"vary", b"Origin")]
+                    message = {**message, "headers": [*message.get("headers", []), *extra]}
+            try:
+                async with asyncio.timeout(self.server.send_timeout):
+                    await send(message)
+            except TimeoutError:
+                raise ClientTooSlow() from None
+
         try:
-            if route == "/v1/embeddings":
-                self._embeddings(served, body)
-                return
-            chat = route == "/v1/chat/completions"
-            request: ChatRequest | CompletionRequest
-            if chat:
-                request = parse_chat(body)
-                job = served.chat_job(request)
+            refusal = self._refusal(method, path, Headers(scope=scope))
+            if refusal is None and method in BODY_METHODS:
+                try:
+                    body = await self._body(receive)
+                except APIError as unread:
+                    refusal = unread
+                else:
+                    refusal = _bad_json(body)
+                    receive = _replay(body, receive)
+            if isinstance(refusal, Response):
+                await refusal(scope, receive, answer)
+            elif refusal is not None:
+                await _render(refusal, path)(scope, receive, answer)
             else:
-                request = parse_completion(body)
-                job = served.completion_job(request)
-            served.scheduler.submit(job)
-        except APIError as error:
-            self._error(error)
-            return
+                _read_as_json(scope)
+                await self.app(scope, receive, answer)
+        except ClientTooSlow:
+            status = status or 408  # the connection is closed: the client has stopped reading
         except Exception as exc:  # a bug must not cost the client its answer
-            self._internal_error(exc)
-            return
-        try:
-            if request.stream:
-                self._stream(job, served.id, chat, request.include_usage)
-            else:
-                self._whole(job, served.id, chat)
-        except (BrokenPipeError, ConnectionError, TimeoutError, OSError):
-            self.close_connection = True
+            log_internal_error(f"{method} {path}", exc)
+            if status is None:
+                error = APIError(500, f"internal error: {exc.__class__.__name__}: {exc}", "server_error")
+                await _render(error, path)(scope, receive, answer)
         finally:
-            job.cancelled.set()  # a no-op for a finished job; frees the sequence of an abandoned one
+            log_request(
+                method, path, log.model, status, log.prompt_tokens, log.completion_tokens, time.monotonic() - started
+            )
+            self.metrics.request(getattr(scope.get("route"), "path", "-"), log.model, status)
 
-    # ---- answers ----------------------------------------------------------------------------
+    def _refusal(self, method: str, path: str, headers: Headers) -> APIError | Response | None:
+        """The answer for a request that goes no further than here, if it is one."""
+        server = self.server
+        host = headers.get("host", "").lower()
+        if server.check_host and _host_name(host) not in server.allowed_hosts:
+            return APIError(
+                403,
+                f"the Host header names {host or 'nothing'}, not this server (a web page's DNS rebinding?); "
+                f"slim serve --allow-host {_host_name(host) or 'NAME'} accepts it",
+                "permission_error",
+                code="forbidden_host",
+            )
+        given_origin = headers.get("origin")
+        if given_origin is not None and not _allowed_origin(given_origin, host, server.cors_origin):
+            return APIError(
+                403,
+                f"requests from web pages at {given_origin} are refused; slim serve --cors {given_origin} allows them",
+                "permission_error",
+                code="forbidden_origin",
+            )
+        if method == "OPTIONS":
+            if not server.cors_origin:
+                return APIError(405, "method not allowed", code="method_not_allowed")
+            # the SDKs send headers of their own (x-stainless-*, anthropic-version): allow what is asked
+            asked = headers.get("access-control-request-headers", "")
+            allow = {
+                "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+                "Access-Control-Allow-Headers": asked or "Authorization, Content-Type, x-api-key, anthropic-version",
+                "Access-Control-Max-Age": "600",
+            }
+            return Response(status_code=204, headers=allow)
+        if path not in PUBLIC_ROUTES and not _authorized(server.api_key, headers):
+            return APIError(
+                401,
+                "missing or wrong API key (send Authorization: Bearer KEY, or x-api-key: KEY)",
+                "authentication_error",
+                code="invalid_api_key",
+            )
+        kind = headers.get("content-type", "").split(";")[0].strip().lower()
+        if method in BODY_METHODS and kind and kind not in JSON_TYPES and not kind.endswith("+json"):
+            return APIError(
+                415,
+                f"the body must be JSON sent as Content-Type: application/json, not {kind}",
+                code="unsupported_media_type",
+            )
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > server.max_body_bytes:
+            return _too_large(int(length), server.max_body_bytes)
+        return None
 
-    def _embeddings(self, served: Served, body: dict[str, Any]) -> None:
-        import base64
-        import struct
-
-        request = parse_embeddings(body)
-        inputs = served.embedding_inputs(request)
-        data = []
-        for i, tokens in enumerate(inputs):
-            vector: Any = served.embed(tokens)
-            if request.encoding_format == "base64":
-                vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-            data.append({"object": "embedding", "index": i, "embedding": vector})
-        n = sum(len(t) for t in inputs)
-        self._tokens = (n, None)
-        self._json(
-            200, {"object": "list", "data": data, "model": served.id, "usage": {"prompt_tokens": n, "total_tokens": n}}
-        )
-
-    def _events(self, job: Job) -> Iterator[Event]:
-        """The job's events; stops (cancelling the job) if the client goes away meanwhile."""
-        checked = time.monotonic()
-        self._tokens = (len(job.prompt), 0)
+    async def _body(self, receive: Receive) -> bytes:
+        """The whole body, each part within the body timeout; APIError past the size limit or the timeout."""
+        limit, timeout = self.server.max_body_bytes, self.server.body_timeout
+        parts: list[bytes] = []
+        seen = 0
         while True:
             try:
-                event: Event | None = job.events.get(timeout=_POLL_S)
-            except queue.Empty:
-                event = None
-            if time.monotonic() - checked >= _POLL_S:
-                checked = time.monotonic()
-                if _client_gone(self.connection):
-                    job.cancelled.set()
-                    raise ConnectionError("the client went away")
-            if event is None:
-                continue
-            if isinstance(event, Done):
-                self._tokens = (len(job.prompt), event.completion_tokens)
-            yield event
-            if not isinstance(event, Piece):
-                return
+                async with asyncio.timeout(timeout):
+                    message = await receive()
+            except TimeoutError:
+                raise APIError(
+                    408,
+                    f"the body stopped coming after {seen} bytes (nothing for {timeout:g} s)",
+                    code="request_timeout",
+                    headers={"Connection": "close"},
+                ) from None
+            if message["type"] != "http.request":
+                raise ClientTooSlow()  # the client went away before its body was complete
+            parts.append(message.get("body", b""))
+            seen += len(parts[-1])
+            if seen > limit:
+                raise APIError(413, _too_large(seen, limit).message, code="request_too_large")
+            if not message.get("more_body", False):
+                return b"".join(parts)
 
-    def _usage(self, job: Job, completion_tokens: int) -> dict[str, Any]:
-        return {
-            "prompt_tokens": len(job.prompt),
-            "completion_tokens": completion_tokens,
-            "total_tokens": len(job.prompt) + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": job.cached_tokens},
-        }
 
-    def _failed(self, event: Failed) -> APIError:
-        error = event.error
-        return error if isinstance(error, APIError) else APIError(500, f"internal error: {error}", "server_error")
+BODY_METHODS = ("POST", "PUT", "PATCH")
 
-    def _whole(self, job: Job, model_id: str, chat: bool) -> None:
-        pieces, logprobs = [], []
-        reason, n = "stop", 0
-        for event in self._events(job):
-            if isinstance(event, Piece):
-                pieces.append(event.text)
-                if event.logprobs is not None:
-                    logprobs.append(event.logprobs)
-            elif isinstance(event, Failed):
-                self._error(self._failed(event))
-                return
-            else:
-                reason, n = event.finish_reason, event.completion_tokens
-        text = "".join(pieces)
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        if chat:
-            message: dict[str, Any] = {"role": "assistant", "content": text}
-            if job.tools:
-                content, calls = parse_tool_calls(text)
-                if calls:
-                    message, reason = {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
-            choice = {
-                "index": 0,
-                "message": message,
-                "logprobs": {"content": logprobs} if job.top_logprobs is not None else None,
-                "finish_reason": reason,
-            }
-        else:
-            choice = {
-                "index": 0,
-                "text": text,
-                "logprobs": _completion_logprobs(logprobs) if job.top_logprobs is not None else None,
-                "finish_reason": reason,
-            }
-        self._json(
-            200,
-            {
-                "id": rid,
-                "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()),
-                "model": model_id,
-                "system_fingerprint": "slim",
-                "choices": [choice],
-                "usage": self._usage(job, n),
-            },
-        )
 
-    def _stream(self, job: Job, model_id: str, chat: bool, include_usage: bool) -> None:
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        created = int(time.time())
-        started = False
+def _host_name(host: str) -> str:
+    """ "localhost:8080" -> "localhost", "[::1]:8080" -> "[::1]"."""
+    if host.startswith("["):
+        return host[: host.find("]") + 1]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
-        def send(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> None:
-            chunk: dict[str, Any] = {
-                "id": rid,
-                "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": created,
-                "model": model_id,
-                "system_fingerprint": "slim",
-                "choices": choices,
-            }
-            if include_usage:
-                chunk["usage"] = usage
-            self.wfile.write(b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n")
-            self.wfile.flush()
 
-        def start() -> None:
-            nonlocal started
-            if not started:
-                self._headers(200, "text/event-stream", None)
-                if chat:
-                    send(
-                        [
-                            {
-                                "index": 0,
-                                "delta": {"role": "assistant", "content": ""},
-                                "logprobs": None,
-                                "finish_reason": None,
-                            }
-                        ]
+def _allowed_origin(origin: str, host: str, cors_origin: str | None) -> bool:
+    """Whether a browser page at `origin` may call: the server's own origin, or the CORS one."""
+    if cors_origin is not None and cors_origin in ("*", origin):
+        return True
+    return origin.lower() in (f"http://{host}", f"https://{host}")
+
+
+def _bad_json(body: bytes) -> APIError | None:
+    """A 400 for a body nested deeper than MAX_JSON_DEPTH or holding a lone UTF-16 surrogate (which
+    Python's json reads into a str that cannot be encoded again); other bad JSON is the route's."""
+    if not body.strip():
+        return None
+    try:
+        document = json.loads(body)
+    except RecursionError:
+        return _too_deep()
+    except ValueError:
+        return None
+    pending = [(document, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    return APIError(
+                        400,
+                        "the body holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair); "
+                        "send valid Unicode",
+                        code="invalid_json",
                     )
-                started = True
-
-        held: list[str] = []  # a reply that may hold tool calls is sent when it is complete
-        for event in self._events(job):
-            if isinstance(event, Failed):
-                error = self._failed(event)
-                if not started:
-                    self._error(error)
-                    return
-                self.wfile.write(b"data: " + json.dumps(error.body()).encode() + b"\n\n")
-                break
-            start()
-            if isinstance(event, Piece) and job.tools:
-                held.append(event.text)
-            elif isinstance(event, Piece):
-                lp = event.logprobs
-                if chat:
-                    send(
-                        [
-                            {
-                                "index": 0,
-                                "delta": {"content": event.text},
-                                "logprobs": {"content": [lp]} if lp is not None else None,
-                                "finish_reason": None,
-                            }
-                        ]
-                    )
-                else:
-                    send(
-                        [
-                            {
-                                "index": 0,
-                                "text": event.text,
-                                "logprobs": _completion_logprobs([lp]) if lp is not None else None,
-                                "finish_reason": None,
-                            }
-                        ]
-                    )
-            else:
-                reason = event.finish_reason
-                if job.tools:
-                    content, calls = parse_tool_calls("".join(held))
-                    if calls:
-                        reason = "tool_calls"
-                        send(
-                            [
-                                {
-                                    "index": 0,
-                                    "delta": {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]},
-                                    "logprobs": None,
-                                    "finish_reason": None,
-                                }
-                            ]
-                        )
-                    if content:
-                        send([{"index": 0, "delta": {"content": content}, "logprobs": None, "finish_reason": None}])
-                if chat:
-                    send([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}])
-                else:
-                    send([{"index": 0, "text": "", "logprobs": None, "finish_reason": reason}])
-                if include_usage:
-                    send([], self._usage(job, event.completion_tokens))
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
+            continue
+        if isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                return _too_deep()
+            items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            pending.extend((item, depth + 1) for item in items)
+    return None
 
 
-def _completion_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """The legacy completions logprobs layout."""
-    offsets, at = [], 0
-    for e in entries:
-        offsets.append(at)
-        at += len(e["token"])
-    return {
-        "tokens": [e["token"] for e in entries],
-        "token_logprobs": [e["logprob"] for e in entries],
-        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
-        "text_offset": offsets,
-    }
+def _too_deep() -> APIError:
+    return APIError(400, f"the body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """`receive` with the body read already given again first (then the client's disconnect)."""
+    pending: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
+
+
+def _read_as_json(scope: Scope) -> None:
+    """Have the request's body read as JSON whatever its Content-Type says: every route takes
+    JSON, and `curl -d` (as Ollama's own examples use it) labels it as a form."""
+    if scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+        scope["headers"] = [*headers, (b"content-type", b"application/json")]
+
+
+def _too_large(length: int, limit: int) -> APIError:
+    return APIError(413, f"the request body is {length} bytes; the limit is {limit}", code="request_too_large")
+
+
+def _authorized(key: str | None, headers: Headers) -> bool:
+    """The key as OpenAI's clients send it (Authorization: Bearer) or Anthropic's (x-api-key)."""
+    if key is None:
+        return True
+    header = headers.get("authorization", "")
+    given = header[7:].strip() if header[:7].lower() == "bearer " else headers.get("x-api-key", "").strip()
+    # digests of equal length: the comparison's time tells nothing about the key, not even its length
+    digest = hashlib.sha256(given.encode()).digest()
+    return bool(given) and hmac.compare_digest(digest, hashlib.sha256(key.encode()).digest())

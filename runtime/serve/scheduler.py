@@ -1,6 +1,6 @@
 """The scheduler: one thread per model that owns its llama.cpp context and runs the inference
-layer's Batcher, fed by the HTTP threads through a queue of Jobs, each answered on its own queue
-of events (Piece, then Done or Failed)."""
+layer's Batcher, fed by the HTTP side through a queue of Jobs, each answered on its own queue
+of events (Piece, then Done or Failed), an EventSink."""
 
 from __future__ import annotations
 
@@ -8,13 +8,20 @@ import collections
 import queue
 import threading
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from slim.runtime.inference import Batcher, Done, Event, Failed, GrammarError, Model, SamplingParams
 from slim.runtime.inference import Sequence as BatchSequence
 from slim.runtime.serve.logs import log_internal_error
 from slim.runtime.serve.requests import APIError
 
-__all__ = ["Job", "Scheduler"]
+__all__ = ["EventSink", "Job", "Scheduler"]
+
+
+class EventSink(Protocol):
+    """Where a job's events go: a queue.Queue, or the HTTP side's queue onto its event loop."""
+
+    def put(self, event: Event, /) -> None: ...
 
 
 @dataclass(eq=False)
@@ -26,9 +33,11 @@ class Job:
     params: SamplingParams
     top_logprobs: int | None = None  # None: no logprobs; 0..20: the chosen token plus this many alternatives
     tools: bool = False  # the reply may hold tool calls, parsed when it ends
-    events: queue.Queue[Event] = field(default_factory=queue.Queue)
+    thinking: bool | None = None  # None: the reply is not split; else whether it starts inside a thought
+    events: EventSink = field(default_factory=lambda: queue.Queue[Event]())
     cancelled: threading.Event = field(default_factory=threading.Event)
     cached_tokens: int = 0
+    stopped: bool = False  # ended by one of its stop strings (set before Done is delivered)
 
 
 def _shutting_down() -> APIError:
@@ -53,7 +62,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="slim-scheduler", daemon=True)
-        # events of this step, handed to the HTTP threads as the next llama_decode starts: woken
+        # events of this step, handed to the requests as the next llama_decode starts: woken
         # earlier, they take the GIL from the sampling loop (measured: 16% less time between steps)
         self._outbox: list[tuple[Job, Event]] = []
 
@@ -146,7 +155,7 @@ class Scheduler:
 
     def _admit(self, job: Job) -> None:
         try:
-            sequence = self._batcher.add(job.prompt, job.params, logprobs=job.top_logprobs)
+            sequence = self._batcher.add(job.prompt, job.params, logprobs=job.top_logprobs, thinking=job.thinking)
         except GrammarError:
             error = APIError(400, "the response_format could not be turned into a grammar", param="response_format")
         except Exception as exc:
@@ -161,6 +170,7 @@ class Scheduler:
     def _forget(self, sequence: BatchSequence, last: Event | None = None) -> None:
         """The sequence has ended (or was cancelled, when `last` is None)."""
         job = self._jobs.pop(sequence)
+        job.stopped = sequence.text.stopped
         if last is not None:
             self._outbox.append((job, last))
 

@@ -17,7 +17,7 @@ _TAGGED_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 def tool_call_grammar(tools: list[dict[str, Any]], forced: str, tagged: bool) -> str:
     """GBNF for one call of the forced function (or of any tool when forced is ""), written as
     {"name": ..., "arguments": {...}}, inside <tool_call> tags when the template uses them."""
-    from llama_cpp import llama_grammar
+    from slim.runtime.serve.grammars import schema_grammar
 
     choices = [
         {
@@ -32,7 +32,7 @@ def tool_call_grammar(tools: list[dict[str, Any]], forced: str, tagged: bool) ->
         if not forced or t["function"]["name"] == forced
     ]
     try:
-        grammar = llama_grammar.json_schema_to_gbnf(json.dumps({"anyOf": choices}))
+        grammar = schema_grammar({"anyOf": choices})
     except Exception as exc:
         raise bad_request(f"the parameters schema of the tools is not supported: {exc}", "tools") from None
     if not tagged:
