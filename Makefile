@@ -43,11 +43,11 @@ demo: install
 
 # The whole suite, as CI runs it (.ci/run): the lint gate, then every test.
 test: $(TEST_STAMP) lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/pytest -q
 
 # The fast loop: tests that need neither the real model nor a llama.cpp tool build.
 test-fast: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/pytest -q -m "not slow"
 
 # ruff (lint and format) and mypy on the package. mypy finds the root as `slim` through a link.
 lint: $(TEST_STAMP)

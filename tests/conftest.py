@@ -13,12 +13,19 @@ depends on anyone remembering to mark a test by hand.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
+# The repository root is the `slim` package itself (kernels/, models/, runtime/). On sys.path, where
+# `python -m pytest` puts it, its kernels/ would shadow the `kernels` package transformers imports.
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != ROOT]
 
-from slim.runtime.store import assets
+import pytest  # noqa: E402
+from helpers import benchmark_module  # noqa: E402
+
+from slim.runtime.store import assets  # noqa: E402
 
 # The roots: every fixture built on one of these (smollm2_hf, smollm2_tokenizer, llama_tool...) is slow too.
 SLOW_FIXTURES = frozenset({"smollm2_gguf", "heldout_text", "llama_cpp_sources"})
@@ -90,6 +97,43 @@ def smollm2_tokenizer(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFacto
     return out
 
 
+# A chat template that renders tools and <tool_call> blocks (Hermes style), for the server's tool tests.
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nYou may call these functions:\n{% for tool in tools %}"
+    "{{ tool | tojson }}\n{% endfor %}"
+    'To call one, answer <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call><|im_end|>\n{% endif %}'
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message.tool_calls %}{% for call in message.tool_calls %}<tool_call>\n{{ call.function | tojson }}\n"
+    "</tool_call>{% endfor %}{% else %}{{ message['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tools_gguf(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 with TOOLS_TEMPLATE as its chat template (its own renders no tools)."""
+    import subprocess
+    import sys
+
+    path = tmp_path_factory.mktemp("tools") / "smollm2-tools.gguf"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gguf.scripts.gguf_new_metadata",
+            str(smollm2_gguf),
+            str(path),
+            "--chat-template",
+            TOOLS_TEMPLATE,
+            "--force",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    return path
+
+
 @pytest.fixture(scope="session")
 def heldout_text() -> str:
     return assets.wiki_text("test").read_text(encoding="utf-8")
@@ -98,9 +142,7 @@ def heldout_text() -> str:
 @pytest.fixture(scope="session")
 def llama_cpp_sources() -> Path:
     """The llama.cpp sources llama-cpp-python vendors (fetched once, cached under SLIM_HOME)."""
-    from llama_cpp_source import source_dir
-
-    return source_dir()
+    return benchmark_module("llama_cpp_source").source_dir()
 
 
 @pytest.fixture(scope="session")
@@ -109,6 +151,4 @@ def llama_tool(llama_cpp_sources: Path) -> Callable[[str], Path]:
 
     The binaries are cached under SLIM_HOME, so each is compiled once per machine, in one shared
     build folder (ggml and libllama are built for the first and reused by the others)."""
-    from llama_cpp_source import build_tool
-
-    return build_tool
+    return benchmark_module("llama_cpp_source").build_tool

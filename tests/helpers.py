@@ -4,15 +4,56 @@ random-weight checkpoints, and the one way tests run the `slim` command."""
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import json
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
 from slim.runtime.formats.checkpoint import write_safetensors
 from slim.runtime.formats.mixes import mix
+
+# The split regexes as Llama 3, Qwen2.5 and Mistral Nemo ship them in tokenizer.json (written out independently
+# of the module's table on purpose).
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+TEKKEN_REGEX = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+    r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+
+
+def benchmark_module(name: str) -> ModuleType:
+    """benchmarks/NAME.py, loaded by path under a name of its own: benchmarks/ is not on sys.path, where
+    its generic module names (kernels, serve, convert) would shadow installed packages."""
+    path = Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"slim_benchmarks_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def pre_tokenizer_json(name: str) -> tuple[dict | None, dict]:
+    """(normalizer, pre_tokenizer) as tokenizer.json spells them for the families' pre-tokenizers."""
+    regex = {"llama-bpe": LLAMA3_REGEX, "qwen2": QWEN2_REGEX, "tekken": TEKKEN_REGEX}[name]
+    split = {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    normalizer = {"type": "NFC"} if name == "qwen2" else None
+    return normalizer, {"type": "Sequence", "pretokenizers": [split, byte_level]}
 
 
 def llama_quantize(source: Path, target: Path, type_name: str, threads: int = 2) -> None:
@@ -129,47 +170,6 @@ def make_llama_checkpoint(
     return directory
 
 
-def make_qwen2_checkpoint(
-    directory: Path,
-    tokenizer_from: Path,
-    *,
-    hidden: int,
-    ffn: int,
-    n_layer: int = 2,
-    n_head: int = 4,
-    n_head_kv: int = 2,
-    **config: object,
-) -> Path:
-    """A random-weight Qwen2 checkpoint saved by transformers itself, with a real tokenizer; weights
-    and biases larger than transformers' default init, so attention and biases matter."""
-    import torch
-    import transformers
-
-    model_config = transformers.Qwen2Config(
-        vocab_size=49152,
-        hidden_size=hidden,
-        intermediate_size=ffn,
-        num_hidden_layers=n_layer,
-        num_attention_heads=n_head,
-        num_key_value_heads=n_head_kv,
-        tie_word_embeddings=False,
-        rope_theta=10000.0,
-        **config,
-    )
-    torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(model_config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(0, 0.5)
-            elif param.ndim == 2:
-                param.normal_(0, 0.08)
-    model.save_pretrained(directory, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_from / name, directory / name)
-    return directory
-
-
 def run_slim(
     *args: str, input: str | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -186,3 +186,27 @@ def run_slim(
 
     result = CliRunner().invoke(main, list(args), input=input, env=env, catch_exceptions=False)
     return subprocess.CompletedProcess(["slim", *args], result.exit_code, result.stdout, result.stderr)
+
+
+@contextmanager
+def two_model_server(plain: Path, tools: Path, api_key: str | None = None) -> Iterator[str]:
+    """A real `slim serve` on loopback with two models, "smollm2-135m" (its own template) and
+    "tools-model" (a template that renders tools), two slots each; yields its base URL."""
+    with serving({"smollm2-135m": plain, "tools-model": tools}, api_key=api_key, n_batch=64) as base:
+        yield base
+
+
+@contextmanager
+def serving(models: dict[str, Path], api_key: str | None = None, **pool_options: Any) -> Iterator[str]:
+    """A real `slim serve` on loopback over `models` (name: GGUF), the first loaded at start; by
+    default two slots of 512 tokens each, one thread, nothing unloaded. Yields its base URL."""
+    from slim.runtime import serve
+
+    options = {"parallel": 2, "ctx": 512, "keep_alive": -1, "n_threads": 1, **pool_options}
+    pool = serve.ModelPool([serve.ModelSpec([name], path) for name, path in models.items()], **options)
+    server = serve.Server(pool, api_key=api_key)
+    host, port = server.start("127.0.0.1", 0)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.shutdown()
