@@ -34,9 +34,23 @@ HELP = """\
     show_default=True,
     help="When the conversation outgrows the context: drop the oldest turns (and say so), or stop with an error.",
 )
+@click.option(
+    "--web",
+    is_flag=True,
+    help="Chat in the browser instead: serve MODEL with its chat page on http://127.0.0.1:8080/ and open it "
+    "(slim serve --open, with serve's defaults; the sampling settings are the page's).",
+)
 @generation_options
+@click.pass_context
 def command(
-    model: str | None, system: str | None, on_overflow: str, ctx: int | None, threads: int | None, **sampling: Any
+    click_context: click.Context,
+    model: str | None,
+    system: str | None,
+    on_overflow: str,
+    web: bool,
+    ctx: int | None,
+    threads: int | None,
+    **sampling: Any,
 ) -> None:
     """Talk with a model, with streaming replies and memory of the conversation.
 
@@ -46,6 +60,16 @@ def command(
     """
     from slim.runtime import store
 
+    if web:
+        from slim.runtime.commands import serve
+
+        if system is not None:
+            fail("with --web, the system message is set in the page's Settings; leave out --system")
+        shared = {name: value for name, value in sampling.items() if name in {p.name for p in serve.command.params}}
+        click_context.invoke(
+            serve.command, models=(model,) if model else (), ctx=ctx, threads=threads, open_page=True, **shared
+        )
+        return
     try:
         path = store.resolve(model)
         params = sampling_params(sampling)

@@ -151,6 +151,14 @@ class MemorySize(click.ParamType):
     help="Allow browser pages from ORIGIN (e.g. http://localhost:3000) to call the server.",
 )
 @click.option(
+    "--no-ui",
+    "ui",
+    flag_value=False,
+    default=True,
+    help="Leave out the chat page at / (GET / then answers 'slim is running', as Ollama's does).",
+)
+@click.option("--open", "open_page", is_flag=True, help="Open the chat page in the default browser once serving.")
+@click.option(
     "--allow-host",
     "allowed_hosts",
     multiple=True,
@@ -189,6 +197,8 @@ def command(
     memory_budget: int | None,
     api_key: str | None,
     cors_origin: str | None,
+    ui: bool,
+    open_page: bool,
     allowed_hosts: tuple[str, ...],
     max_body: int,
     log_format: str,
@@ -201,6 +211,7 @@ def command(
     Anthropic  /v1/messages, /v1/messages/count_tokens (x-api-key or Bearer)
     Ollama     /api/chat, /api/generate, /api/embed, /api/tags, /api/show, /api/ps
     The schema of every route is at /openapi.json; /metrics is in Prometheus' format.
+    A chat page for people is at / (--no-ui leaves it out, --open opens it in the browser).
 
     Each MODEL is a store name, a catalog name or a .gguf path. Requests pick one with "model" (its
     store name or its file name); it is loaded on its first request and unloaded after --keep-alive
@@ -274,7 +285,7 @@ def command(
         fail("interrupted", 130)
 
     app = serve.Server(
-        pool, api_key=api_key, cors_origin=cors_origin, max_body_bytes=max_body, allowed_hosts=allowed_hosts
+        pool, api_key=api_key, cors_origin=cors_origin, max_body_bytes=max_body, allowed_hosts=allowed_hosts, ui=ui
     )
     try:
         bound_host, bound_port = app.bind(host, port)
@@ -291,6 +302,14 @@ def command(
         f"{'never' if keep_alive < 0 else f'{keep_alive:g} s'})" + ("" if api_key else "; no API key"),
         err=True,
     )
+    if ui:
+        page = f"http://{'127.0.0.1' if bound_host in ('0.0.0.0', '::') else bound_host}:{bound_port}/"
+        click.echo(f"chat page: {page}", err=True)
+        if open_page:
+            import webbrowser
+
+            if not webbrowser.open(page):  # the socket listens already: the page's requests wait
+                click.echo(f"no browser to open here; open {page} in one", err=True)
     try:
         app.serve()
     except KeyboardInterrupt:

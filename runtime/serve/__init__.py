@@ -36,8 +36,11 @@ tool_use and tool_result blocks, output_config.format, streamed as its events) a
 
 Ollama's API: POST /api/chat and /api/generate (NDJSON streams by default), POST /api/embed and
 /api/embeddings, GET /api/tags, POST /api/show, GET /api/ps, GET /api/version, GET / ("slim is
-running"); `options` map onto the sampling parameters, `keep_alive` sets how long the model stays
-loaded after the request; errors {"error": "message"}.
+running", to all but browsers); `options` map onto the sampling parameters, `keep_alive` sets how
+long the model stays loaded after the request; errors {"error": "message"}.
+
+The chat page: GET / to a browser, and its files under /ui/ (web/: HTML, CSS, ES modules, nothing
+from elsewhere), unless Server(ui=False); it uses the OpenAI routes like any app (web_ui.py).
 
 Thinking templates (those that know <think> and </think>): each reply's thought goes apart from
 its answer, whole and streamed: reasoning_content (OpenAI chat), thinking blocks (Anthropic),
@@ -72,6 +75,7 @@ What lives where:
                   key, CORS, body limit, error shapes, the request log line
     logs.py       the log: one line per request and every internal error's traceback, text or JSON
     metrics.py    the counters and histograms GET /metrics answers with
+    web_ui.py     the chat page's files (web/), with a Content-Security-Policy that keeps it local
 
 Models. A request's "model" picks one of the pool's models. A model is loaded by its first
 request, on that request's thread (requests for it wait; the others go on), and gets its own

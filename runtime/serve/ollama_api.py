@@ -302,11 +302,6 @@ def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
-@router.get("/", summary="Whether the server is up (Ollama's apps ask)")
-async def root() -> Response:
-    return Response("slim is running", media_type="text/plain")
-
-
 @router.get("/api/version", summary="The server's version")
 async def version() -> Response:
     from importlib.metadata import PackageNotFoundError

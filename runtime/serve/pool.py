@@ -542,7 +542,12 @@ class ModelPool:
         """Load per loaded model and in all, and the memory the loaded models are estimated to use."""
         with self._cond:
             models = {
-                s.id: {"state": "loaded", **s.scheduler.load(), "memory_bytes": s.memory.total}
+                s.id: {
+                    "state": "loaded",
+                    **s.scheduler.load(),
+                    "context_length": s.model.n_ctx,
+                    "memory_bytes": s.memory.total,
+                }
                 for s in self._loaded.values()
             }
             models.update(

@@ -45,7 +45,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from slim.runtime.inference import Model
-from slim.runtime.serve import anthropic_api, ollama_api, openai_api, responses_api
+from slim.runtime.serve import anthropic_api, ollama_api, openai_api, responses_api, web_ui
 from slim.runtime.serve.jobs import RequestLog
 from slim.runtime.serve.logs import log_internal_error, log_request
 from slim.runtime.serve.metrics import Metrics
@@ -58,7 +58,7 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_JSON_DEPTH = 256  # objects and arrays nested in a body (a JSON schema in it may nest 64 deep)
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
 JSON_TYPES = ("application/json", "application/x-www-form-urlencoded")  # the second: what curl -d says
-PUBLIC_ROUTES = ("/health", "/")  # answered without the API key
+PUBLIC_ROUTES = ("/health", "/")  # answered without the API key, as are the chat page's files
 
 
 class Server:
@@ -66,7 +66,8 @@ class Server:
     where `model_names` are the names requests may give in "model", the first its id). api_key and
     cors_origin may be changed while it runs. allowed_hosts: Host names accepted besides loopback's
     ("*": any) on a loopback address; the timeouts (seconds): for a request's headers, for each
-    part of its body, and for the client to take each part of the answer."""
+    part of its body, and for the client to take each part of the answer; ui: whether GET / answers a
+    browser with the chat page (web_ui.py)."""
 
     def __init__(
         self,
@@ -81,6 +82,7 @@ class Server:
         header_timeout: float = 10.0,
         body_timeout: float = 10.0,
         send_timeout: float = 30.0,
+        ui: bool = True,
     ) -> None:
         self.pool = (
             models if isinstance(models, ModelPool) else ModelPool.of(models, model_names, queue_size=queue_size)
@@ -91,6 +93,7 @@ class Server:
         self.allowed_hosts = LOOPBACK_HOSTS | {h.lower() for h in allowed_hosts}
         self.check_host = "*" not in self.allowed_hosts  # until bound: off for a non-loopback address
         self.header_timeout, self.body_timeout, self.send_timeout = header_timeout, body_timeout, send_timeout
+        self.ui = ui
         self.app = create_app(self)
         self._socket: socket.socket | None = None
         self._uvicorn: uvicorn.Server | None = None
@@ -173,10 +176,12 @@ def create_app(server: Server) -> FastAPI:
     app.state.pool = server.pool
     app.state.responses = responses_api.ResponseStore()
     app.state.metrics = metrics = Metrics()
+    app.state.ui = server.ui
     app.include_router(openai_api.router)
     app.include_router(responses_api.router)
     app.include_router(anthropic_api.router)
     app.include_router(ollama_api.router)
+    app.include_router(web_ui.router)
 
     @app.get("/health", summary="Whether the server is up, and its load and memory per model")
     async def health() -> Response:
@@ -369,7 +374,8 @@ class _Gate:
                 "Access-Control-Max-Age": "600",
             }
             return Response(status_code=204, headers=allow)
-        if path not in PUBLIC_ROUTES and not _authorized(server.api_key, headers):
+        public = path in PUBLIC_ROUTES or path.startswith(web_ui.ASSET_PREFIX)
+        if not public and not _authorized(server.api_key, headers):
             return APIError(
                 401,
                 "missing or wrong API key (send Authorization: Bearer KEY, or x-api-key: KEY)",
