@@ -298,3 +298,40 @@ def test_the_page_logic_under_node() -> None:
     """The stream parser, the Markdown renderer and the conversation store (tests/web/*.test.mjs)."""
     done = subprocess.run(["node", "--test", "tests/web/"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+
+
+def test_serve_open_hands_the_page_to_the_browser(smollm2_gguf: Path, tmp_path: Path) -> None:
+    """`slim serve --open` opens the page's address with the user's browser (here BROWSER, which
+    Python's webbrowser honours, is a command that writes the address down)."""
+    import os
+    import signal
+    import sys
+
+    opened = tmp_path / "opened"
+    env = {**os.environ, "BROWSER": f"sh -c 'echo %s > {opened}'"}
+    slim = [sys.executable, "-m", "slim.runtime.cli"]
+    with subprocess.Popen(
+        [*slim, "serve", str(smollm2_gguf), "--port", "0", "--open", "--ctx", "256", "--threads", "1"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as server:
+        try:
+            url = wait_for(lambda: opened.exists() and opened.read_text().strip(), 120, "the browser to be asked")
+            assert url.startswith("http://127.0.0.1:") and url.endswith("/")
+            page = httpx.get(url, headers={"Accept": "text/html"})
+            assert '<script type="module" src="/ui/app.js">' in page.text
+        finally:
+            server.send_signal(signal.SIGINT)
+            _, errors = server.communicate(timeout=30)
+    assert f"chat page: {url}" in errors
+
+
+def test_chat_web_takes_the_system_message_from_the_page() -> None:
+    from helpers import run_slim
+
+    done = run_slim("chat", "--web", "--system", "be brief")
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "error: with --web, the system message is set in the page's Settings; leave out --system"
+    )
