@@ -342,8 +342,6 @@ def _usage(running: Generation, output_tokens: int) -> dict[str, Any]:
 
 async def _whole(running: Generation, request: ChatRequest) -> Response:
     text, thought, last, _ = await running.reply()
-    if isinstance(last, Failed):
-        raise failure(last)
     blocks = _content(text, running.job.tools, thought)
     return json_answer(
         {

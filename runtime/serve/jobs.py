@@ -62,7 +62,7 @@ class Reply(NamedTuple):
 
     text: str
     thought: str | None
-    last: Done | Failed
+    last: Done
     logprobs: list[dict[str, Any]]
 
 
@@ -182,7 +182,8 @@ class Generation:
             self._metrics.generated(self.id, len(job.prompt), job.cached_tokens, event.completion_tokens)
 
     async def reply(self) -> Reply:
-        """The whole reply: its answer, its thought, the last event, and the logprobs of its tokens."""
+        """The whole reply: its answer, its thought, the last event, and the logprobs of its tokens;
+        a generation that failed raises its error as the APIError the surfaces answer with."""
         pieces: list[str] = []
         thoughts: list[str] = []
         logprobs = []
@@ -191,6 +192,8 @@ class Generation:
                 (thoughts if event.thinking else pieces).append(event.text)
                 if event.logprobs is not None:
                     logprobs.append(event.logprobs)
+            elif isinstance(event, Failed):
+                raise failure(event)
             else:
                 return Reply("".join(pieces), "".join(thoughts) or None, event, logprobs)
         raise AssertionError("events() ends with Done or Failed")

@@ -535,8 +535,6 @@ async def _answer(running: Generation, stream: bool, chat: bool) -> Response:
             return Response(status_code=499)
         finally:
             running.close()
-        if isinstance(last, Failed):
-            raise failure(last)
         document: dict[str, Any] = {"model": running.id, "created_at": _now()}
         if chat:
             document["message"] = _message(text, running.job.tools, thought)

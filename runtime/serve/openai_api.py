@@ -498,8 +498,6 @@ def _reply(running: Generation, text: str, thought: str | None = None) -> tuple[
 async def _whole(runs: list[Generation], chat: bool) -> Response:
     choices, generated, thought_tokens = [], 0, 0
     for index, (text, thought, last, logprobs) in enumerate(await asyncio.gather(*(r.reply() for r in runs))):
-        if isinstance(last, Failed):
-            raise failure(last)
         running, reason = runs[index], last.finish_reason
         generated += last.completion_tokens
         thought_tokens += last.thought_tokens

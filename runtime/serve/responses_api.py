@@ -263,8 +263,6 @@ async def create(body: ResponsesBody, request: Request) -> Response:
             return Response(status_code=499)
         finally:
             running.close()
-        if isinstance(last, Failed):
-            raise failure(last)
         return json_answer(reply.finish(text, thought, last, _store(request)))
     try:
         await running.begin()

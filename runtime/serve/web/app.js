@@ -16,7 +16,7 @@ const state = {
   conversation: store.list()[0] ?? store.create(),
   models: [],
   contextLength: {}, // model id -> tokens per sequence, for the loaded ones
-  running: null, // {controller, reply} while a reply streams
+  running: null, // the AbortController of the reply that streams, if one does
 };
 
 // ---- talking to the server -------------------------------------------------------------------
@@ -319,7 +319,7 @@ async function generate() {
   const history = requestMessages(c);
   const reply = { role: "assistant", content: "", thinking: "" };
   const controller = new AbortController();
-  state.running = { controller, reply };
+  state.running = controller;
   c.messages.push(reply);
   notice("");
   renderAll();
@@ -383,7 +383,7 @@ async function generate() {
 }
 
 function stop() {
-  state.running?.controller.abort();
+  state.running?.abort();
 }
 
 function regenerate() {
