@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
-from .base import ArchitectureError, DecoderArchitecture, LayerAttention
+from .base import ArchitectureError, DecoderArchitecture, LayerAttention, MixtureOfExperts
 
 
 @cache
@@ -47,10 +48,16 @@ def for_hf_config(config: dict[str, Any]) -> DecoderArchitecture:
     )
 
 
-def for_gguf_arch(gguf_arch: str) -> type[DecoderArchitecture]:
-    for arch in registry():
-        if arch.gguf_arch == gguf_arch:
+def for_gguf_arch(gguf_arch: str, fields: Mapping[str, Any] | None = None) -> type[DecoderArchitecture]:
+    """The architecture of a GGUF's general.architecture. One llama.cpp architecture may stand for two
+    families (`llama`: Llama and Mixtral): its metadata `fields` tell them apart by the expert count."""
+    with_experts = bool((fields or {}).get(f"{gguf_arch}.expert_count"))
+    candidates = [arch for arch in registry() if arch.gguf_arch == gguf_arch]
+    for arch in candidates:
+        if issubclass(arch, MixtureOfExperts) == with_experts:
             return arch
+    if candidates:
+        return candidates[0]
     known = ", ".join(sorted(a.gguf_arch for a in registry()))
     raise ArchitectureError(f"GGUF architecture {gguf_arch!r} is not supported; slim handles: {known}")
 
@@ -59,6 +66,7 @@ __all__ = [
     "ArchitectureError",
     "DecoderArchitecture",
     "LayerAttention",
+    "MixtureOfExperts",
     "class_for_hf_config",
     "for_gguf_arch",
     "for_hf_config",

@@ -94,6 +94,11 @@ class DecoderArchitecture:
     ffn_activation: ClassVar[str] = "silu"
     #: tanh soft-cap of the output logits (Gemma 2), from the config.
     final_softcap: float | None = None
+    #: Mixture-of-experts families (MixtureOfExperts below): the HF module under model.layers.N. that
+    #: holds one module per expert, and each expert's tensors (HF name after the expert's index) ->
+    #: the GGUF tensor that stacks that tensor of every expert.
+    experts_module: ClassVar[str] = ""
+    expert_tensors: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, config: dict[str, Any]):
         def need(*keys: str) -> Any:
@@ -124,6 +129,10 @@ class DecoderArchitecture:
         self.rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
         self.rope_theta = float(self.rope.get("rope_theta", config.get("rope_theta", 10000.0)))
         self.tied_embeddings = bool(config.get("tie_word_embeddings", False))
+        #: Experts per layer, those each token is routed to, and each expert's FFN width (0: dense).
+        self.n_expert = 0
+        self.n_expert_used = 0
+        self.expert_ffn = 0
         asks_sliding = config.get("use_sliding_window") or "sliding_attention" in (config.get("layer_types") or ())
         if asks_sliding and not self.sliding_window:
             raise ArchitectureError(
@@ -139,6 +148,9 @@ class DecoderArchitecture:
             return None
         if hf_name in self.global_tensors:
             return self.global_tensors[hf_name]
+        slot = self.expert_slot(hf_name)
+        if slot is not None:
+            return slot[0]
         match = _LAYER.match(hf_name)
         if match and match.group(2) in self.layer_tensors:
             suffix = self.layer_tensors[match.group(2)]
@@ -147,10 +159,16 @@ class DecoderArchitecture:
             return f"blk.{match.group(1)}.{suffix}"
         raise ArchitectureError(f"unexpected tensor {hf_name!r} for architecture {self.gguf_arch}")
 
+    def expert_slot(self, hf_name: str) -> tuple[str, int] | None:
+        """For one expert's tensor (model.layers.N.<experts_module>.E.<name>): the GGUF tensor that
+        stacks it with the other experts' and its index E there; None for every other tensor."""
+        return None
+
     def required_tensors(self) -> list[str]:
         """The GGUF tensors llama.cpp cannot load the model without (the output projection is
         optional: llama.cpp falls back to the embeddings)."""
         per_layer = [name for name in self.layer_tensors.values() if self.attention_bias or not name.endswith(".bias")]
+        per_layer += list(self.expert_tensors.values())
         model_wide = [name for name in self.global_tensors.values() if name != "output.weight"]
         return model_wide + [f"blk.{i}.{name}" for i in range(self.n_layer) for name in per_layer]
 
@@ -213,10 +231,17 @@ class DecoderArchitecture:
         return name
 
     def gguf_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-        """HF name -> shape, renamed to GGUF name -> shape and without the tensors llama.cpp does not use."""
-        return {
-            gguf_name: shape for hf_name, shape in shapes.items() if (gguf_name := self.gguf_name(hf_name)) is not None
-        }
+        """HF name -> shape, renamed to GGUF name -> shape and without the tensors llama.cpp does not use
+        (experts' tensors stacked: (experts, rows, columns))."""
+        found: dict[str, tuple[int, ...]] = {}
+        for hf_name, shape in shapes.items():
+            gguf_name = self.gguf_name(hf_name)
+            if gguf_name is None:
+                continue
+            if self.expert_slot(hf_name) is not None:
+                shape = (found[gguf_name][0] + 1 if gguf_name in found else 1, *shape)
+            found[gguf_name] = shape
+        return found
 
     def to_gguf(self, gguf_name: str, array: np.ndarray) -> np.ndarray:
         """Transform a checkpoint tensor into llama.cpp's layout (the Q/K RoPE permutation)."""
@@ -270,6 +295,15 @@ class DecoderArchitecture:
                 if gguf_ == match.group(2):
                     return f"model.layers.{match.group(1)}.{hf}"
         raise ArchitectureError(f"GGUF tensor {gguf_name!r} has no Hugging Face name in {self.gguf_arch}")
+
+    def hf_layout(self, gguf_name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+        """The checkpoint tensors a GGUF tensor of this (numpy-order) shape holds: one, or one per
+        expert for a stack of experts' tensors."""
+        return [(self.hf_name(gguf_name), shape)]
+
+    def hf_tensors(self, gguf_name: str, array: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        """The checkpoint tensors a GGUF tensor holds, in the checkpoint's layout (`hf_layout`'s order)."""
+        return [(self.hf_name(gguf_name), self.to_hf(gguf_name, array))]
 
     def to_hf(self, gguf_name: str, array: np.ndarray) -> np.ndarray:
         """Undo `to_gguf`."""
@@ -335,6 +369,94 @@ class DecoderArchitecture:
         if gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
             return self.n_head_kv
         return None
+
+
+class MixtureOfExperts(DecoderArchitecture):
+    """A decoder whose FFN is a set of experts and a router (Qwen3-MoE, Mixtral): per token the
+    router's softmax picks the `n_expert_used` highest-scoring experts, whose outputs are summed
+    with those probabilities renormalised to 1 (llama.cpp's build_moe_ffn with norm_w).
+
+    The checkpoint keeps each expert's matrices apart (model.layers.N.<experts_module>.E.<name>, as
+    the hub's checkpoints and transformers' save_pretrained write them); llama.cpp stacks them into
+    one 3-D tensor per layer and matrix (ffn_gate_exps, ffn_up_exps, ffn_down_exps), expert E at
+    index E, and keeps the router (ffn_gate_inp) in F32.
+    """
+
+    #: config.json's names for the expert count (the first is the one export writes; transformers 5
+    #: renamed some), and for an expert's FFN width.
+    expert_count_keys: ClassVar[tuple[str, ...]]
+    expert_ffn_key: ClassVar[str] = "intermediate_size"
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__(config)
+        count_key = next((key for key in self.expert_count_keys if config.get(key)), None)
+        if count_key is None or "num_experts_per_tok" not in config:
+            raise ArchitectureError(
+                f"config.json needs {self.expert_count_keys[0]!r} and 'num_experts_per_tok' for a {self.family} model"
+            )
+        self.n_expert = int(config[count_key])
+        self.n_expert_used = int(config["num_experts_per_tok"])
+        self.expert_ffn = int(config.get(self.expert_ffn_key) or self.ffn)
+        if not 1 <= self.n_expert_used <= self.n_expert:
+            raise ArchitectureError(
+                f"num_experts_per_tok {self.n_expert_used} must be between 1 and the {self.n_expert} experts"
+            )
+        self._expert = re.compile(rf"^model\.layers\.(\d+)\.{re.escape(self.experts_module)}\.(\d+)\.(.+)$")
+        self._stacked = {gguf_: hf for hf, gguf_ in self.expert_tensors.items()}
+
+    def expert_slot(self, hf_name: str) -> tuple[str, int] | None:
+        match = self._expert.match(hf_name)
+        if match is None:
+            return None
+        layer, expert, tensor = int(match.group(1)), int(match.group(2)), match.group(3)
+        if tensor not in self.expert_tensors or expert >= self.n_expert or layer >= self.n_layer:
+            raise ArchitectureError(
+                f"unexpected tensor {hf_name!r}: a {self.family} of this config has {self.n_layer} layers of "
+                f"{self.n_expert} experts, each with {', '.join(self.expert_tensors)}"
+            )
+        return f"blk.{layer}.{self.expert_tensors[tensor]}", expert
+
+    def metadata(self) -> dict[str, Any]:
+        arch = self.gguf_arch
+        return {
+            **super().metadata(),
+            f"{arch}.expert_count": self.n_expert,
+            f"{arch}.expert_used_count": self.n_expert_used,
+        }
+
+    def _expert_names(self, gguf_name: str) -> list[str] | None:
+        match = _BLOCK.match(gguf_name)
+        if match is None or match.group(2) not in self._stacked:
+            return None
+        prefix = f"model.layers.{match.group(1)}.{self.experts_module}"
+        return [f"{prefix}.{e}.{self._stacked[match.group(2)]}" for e in range(self.n_expert)]
+
+    def hf_layout(self, gguf_name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+        names = self._expert_names(gguf_name)
+        if names is None:
+            return super().hf_layout(gguf_name, shape)
+        return [(name, tuple(shape[1:])) for name in names]
+
+    def hf_tensors(self, gguf_name: str, array: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        names = self._expert_names(gguf_name)
+        if names is None:
+            return super().hf_tensors(gguf_name, array)
+        return [(name, array[e]) for e, name in enumerate(names)]
+
+    @classmethod
+    def config_from_gguf(cls, fields: dict[str, Any], has_output: bool) -> dict[str, Any]:
+        arch = cls.gguf_arch
+        config = super().config_from_gguf(fields, has_output)
+        config[cls.expert_count_keys[0]] = int(fields[f"{arch}.expert_count"])
+        config["num_experts_per_tok"] = int(fields[f"{arch}.expert_used_count"])
+        return config
+
+    @classmethod
+    def gguf_facts(cls, fields: Mapping[str, Any], tensor_names: Collection[str]) -> dict[str, str]:
+        arch = cls.gguf_arch
+        facts = super().gguf_facts(fields, tensor_names)
+        facts["experts"] = f"{fields.get(f'{arch}.expert_count')}, {fields.get(f'{arch}.expert_used_count')} per token"
+        return facts
 
 
 def llama3_rope_factors(rope: Mapping[str, Any], theta: float, head_dim: int) -> np.ndarray:

@@ -426,7 +426,13 @@ def test_a_config_llama_cpp_cannot_run_is_refused() -> None:
 
 
 # What `slim show` must say about a fixture beyond its family name.
-SHOWN_FACTS = {"llama3": "rope scaling", "mistral_nemo": "head size", "smollm3": "layers without RoPE"}
+SHOWN_FACTS = {
+    "llama3": "rope scaling",
+    "mistral_nemo": "head size",
+    "smollm3": "layers without RoPE",
+    "qwen3_moe": "experts",
+    "mixtral": "experts",
+}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -302,7 +302,8 @@ def test_hostile_imatrix_files(tmp_path: Path) -> None:
         "negative-count": (imatrix("negative-count", row, -5), "counts is -5"),
         "fractional-count": (imatrix("fractional-count", row, 2.5), "counts is 2.5"),
         "two-rows": (imatrix("two-rows", np.ones((2, 32)), 512), r"shape \[32, 2\]"),
-        "expert-counts": (imatrix("expert-counts", row, 512, (2, 1)), "no single token count"),
+        "expert-counts": (imatrix("expert-counts", row, 512, (2, 1)), r"shape \[32, 1\] where 2 row\(s\) of sums"),
+        "no-counts": (imatrix("no-counts", row, 512, (0, 1)), "has no token counts"),
     }
     for name, (path, match) in cases.items():
         with pytest.raises(CalibrationError, match=match) as info:

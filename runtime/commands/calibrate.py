@@ -124,20 +124,24 @@ def command(
     except OSError as exc:
         fail(f"cannot write {target}: {exc.strerror}", 1)
     tokens = max(result.counts.values())
+    weights = len(result.sums) + len(result.expert_sums)
+    routing = result.routing()
     if as_json:
         click.echo(
             json.dumps(
                 {
                     "output": str(target),
-                    "weights": len(result.sums),
+                    "weights": weights,
                     "chunks": result.chunk_count,
                     "chunk_size": result.chunk_size,
                     "tokens": tokens,
+                    "routing": {str(layer): shares.round(4).tolist() for layer, shares in routing.items()},
                 }
             )
         )
     else:
         click.echo(
-            f"wrote {target}: {len(result.sums)} weights, {plural(result.chunk_count, 'chunk')} of "
+            f"wrote {target}: {weights} weights, {plural(result.chunk_count, 'chunk')} of "
             f"{result.chunk_size} tokens ({tokens} tokens)"
+            + (f"; how often each expert was chosen: slim show {target}" if routing else "")
         )

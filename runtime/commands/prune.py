@@ -54,18 +54,22 @@ from slim.runtime.pipeline.prune import LAYER_SCORES, METHODS, PruneReport
     show_default=True,
     help="width: fraction of attention heads to keep, in whole KV groups.",
 )
+@click.option("--keep", type=int, default=None, metavar="N", help="experts: how many experts each block keeps.")
+@click.option(
+    "--keep-fraction", type=float, default=None, metavar="F", help="experts: the fraction of experts each block keeps."
+)
 @click.option(
     "--text",
     "text_file",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Calibration text (UTF-8) for wanda, layers and width.",
+    help="Calibration text (UTF-8) for wanda, layers, width and experts.",
 )
 @click.option(
     "--imatrix",
     type=click.Path(dir_okay=False),
     default=None,
-    help="A saved calibration (`slim calibrate -o`) instead of --text, for wanda and width.",
+    help="A saved calibration (`slim calibrate -o`) instead of --text, for wanda, width and experts.",
 )
 @click.option(
     "-c",
@@ -87,7 +91,7 @@ from slim.runtime.pipeline.prune import LAYER_SCORES, METHODS, PruneReport
     "--eval-text",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Held-out text (UTF-8): report the pruned model's perplexity on it.",
+    help="Held-out text (UTF-8): report the pruned and the unpruned model's perplexity on it.",
 )
 @click.option(
     "--heal",
@@ -113,6 +117,8 @@ def command(
     score: str,
     ffn: float,
     heads: float,
+    keep: int | None,
+    keep_fraction: float | None,
     text_file: str | None,
     imatrix: str | None,
     ctx: int,
@@ -144,6 +150,9 @@ def command(
       width      keep --ffn F of the FFN neurons and --heads H of the attention heads per block,
                  ranked by activation-weighted importance (E[a^2] times the squared norm of the
                  weights they feed); heads go in whole KV groups.
+      experts    a mixture of experts (Qwen3-MoE, Mixtral): keep --keep N (or --keep-fraction F)
+                 experts per block, those the router gave the most weight on --text (with
+                 --imatrix: chosen most often); the router forgets the others.
 
     The calibration pass is the one `slim calibrate` makes: pass --imatrix FILE to reuse it.
     --heal STEPS then trains the pruned model on --text towards the unpruned model's next-token
@@ -155,6 +164,7 @@ def command(
       slim prune smollm2-135m --name smol-26 --method layers --remove 4 --text wiki.txt --type Q8_0
       slim prune ./smollm2-hf --method width --ffn 0.75 --imatrix smol.imatrix.gguf --dry-run
       slim prune smollm2-135m -o smol-26.gguf --method layers --remove 4 --text wiki.txt --heal 300
+      slim prune ./qwen3-30b-a3b -o qwen3-a3b-96.gguf --method experts --keep 96 --text wiki.txt
     """
     from pathlib import Path
 
@@ -186,6 +196,8 @@ def command(
         score=score,
         ffn=ffn,
         heads=heads,
+        keep=keep,
+        keep_fraction=keep_fraction,
         text=text,
         imatrix=imatrix,
         ctx=ctx,
@@ -252,4 +264,6 @@ def _lines(report: PruneReport) -> str:
         lines.append(f"wrote {report.output}: {report.output_bytes / 1e6:.1f} MB")
     if report.perplexity is not None and report.perplexity_error is not None:
         lines.append(f"perplexity ({report.perplexity_of}): {report.perplexity:.4f} ± {report.perplexity_error:.4f}")
+        if report.perplexity_before is not None:
+            lines.append(f"perplexity before pruning (the same way): {report.perplexity_before:.4f}")
     return "\n".join(lines)

@@ -98,8 +98,9 @@ def type_names() -> list[str]:
 
 
 def stays_f32(name: str, shape: tuple[int, ...]) -> bool:
-    """Norms, biases and every 1-D tensor are kept in F32 by both of llama.cpp's tools."""
-    return len(shape) < 2 or name.endswith("_norm.weight") or not name.endswith(".weight")
+    """Norms, biases, every 1-D tensor and the experts' router (ffn_gate_inp) are kept in F32 by
+    both of llama.cpp's tools."""
+    return len(shape) < 2 or name.endswith(("_norm.weight", "ffn_gate_inp.weight")) or not name.endswith(".weight")
 
 
 def use_more_bits(i_layer: int, n_layer: int) -> bool:
@@ -192,6 +193,7 @@ def plan(
         mix=chosen.name,
         n_layer=n_layer,
         n_gqa=_n_gqa(shapes),
+        n_expert=_n_expert(shapes),
         tied="output.weight" not in shapes,
         has_imatrix=has_imatrix,
         n_attn_v=sum(_category(name) in _ATTN_V_LIKE for name in names),
@@ -250,6 +252,10 @@ def _fitting(qtype: str, name: str, n_per_row: int, flag: str) -> str:
 
 
 _ATTN_V_LIKE = ("attn_v", "attn_qkv", "attn_kv_b")  # the categories llama-quantize treats as attn_v
+# The mixes whose attn_output llama-quantize raises to Q5_K in an 8-expert model.
+_EIGHT_EXPERT_ATTN_OUTPUT_Q5_K = (
+    "Q2_K", "IQ3_XS", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ3_S", "IQ3_M", "IQ4_XS",
+)  # fmt: skip
 
 
 def _category(name: str) -> str:
@@ -274,6 +280,12 @@ def _n_gqa(shapes: Mapping[str, tuple[int, ...]]) -> int:
     return q[0] // k[0] if q and k else 1
 
 
+def _n_expert(shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """Experts per layer (llama.cpp's n_expert), the rows of the first layer's router; 0 for a dense model."""
+    router = shapes.get("blk.0.ffn_gate_inp.weight")
+    return router[0] if router else 0
+
+
 @dataclass
 class _PlanState:
     """llama_tensor_get_type's rules for one model, with its counters of attn_v and ffn_down
@@ -282,6 +294,7 @@ class _PlanState:
     mix: str
     n_layer: int
     n_gqa: int
+    n_expert: int
     tied: bool
     has_imatrix: bool
     n_attn_v: int
@@ -293,7 +306,7 @@ class _PlanState:
 
     def bump(self, name: str, qtype: str, n_per_row: int) -> str:
         """The type llama-quantize gives a quantized tensor of this mix, before the row-length fallback.
-        The rules for 8-expert models, Falcon and 70B Llama are left out: slim writes none of them."""
+        The rules for Falcon and 70B Llama are left out: slim writes neither."""
         mix, category = self.mix, _category(name)
         if category == "output" or (self.tied and category == "token_embd"):
             if self.output_type:
@@ -314,23 +327,35 @@ class _PlanState:
             return self._very_low_bit(category, qtype)
         if category in _ATTN_V_LIKE:
             i, self.i_attn_v = self.i_attn_v, self.i_attn_v + 1
-            return self._attn_v(qtype, i)
+            # for 8-expert models llama-quantize gives attn_v Q8_0 whatever the mix ("trades just ~128MB")
+            return "Q8_0" if self.n_expert == 8 else self._attn_v(qtype, i)
         if category == "ffn_down":
             i, self.i_ffn_down = self.i_ffn_down, self.i_ffn_down + 1
-            return self._ffn_down(qtype, i)
+            return self._ffn_down(qtype, self._ffn_layer(name, i))
+        if category == "attn_k" and self.n_expert == 8:
+            return "Q8_0"
         if category in ("attn_k", "attn_q"):
             return {"IQ3_XS": "IQ3_XXS", "IQ3_XXS": "IQ2_S"}.get(mix, qtype)
         if category == "attn_output":
+            if self.n_expert == 8:
+                return "Q5_K" if mix in _EIGHT_EXPERT_ATTN_OUTPUT_Q5_K else qtype
             return {"Q2_K": "Q3_K", "IQ3_XXS": "IQ3_S", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K", "IQ3_M": "Q4_K"}.get(
                 mix, qtype
             )
         if category in ("ffn_gate", "ffn_up"):
             counter = f"i_{category}"
-            i = getattr(self, counter)
-            setattr(self, counter, i + 1)
+            i = self._ffn_layer(name, getattr(self, counter))
+            setattr(self, counter, getattr(self, counter) + 1)
             if mix == "IQ3_XS" and self.n_layer // 8 <= i < 7 * self.n_layer // 8:
                 return "IQ3_XXS"
         return qtype
+
+    def _ffn_layer(self, name: str, seen: int) -> int:
+        """The layer an FFN rule looks at: its count of such tensors so far, or in a mixture of experts
+        the layer in the tensor's name (llama-quantize's layer_info: experts' tensors need not come in
+        layer order)."""
+        match = _LAYER.match(name)
+        return int(match.group(1)) if self.n_expert > 1 and match else seen
 
     def _very_low_bit(self, category: str, qtype: str) -> str:
         """llama-quantize's branch for the 1- and 2-bit lattice mixes."""
@@ -338,11 +363,15 @@ class _PlanState:
         more = "IQ3_S" if mix in ("IQ2_S", "IQ2_M") else "Q2_K"
         if category in _ATTN_V_LIKE:
             self.i_attn_v += 1
-            return "Q4_K" if self.n_gqa >= 4 else more
+            return "Q4_K" if self.n_gqa >= 4 or self.n_expert >= 4 else more
+        if category == "attn_k" and self.n_expert == 8:
+            return "Q4_K"
         if category == "ffn_down":
             i, self.i_ffn_down = self.i_ffn_down, self.i_ffn_down + 1
             return more if i < self.n_layer // 8 else qtype
         if category == "attn_output":
+            if self.n_expert == 8:
+                return "Q5_K"
             return {"IQ1_S": "IQ2_XXS", "IQ1_M": "IQ2_XXS", "IQ2_S": "IQ3_S", "IQ2_M": "IQ3_S"}.get(mix, qtype)
         return qtype
 
@@ -380,7 +409,7 @@ class _PlanState:
             return "Q4_K" if first_eighth else "Q3_K"
         if mix == "Q3_K_M":
             return "Q5_K" if i < self.n_layer // 16 else "Q4_K"
-        if mix == "IQ3_M" and first_eighth:
+        if mix == "IQ3_M" and (first_eighth or (self.n_expert == 8 and use_more_bits(i, self.n_layer))):
             return "Q4_K"
         if mix == "Q3_K_L":
             return "Q5_K"

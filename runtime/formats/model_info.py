@@ -44,7 +44,7 @@ def describe(path: Path) -> ModelInfo:
     arch = str(meta.get(keys.General.ARCHITECTURE, "unknown"))
     n_params = sum(t.n_elements for t in header.tensors)
     try:
-        family = models.for_gguf_arch(arch)
+        family = models.for_gguf_arch(arch, meta)
     except models.ArchitectureError:
         family = None
     facts = family.gguf_facts(meta, {t.name for t in header.tensors}) if family else {}

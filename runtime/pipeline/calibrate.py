@@ -17,7 +17,6 @@ rounding; they are written in its GGUF format.
 from __future__ import annotations
 
 import ctypes
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -70,10 +69,23 @@ def _rows(t: _GgmlTensor) -> np.ndarray:
     return view.reshape(-1, ne0)
 
 
+def _int32_matrix(t: _GgmlTensor) -> np.ndarray:
+    """An I32 2-D tensor (ne0 columns, ne1 rows; strides honoured, as a view may have) as (ne1, ne0)."""
+    ne0, ne1 = int(t.ne[0]), int(t.ne[1])
+    nb0, nb1 = int(t.nb[0]), int(t.nb[1])
+    n_ints = (nb1 * (ne1 - 1) + nb0 * (ne0 - 1)) // 4 + 1
+    base = np.ctypeslib.as_array(ctypes.cast(t.data, ctypes.POINTER(ctypes.c_int32)), shape=(n_ints,))
+    return np.lib.stride_tricks.as_strided(base, shape=(ne1, ne0), strides=(nb1, nb0)).copy()
+
+
 @dataclass
 class Calibration:
     """Per-matmul-weight activation statistics (GGUF weight names), plus the optional hidden-state
-    similarities. `sums[name]` is float64 (n_in,), sum over tokens of x_j^2; `counts[name]` tokens."""
+    similarities. `sums[name]` is float64 (n_in,), sum over tokens of x_j^2; `counts[name]` tokens.
+
+    A mixture of experts' stacked weights (ffn_*_exps) keep one row per expert, as llama-imatrix does:
+    `expert_sums[name]` (n_expert, n_in) over the tokens routed to each expert, `expert_counts[name]`
+    (n_expert,) how many were. The counts of a layer's ffn_gate_exps are its routing statistics."""
 
     sums: dict[str, np.ndarray] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
@@ -81,20 +93,46 @@ class Calibration:
     chunk_count: int = 0
     datasets: list[str] = field(default_factory=list)
     hidden_cosine: np.ndarray | None = None  # (n_layer + 1, n_layer + 1), see calibrate()
+    expert_sums: dict[str, np.ndarray] = field(default_factory=dict)
+    expert_counts: dict[str, np.ndarray] = field(default_factory=dict)
+    #: Per layer, the routing weight each expert received, summed over the tokens (calibrate(routing=True));
+    #: not part of llama.cpp's file format, so a loaded matrix has none.
+    expert_mass: dict[int, np.ndarray] = field(default_factory=dict)
 
     def mean_squares(self, name: str) -> np.ndarray:
         """E[x_j^2] for weight `name` as llama-quantize computes it from the file: float32
-        sum / float32 count. This is the importance the quantizer weighs errors with."""
-        count = np.float32(self.counts[name])
-        sums = self.sums[name].astype(np.float32)
-        return sums / count if count > 0 else np.ones_like(sums)
+        sum / float32 count, and 1 where nothing was counted (an expert no token chose). This is the
+        importance the quantizer weighs errors with: (n_in,), or (n_expert, n_in) for experts."""
+        if name in self.expert_sums:
+            sums = self.expert_sums[name].astype(np.float32)
+            counts = self.expert_counts[name].astype(np.float32)[:, None]
+        else:
+            sums, counts = self.sums[name].astype(np.float32), np.array(self.counts[name], dtype=np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(counts > 0, sums / counts, np.float32(1)).astype(np.float32)
+
+    def covers(self, name: str) -> bool:
+        return name in self.sums or name in self.expert_sums
+
+    def columns(self, name: str) -> int:
+        """The row length of the weight whose statistics `name` holds."""
+        return int((self.expert_sums[name] if name in self.expert_sums else self.sums[name]).shape[-1])
+
+    def routing(self) -> dict[int, np.ndarray]:
+        """Per layer, the share of routing choices each expert got (the counts of its ffn_gate_exps
+        over their sum): the routing statistics of the calibration text."""
+        found = {}
+        for name, counts in self.expert_counts.items():
+            if name.endswith(".ffn_gate_exps.weight") and counts.sum() > 0:
+                found[int(name.split(".")[1])] = counts / counts.sum()
+        return dict(sorted(found.items()))
 
     def check_fits(self, columns: dict[str, int], source: str) -> None:
         """Refuse statistics whose length is not the column count of the weight of the same name (GGUF names)."""
-        for name, sums in self.sums.items():
-            if name in columns and len(sums) != columns[name]:
+        for name in [*self.sums, *self.expert_sums]:
+            if name in columns and self.columns(name) != columns[name]:
                 raise CalibrationError(
-                    f"the importance matrix has {len(sums)} columns for {name}, which has {columns[name]} in "
+                    f"the importance matrix has {self.columns(name)} columns for {name}, which has {columns[name]} in "
                     f"{source}; was it made from this model?"
                 )
 
@@ -107,9 +145,13 @@ class Calibration:
             writer.add_array(_IMATRIX_KEYS.DATASETS, self.datasets or ["unnamed"])
             writer.add_uint32(_IMATRIX_KEYS.CHUNK_COUNT, self.chunk_count)
             writer.add_uint32(_IMATRIX_KEYS.CHUNK_SIZE, self.chunk_size)
-            for name in sorted(self.sums):
-                writer.add_tensor(f"{name}.in_sum2", self.sums[name].astype(np.float32).reshape(1, -1))
-                writer.add_tensor(f"{name}.counts", np.array([[self.counts[name]]], dtype=np.float32))
+            for name in sorted([*self.sums, *self.expert_sums]):
+                if name in self.expert_sums:  # one row of sums and one count per expert
+                    sums, counts = self.expert_sums[name], self.expert_counts[name]
+                else:
+                    sums, counts = self.sums[name].reshape(1, -1), np.array([self.counts[name]])
+                writer.add_tensor(f"{name}.in_sum2", sums.astype(np.float32))
+                writer.add_tensor(f"{name}.counts", counts.astype(np.float32).reshape(-1, 1))
             try:
                 writer.write_header_to_file()
                 writer.write_kv_data_to_file()
@@ -158,29 +200,33 @@ class Calibration:
                 continue
             name = key[: -len(".in_sum2")]
             counts = tensors.get(f"{name}.counts")
-            if counts is None or counts.n_elements != 1:
-                raise CalibrationError(
-                    f"{path}: {name} has no single token count (an expert-split imatrix is not supported)"
-                )
             sums = tensors[key]
-            if sums.n_elements == 0 or int(sums.n_elements) != int(sums.shape[0]):
+            # one row of sums per count: a dense weight has one, a stack of experts one per expert
+            rows = int(counts.n_elements) if counts is not None else 0
+            if counts is None or rows == 0 or int(counts.shape[0]) != 1:
+                raise CalibrationError(f"{path} is damaged: {name} has no token counts")
+            if sums.n_elements == 0 or sums.n_elements % rows or int(sums.n_elements) != int(sums.shape[0]) * rows:
                 raise CalibrationError(
-                    f"{path} is damaged: {key} has shape {[int(n) for n in sums.shape]} where one row of sums belongs"
+                    f"{path} is damaged: {key} has shape {[int(n) for n in sums.shape]} where {rows} row(s) of sums "
+                    "belong (one per count)"
                 )
-            values = np.asarray(sums.data, dtype=np.float64).reshape(-1)
-            count = float(np.asarray(counts.data, dtype=np.float64).reshape(-1)[0])
+            values = np.asarray(sums.data, dtype=np.float64).reshape(rows, -1)
+            count = np.asarray(counts.data, dtype=np.float64).reshape(-1)
             if not np.isfinite(values).all() or (values < 0).any():
                 raise CalibrationError(
                     f"{path} is damaged: {key} holds negative or non-finite sums of squares; "
                     "make the importance matrix again with `slim calibrate`"
                 )
-            if not math.isfinite(count) or count < 0 or count != int(count):
+            bad = ~np.isfinite(count) | (count < 0) | (count != np.round(count))
+            if bad.any():
                 raise CalibrationError(
-                    f"{path} is damaged: {name}.counts is {count}, not a token count; "
+                    f"{path} is damaged: {name}.counts is {count[bad][0]:g}, not a token count; "
                     "make the importance matrix again with `slim calibrate`"
                 )
-            cal.sums[name] = values
-            cal.counts[name] = int(count)
+            if rows == 1:
+                cal.sums[name], cal.counts[name] = values[0], int(count[0])
+            else:
+                cal.expert_sums[name], cal.expert_counts[name] = values, count.astype(np.int64)
         return cal
 
 
@@ -188,7 +234,7 @@ class _Collector:
     """The eval callback: asks llama.cpp for each weight matmul (and, optionally, each block's
     output), and accumulates their statistics."""
 
-    def __init__(self, n_layer: int, hidden_states: bool, include_output: bool) -> None:
+    def __init__(self, n_layer: int, hidden_states: bool, include_output: bool, routing: bool = False) -> None:
         from slim.kernels import ggml
 
         lib = ggml.library()
@@ -209,6 +255,13 @@ class _Collector:
         self.include_output = include_output
         self.sums: dict[str, np.ndarray] = {}
         self.counts: dict[str, int] = {}
+        self.expert_sums: dict[str, np.ndarray] = {}
+        self.expert_counts: dict[str, np.ndarray] = {}
+        self.routing = routing
+        self.expert_mass: dict[int, np.ndarray] = {}
+        # a layer's chosen experts (from its ffn_gate_exps matmul) and their weights, until both are seen
+        self._chosen: dict[int, np.ndarray] = {}
+        self._weights: dict[int, np.ndarray] = {}
         self.cosine_sum = np.zeros((n_layer + 1, n_layer + 1))
         self.cosine_tokens = 0
         self._hidden: dict[int, list[np.ndarray]] = {}  # per hidden state, its rows of each compute pass
@@ -222,6 +275,12 @@ class _Collector:
         if not (name.startswith("blk.") or (self.include_output and name == "output.weight")):
             return None
         return name
+
+    def routing_layer(self, t: _GgmlTensor) -> int | None:
+        """The layer of a mixture's normalised routing weights (llama.cpp's ffn_moe_weights_norm-N)."""
+        prefix = b"ffn_moe_weights_norm-"
+        layer = t.name[len(prefix) :]
+        return int(layer) if self.routing and t.name.startswith(prefix) and layer.isdigit() else None
 
     def hidden_index(self, t: _GgmlTensor) -> int | None:
         """0 for the token embeddings entering block 0, i + 1 for block i's output."""
@@ -238,13 +297,20 @@ class _Collector:
             name = self.weight_name(t)
             if ask:
                 if name is not None:
-                    if t.op == self._mul_mat_id:
-                        self.error = f"{name} is a mixture-of-experts matmul; calibration supports dense models"
-                        return False
+                    if t.op == self._mul_mat_id:  # llama-imatrix takes every experts' matmul, however few rows
+                        return True
                     src1 = _GgmlTensor.from_address(t.src[1])
                     return src1.ne[1] >= _MIN_ROWS and src1.type == gguf.GGMLQuantizationType.F32
+                if self.routing_layer(t) is not None:
+                    return True
                 return self.hidden_states and self.hidden_index(t) is not None
-            if name is not None:
+            if name is not None and t.op == self._mul_mat_id:
+                self.add_experts(name, t)
+            elif (layer := self.routing_layer(t)) is not None:
+                # per token its chosen experts' weights, choices innermost: [n_used, n_tokens] or [1, n_used, n_tokens]
+                self._weights[layer] = _rows(t).reshape(-1).astype(np.float64)
+                self.add_mass(layer)
+            elif name is not None:
                 x = _rows(_GgmlTensor.from_address(t.src[1])).astype(np.float64)
                 acc = self.sums.get(name)
                 squares = np.einsum("ij,ij->j", x, x)
@@ -258,6 +324,39 @@ class _Collector:
         except Exception as exc:  # an exception must not unwind through C
             self.error = f"calibration callback failed: {exc!r}"
             return False
+
+    def add_experts(self, name: str, t: _GgmlTensor) -> None:
+        """One MUL_MAT_ID: src1 holds, per token, the input of each chosen expert (one row shared by all
+        of them, or one row each), src[2] the chosen experts' ids; each row's squares go to its expert,
+        as llama-imatrix adds them."""
+        weight, src1 = _GgmlTensor.from_address(t.src[0]), _GgmlTensor.from_address(t.src[1])
+        ids_tensor = _GgmlTensor.from_address(t.src[2])
+        n_as, ne0, ne1, n_tokens = int(weight.ne[2]), int(src1.ne[0]), int(src1.ne[1]), int(src1.ne[2])
+        x = _rows(src1).reshape(n_tokens, ne1, ne0)
+        ids = _int32_matrix(ids_tensor)  # (n_tokens, n_used)
+        if name not in self.expert_sums:
+            self.expert_sums[name] = np.zeros((n_as, ne0))
+            self.expert_counts[name] = np.zeros(n_as, dtype=np.int64)
+        sums, counts = self.expert_sums[name], self.expert_counts[name]
+        for slot in range(ids.shape[1]):
+            rows = x[:, slot % ne1, :].astype(np.float64)
+            np.add.at(sums, ids[:, slot], rows * rows)
+            counts += np.bincount(ids[:, slot], minlength=n_as)
+        if self.routing and name.endswith(".ffn_gate_exps.weight"):
+            layer = int(name.split(".")[1])
+            self._chosen[layer] = ids
+            self.add_mass(layer, n_as)
+
+    def add_mass(self, layer: int, n_expert: int = 0) -> None:
+        """Add each expert's routing weight, once a layer's choices and weights are both in (llama.cpp
+        may compute either first)."""
+        if layer not in self._chosen or layer not in self._weights:
+            return
+        chosen, weights = self._chosen.pop(layer), self._weights.pop(layer)
+        if layer not in self.expert_mass:
+            n = n_expert or int(self.expert_counts[f"blk.{layer}.ffn_gate_exps.weight"].shape[0])
+            self.expert_mass[layer] = np.zeros(n)
+        np.add.at(self.expert_mass[layer], chosen.reshape(-1), weights)
 
     def end_batch(self) -> None:
         """Fold the block outputs of the last batch into the cosine matrix."""
@@ -285,6 +384,7 @@ def calibrate(
     threads: int | None = None,
     hidden_states: bool = False,
     include_output: bool = False,
+    routing: bool = False,
     dataset: str = "",
     progress: Callable[[int, int], None] | None = None,
 ) -> Calibration:
@@ -293,7 +393,8 @@ def calibrate(
     chunks limits how many chunks are used (default all). hidden_states adds `hidden_cosine`:
     C[a, b] = mean over tokens of cos(h_a, h_b), h_0 the input of block 0 and h_i the output of
     block i - 1, so removing blocks i..i+k-1 turns the stream by arccos(C[i, i + k]).
-    include_output also collects output.weight (llama-imatrix --process-output).
+    include_output also collects output.weight (llama-imatrix --process-output). routing adds
+    `expert_mass` for a mixture of experts: per layer, the routing weight each expert received.
     """
     from slim.runtime import inference
     from slim.runtime.formats.gguf_file import check_gguf
@@ -307,7 +408,7 @@ def calibrate(
     metadata = check_gguf(Path(model))
     arch = metadata.get(gguf.Keys.General.ARCHITECTURE, "")
     n_layer = int(metadata.get(gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch), 0))
-    collector = _Collector(n_layer, hidden_states, include_output)
+    collector = _Collector(n_layer, hidden_states, include_output, routing)
     callback = L.ggml_backend_sched_eval_callback(collector)
     # llama-imatrix's layout: n_seq chunks side by side in one llama_decode, each its own sequence,
     # computed IMATRIX_UBATCH tokens at a time, which llama.cpp splits evenly across the sequences.
@@ -360,6 +461,9 @@ def calibrate(
     return Calibration(
         sums=collector.sums,
         counts=collector.counts,
+        expert_sums=collector.expert_sums,
+        expert_counts=collector.expert_counts,
+        expert_mass=collector.expert_mass,
         chunk_size=ctx,
         chunk_count=max(collector.counts.values()) // ctx,  # as llama-imatrix counts: whole chunks seen
         datasets=[dataset] if dataset else [],

@@ -74,7 +74,7 @@ class _Planned:
     shape: tuple[int, ...]  # numpy order (rows, cols)
     qtype: str
     load: Callable[[], np.ndarray]
-    importance: np.ndarray | None = None  # per input column, from the importance matrix
+    importance: np.ndarray | None = None  # per input column (per expert and column), from the importance matrix
 
     @property
     def nbytes(self) -> int:
@@ -216,10 +216,17 @@ def _plan(
 ) -> list[_Planned]:
     """Every tensor the GGUF holds, with its type, in llama.cpp's order."""
     found: dict[str, _Planned] = {}
+    experts: dict[str, dict[int, TensorRef]] = {}
     for ref in checkpoint:
+        slot = arch.expert_slot(ref.name)
+        if slot is not None:
+            experts.setdefault(slot[0], {})[slot[1]] = ref
+            continue
         name = arch.gguf_name(ref.name)
         if name is not None:
             found[name] = _Planned(name, ref.shape, "", _transformed(arch, name, ref))
+    for name, refs in experts.items():
+        found[name] = _stacked_experts(arch, name, refs)
     for name, array in arch.extra_tensors().items():
         found[name] = _Planned(name, array.shape, "", already_loaded(array))
     _check_complete(arch, found)
@@ -246,18 +253,26 @@ def _plan(
 
 
 def _attach_importance(found: dict[str, _Planned], calibration: Calibration) -> None:
-    """Give each weight the imatrix entry of the same name, as llama-quantize does. An entry whose
-    length is not the weight's row length means the matrix was made for another model."""
+    """Give each weight the imatrix entry of the same name, as llama-quantize does (a stack of experts
+    one row per expert). An entry whose length is not the weight's row length means the matrix was
+    made for another model."""
     matched = 0
     for name, item in found.items():
-        if name not in calibration.sums:
+        if not calibration.covers(name):
             continue
-        if len(calibration.sums[name]) != item.shape[-1]:
+        importance = calibration.mean_squares(name)
+        experts = item.shape[0] if len(item.shape) == 3 else None
+        if importance.shape[-1] != item.shape[-1] or (importance.ndim == 2) != (experts is not None):
             raise ConvertError(
-                f"the importance matrix has {len(calibration.sums[name])} columns for {name}, "
+                f"the importance matrix has {calibration.columns(name)} columns for {name}, "
                 f"which has {item.shape[-1]}: it was made for a different model"
             )
-        item.importance = calibration.mean_squares(name)
+        if experts is not None and importance.shape[0] != experts:
+            raise ConvertError(
+                f"the importance matrix has {importance.shape[0]} experts for {name}, which has {experts}: "
+                "it was made for a different model"
+            )
+        item.importance = importance
         matched += 1
     if not matched:
         raise ConvertError(
@@ -267,6 +282,29 @@ def _attach_importance(found: dict[str, _Planned], calibration: Calibration) -> 
 
 def _transformed(arch: models.DecoderArchitecture, name: str, ref: TensorRef) -> Callable[[], np.ndarray]:
     return lambda: arch.to_gguf(name, ref.load())
+
+
+def _stacked_experts(arch: models.DecoderArchitecture, name: str, refs: dict[int, TensorRef]) -> _Planned:
+    """One layer's matrix of every expert as llama.cpp's 3-D tensor (experts, rows, columns), read
+    only when it is quantized: memory holds one layer's experts of one matrix, not the model's."""
+    missing = [e for e in range(arch.n_expert) if e not in refs]
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint lacks expert {missing[0]} of {name} ({len(refs)} of {arch.n_expert} experts found); "
+            "is the download complete?"
+        )
+    shapes = {refs[e].shape for e in range(arch.n_expert)}
+    if len(shapes) != 1:
+        raise CheckpointError(f"the experts of {name} differ in shape ({', '.join(map(str, sorted(shapes)))})")
+    ordered = [refs[e] for e in range(arch.n_expert)]
+
+    def load() -> np.ndarray:
+        stack = np.empty((len(ordered), *ordered[0].shape), dtype=np.float32)
+        for e, ref in enumerate(ordered):
+            stack[e] = ref.load()
+        return stack
+
+    return _Planned(name, (len(ordered), *ordered[0].shape), "", load)
 
 
 def _check_complete(arch: models.DecoderArchitecture, found: dict[str, _Planned]) -> None:
@@ -285,6 +323,13 @@ def _quantize(item: _Planned, backend: str, search: str) -> np.ndarray:
     array = np.asarray(item.load(), dtype=np.float32)
     if item.qtype == "F32" or array.ndim == 1:
         return np.ascontiguousarray(array, dtype=np.float32).reshape(-1).view(np.uint8)
+    if item.importance is not None and item.importance.ndim == 2:  # experts, each with its own importance
+        return np.concatenate(
+            [
+                kernels.quantize(expert, item.qtype, backend=backend, importance=weights, search=search).reshape(-1)
+                for expert, weights in zip(array, item.importance, strict=True)
+            ]
+        )
     rows = array.reshape(-1, array.shape[-1])
     return kernels.quantize(rows, item.qtype, backend=backend, importance=item.importance, search=search).reshape(-1)
 

@@ -73,7 +73,7 @@ def export(
 
     reader = open_gguf(source)
     meta = fields(reader)
-    arch_cls = models.for_gguf_arch(str(meta.get(gguf.Keys.General.ARCHITECTURE)))
+    arch_cls = models.for_gguf_arch(str(meta.get(gguf.Keys.General.ARCHITECTURE)), meta)
     names = [t.name for t in reader.tensors]
     # Model-wide tensors with no checkpoint name are what the converter derived from config.json
     # (RoPE factors): the config is rebuilt from them, alongside the metadata.
@@ -87,12 +87,16 @@ def export(
     arch = arch_cls(config)
 
     exported = [t for t in reader.tensors if t.name not in derived]
-    shapes = {arch.hf_name(t.name): (tuple(int(n) for n in reversed(t.shape.tolist())), dtype) for t in exported}
+    shapes = {
+        hf_name: (shape, dtype)
+        for t in exported
+        for hf_name, shape in arch.hf_layout(t.name, tuple(int(n) for n in reversed(t.shape.tolist())))
+    }
     n_params = sum(int(t.n_elements) for t in exported)
 
     def tensors() -> Iterator[tuple[str, Any]]:
         for done, tensor in enumerate(exported, 1):
-            yield arch.hf_name(tensor.name), arch.to_hf(tensor.name, tensor_array(tensor))
+            yield from arch.hf_tensors(tensor.name, tensor_array(tensor))
             if progress is not None:
                 progress(done, len(exported))
 

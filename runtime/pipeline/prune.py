@@ -44,7 +44,7 @@ from slim.runtime.pipeline import Progress
 from slim.runtime.pipeline.calibrate import Calibration
 
 UNSTRUCTURED = ("magnitude", "wanda")
-METHODS = UNSTRUCTURED + ("layers", "width")
+METHODS = UNSTRUCTURED + ("layers", "width", "experts")
 LAYER_SCORES = ("angular", "influence")
 # Kept FFN widths are a multiple of this when the original is, so 32-weight quant blocks still fit.
 WIDTH_STEP = 32
@@ -56,11 +56,15 @@ class PruneError(ValueError):
 
 
 def block_matrices(arch: models.DecoderArchitecture) -> tuple[str, ...]:
-    """The matrices inside a block, by their Hugging Face suffix (the family's, fused ones included):
-    what unstructured pruning touches."""
-    return tuple(
-        hf for hf, gguf_name in arch.layer_tensors.items() if hf.endswith(".weight") and "norm" not in gguf_name
+    """The matrices inside a block, by their Hugging Face suffix (the family's, fused ones included,
+    and every expert's; not a mixture's router): what unstructured pruning touches."""
+    own = tuple(
+        hf
+        for hf, gguf_name in arch.layer_tensors.items()
+        if hf.endswith(".weight") and "norm" not in gguf_name and gguf_name != "ffn_gate_inp.weight"
     )
+    experts = tuple(f"{arch.experts_module}.{e}.{hf}" for e in range(arch.n_expert) for hf in arch.expert_tensors)
+    return own + experts
 
 
 @dataclass
@@ -76,6 +80,8 @@ class Plan:
     block_scores: dict[int, float] = field(default_factory=dict)  # what chose them (lower: less needed)
     ffn_kept: dict[int, np.ndarray] = field(default_factory=dict)
     kv_kept: dict[int, np.ndarray] = field(default_factory=dict)
+    experts_kept: dict[int, np.ndarray] = field(default_factory=dict)  # per block, the experts that stay
+    expert_scores: dict[int, np.ndarray] = field(default_factory=dict)  # each expert's share of the routing
 
     def describe(self, arch: models.DecoderArchitecture) -> str:
         if self.method in UNSTRUCTURED:
@@ -91,6 +97,15 @@ class Plan:
                 f"{i} ({self.block_scores[i]:.4f})" if i in self.block_scores else str(i) for i in self.removed_blocks
             )
             return f"layers: remove blocks {blocks}; {arch.n_layer} -> {arch.n_layer - len(self.removed_blocks)} blocks"
+        if self.method == "experts":
+            kept = len(next(iter(self.experts_kept.values())))
+            fewer_used = f", {arch.n_expert_used} -> {kept} used per token" if kept < arch.n_expert_used else ""
+            removed = []
+            for block, kept_ in self.experts_kept.items():
+                dropped = np.setdiff1d(np.arange(arch.n_expert), kept_)
+                share = self.expert_scores[block][dropped].sum()
+                removed.append(f"block {block}: {', '.join(map(str, dropped))} ({share:.1%} of its routing)")
+            return f"experts: {arch.n_expert} -> {kept} per block{fewer_used}; removed {'; '.join(removed)}"
         parts = []
         if self.ffn_kept:
             parts.append(f"FFN {arch.ffn} -> {len(next(iter(self.ffn_kept.values())))} neurons")
@@ -138,6 +153,7 @@ def check_amounts(
     remove: int | None = None,
     ffn: float = 1.0,
     heads: float = 1.0,
+    keep: int | None = None,
 ) -> None:
     """Refuse amounts the model cannot take, before any calibration is spent on them."""
     if method in UNSTRUCTURED:
@@ -145,7 +161,7 @@ def check_amounts(
             raise PruneError(f"--method {method} needs --sparsity S or --pattern N:M (one of them)")
         if sparsity is not None and not 0 <= sparsity < 1:
             raise PruneError(f"--sparsity must be in [0, 1) (the fraction of each row to zero), got {sparsity}")
-        row_lengths = {arch.hidden, arch.ffn, arch.n_head * arch.head_dim}
+        row_lengths = {arch.hidden, arch.expert_ffn or arch.ffn, arch.n_head * arch.head_dim}
         if pattern is not None and any(length % pattern[1] for length in row_lengths):
             raise PruneError(
                 f"--pattern {pattern[0]}:{pattern[1]}: M={pattern[1]} does not divide every row length "
@@ -162,14 +178,55 @@ def check_amounts(
                 raise PruneError(f"{label} is the fraction to keep, in (0, 1]; got {fraction}")
         if ffn == 1 and heads == 1:
             raise PruneError("--method width needs --ffn F or --heads H below 1 (the fraction to keep)")
+        if ffn < 1 and arch.n_expert:
+            raise PruneError(
+                "--ffn narrows a dense FFN; a mixture of experts' FFN is its experts: use --method experts --keep N"
+            )
         if heads < 1:  # the family must take fewer heads (llama.cpp's phi3 and olmo2 need heads x head_dim = hidden)
             fewer = Plan("width", kv_kept={0: np.arange(_kept_groups(arch, heads))})
             try:
                 type(arch)(pruned_config(arch.config, arch, fewer))
             except models.ArchitectureError as exc:
                 raise PruneError(f"--heads {heads} cannot be pruned from this {arch.family}: {exc}") from None
+    elif method == "experts":
+        if not arch.n_expert:
+            raise PruneError(f"--method experts removes experts of a mixture of experts; this {arch.family} is dense")
+        if keep is None or not 1 <= keep < arch.n_expert:
+            raise PruneError(
+                f"--keep must be between 1 and {arch.n_expert - 1} (the model has {arch.n_expert} experts per block), "
+                f"got {keep}"
+            )
     else:
         raise PruneError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def kept_experts(arch: models.DecoderArchitecture, keep: int | None, keep_fraction: float | None) -> int | None:
+    """--keep N, or --keep-fraction F of the experts (rounded, at least 1)."""
+    if keep_fraction is None:
+        return keep
+    if not 0 < keep_fraction < 1:
+        raise PruneError(f"--keep-fraction is the fraction of experts to keep, in (0, 1); got {keep_fraction}")
+    return max(1, round(keep_fraction * arch.n_expert))
+
+
+def plan_experts(arch: models.DecoderArchitecture, calibration: Calibration, keep: int) -> Plan:
+    """Keep, in every block, the `keep` experts that got the most routing weight on the calibration
+    text (the sum over tokens of the router's renormalised probability for each chosen expert), or,
+    from a saved importance matrix that has no weights, the most routing choices."""
+    check_amounts(arch, "experts", keep=keep)
+    kept, scores = {}, {}
+    for block in range(arch.n_layer):
+        counts = calibration.expert_counts.get(f"blk.{block}.ffn_gate_exps.weight")
+        mass = calibration.expert_mass.get(block)
+        score = mass if mass is not None else counts
+        if score is None or len(score) != arch.n_expert or score.sum() <= 0:
+            raise PruneError(
+                f"the calibration has no routing statistics for block {block}; was it made from this model?"
+            )
+        score = np.asarray(score, dtype=np.float64)
+        scores[block] = score / score.sum()
+        kept[block] = _top(score, keep)
+    return Plan("experts", experts_kept=kept, expert_scores=scores)
 
 
 def plan_unstructured(
@@ -264,9 +321,11 @@ def _kept_groups(arch: models.DecoderArchitecture, heads: float) -> int:
 
 
 def _sums(calibration: Calibration, name: str) -> np.ndarray:
-    if name not in calibration.sums:
+    """A weight's sums of squared inputs: (columns,), or (experts, columns) for a stack of experts."""
+    if not calibration.covers(name):
         raise PruneError(f"the calibration has no statistics for {name}; was it made from this model?")
-    return np.asarray(calibration.sums[name], dtype=np.float64)
+    sums = calibration.expert_sums[name] if name in calibration.expert_sums else calibration.sums[name]
+    return np.asarray(sums, dtype=np.float64)
 
 
 def _column_energy(checkpoint: Checkpoint, name: str) -> np.ndarray:
@@ -376,6 +435,14 @@ def pruned_tensors(
         block, suffix = int(match.group(1)), match.group(2)
         if block in plan.removed_blocks:
             continue
+        slot = arch.expert_slot(ref.name)
+        if slot is not None and block in plan.experts_kept:  # a kept expert takes its new index
+            kept = list(plan.experts_kept[block])
+            if slot[1] in kept:
+                old = f"{arch.experts_module}.{slot[1]}."
+                new = f"{arch.experts_module}.{kept.index(slot[1])}."
+                result[f"model.layers.{block}.{suffix.replace(old, new, 1)}"] = (ref.shape, _dtype(ref), ref.load)
+            continue
         rows, cols = _kept_indices(arch, plan, block, suffix)
         shape = list(ref.shape)
         if rows is not None:
@@ -393,6 +460,9 @@ def _kept_indices(
     """Which rows and columns of a block tensor stay (None: all)."""
     neurons = plan.ffn_kept.get(block)
     groups = plan.kv_kept.get(block)
+    experts = plan.experts_kept.get(block)
+    if experts is not None and arch.layer_tensors.get(suffix) == "ffn_gate_inp.weight":  # the router's rows
+        return experts, None
     part = suffix.rsplit(".", 1)[0]
     if neurons is not None and part in ("mlp.gate_proj", "mlp.up_proj"):
         return neurons, None
@@ -420,7 +490,11 @@ def _loader(
         if plan.method in UNSTRUCTURED and ref.name.endswith(block_matrices(arch)):
             scores = np.abs(array)
             if plan.method == "wanda":
-                scores *= plan.column_norms[arch.used_gguf_name(ref.name)][None, :].astype(np.float32)
+                norms = plan.column_norms[arch.used_gguf_name(ref.name)]
+                slot = arch.expert_slot(ref.name)
+                if slot is not None:  # each expert's own inputs
+                    norms = norms[slot[1]]
+                scores *= norms[None, :].astype(np.float32)
             array = sparsify(array, scores, sparsity=plan.sparsity, pattern=plan.pattern)
         return array
 
@@ -437,6 +511,12 @@ def pruned_config(config: dict[str, Any], arch: models.DecoderArchitecture, plan
             config[key] = [config[key][i] for i in kept_blocks]
     if plan.ffn_kept:
         config["intermediate_size"] = len(next(iter(plan.ffn_kept.values())))
+    if plan.experts_kept:
+        kept = len(next(iter(plan.experts_kept.values())))
+        for key in arch.expert_count_keys if isinstance(arch, models.MixtureOfExperts) else ():
+            if key in config:
+                config[key] = kept
+        config["num_experts_per_tok"] = min(arch.n_expert_used, kept)
     if plan.kv_kept:
         groups = len(next(iter(plan.kv_kept.values())))
         config["num_attention_heads"] = groups * (arch.n_head // arch.n_head_kv)
@@ -494,6 +574,8 @@ class PruneOptions:
     score: str = "angular"
     ffn: float = 1.0
     heads: float = 1.0
+    keep: int | None = None  # experts per block
+    keep_fraction: float | None = None
     text: str | None = None
     imatrix: str | os.PathLike[str] | None = None
     ctx: int = 512
@@ -534,6 +616,13 @@ class PruneOptions:
             raise PruneError(f"--remove belongs to --method layers, not {method}")
         if method == "layers" and self.remove is None:
             raise PruneError("--method layers needs --remove K (how many blocks)")
+        wants_keep = self.keep is not None or self.keep_fraction is not None
+        if method != "experts" and wants_keep:
+            raise PruneError(f"--keep and --keep-fraction belong to --method experts, not {method}")
+        if method == "experts" and (self.keep is None) == (self.keep_fraction is None):
+            raise PruneError(
+                "--method experts needs --keep N or --keep-fraction F (one of them): the experts per block"
+            )
 
 
 @dataclass
@@ -558,6 +647,7 @@ class PruneReport:
     perplexity: float | None = None
     perplexity_error: float | None = None
     perplexity_of: str | None = None
+    perplexity_before: float | None = None  # of the unpruned model, written the same way
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON report: only the fields that apply to this run (dry_run only when it was one)."""
@@ -625,6 +715,7 @@ def _prune_model(
         )
     method, text, mix, threads = options.method, options.text, options.mix, options.threads
     pattern = parse_pattern(options.pattern) if options.pattern else None
+    keep = kept_experts(arch, options.keep, options.keep_fraction) if method == "experts" else None
     check_amounts(
         arch,
         method,
@@ -633,6 +724,7 @@ def _prune_model(
         remove=options.remove,
         ffn=options.ffn,
         heads=options.heads,
+        keep=keep,
     )
 
     calibration = Calibration.load(options.imatrix) if options.imatrix else None
@@ -655,6 +747,7 @@ def _prune_model(
             chunks=options.chunks,
             threads=threads,
             hidden_states=method == "layers",
+            routing=method == "experts",
             progress=_stage(progress, "calibrating"),
         )
 
@@ -663,6 +756,9 @@ def _prune_model(
     elif method == "layers":
         calibration = _required(calibration, "--method layers' calibration (--text FILE)")
         plan = plan_layers(arch, calibration, _required(options.remove, "--remove K"), options.score)
+    elif method == "experts":
+        calibration = _required(calibration, "--method experts' calibration (--text FILE or --imatrix FILE)")
+        plan = plan_experts(arch, calibration, _required(keep, "--keep N"))
     else:
         calibration = _required(calibration, "--method width's calibration (--text FILE or --imatrix FILE)")
         plan = plan_width(checkpoint, arch, calibration, options.ffn, options.heads)
@@ -744,6 +840,12 @@ def _prune_model(
         )
         report.perplexity, report.perplexity_error = result.perplexity, result.perplexity_error
         report.perplexity_of = evaluated.name if evaluated == out else "the pruned model as F16"
+        unpruned = work / "unpruned.gguf"  # the same type as the pruned model's measurement
+        convert(hf_source, unpruned, mix if evaluated == out and mix is not None else mixes.MIXES["F16"])
+        before, _ = evaluate(
+            unpruned, options.held_out, n_ctx=options.ctx, n_threads=threads, progress=_stage(progress, "perplexity")
+        )
+        report.perplexity_before = before.perplexity
     return report
 
 

@@ -103,42 +103,57 @@ def attach_grids(
     importance-weighted where the calibration, a slim.runtime.pipeline.calibrate.Calibration, covers
     it), freeze its grid, and make the forward pass use the weight rounded onto it. Returns HF name
     -> (GGUF name, type, initial blocks)."""
-    hf_names = {model.arch.gguf_name(name): name for name in model.hf_state()}
+    # GGUF name -> its checkpoint weights: one, or every expert's in expert order for a stack of experts
+    hf_names: dict[str, list[str]] = {}
+    for name in model.hf_state():
+        gguf_name = model.arch.gguf_name(name)
+        if gguf_name is not None:
+            hf_names.setdefault(gguf_name, []).append(name)
     attached = {}
     for gguf_name, qtype in plan.types.items():
         if qtype not in grids.TYPES:
             continue
-        name = hf_names[gguf_name]
-        module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        weight = getattr(module, attr).detach().numpy()
         importance = None
-        if calibration is not None and gguf_name in calibration.sums:
+        if calibration is not None and calibration.covers(gguf_name):
             importance = calibration.mean_squares(gguf_name)
-        blocks = kernels.quantize(weight, qtype, importance=importance, search=search)
-        grid, codes = grids.grid(blocks, qtype, weight.shape)
-        on_grid = OnGrid(grid)
-        with torch.no_grad():
-            # The quantizer's codes are not always the nearest ones on the stored grid (its searches,
-            # the float16 rounding of the scales): a weight whose nearest code differs starts on the
-            # quantizer's grid point, so training starts from exactly the post-training model.
-            latent = getattr(module, attr)
-            initial = torch.from_numpy(codes.reshape(on_grid.step.shape[0], -1, grid.group).astype(np.float32))
-            differs = (on_grid.codes(latent) != initial).reshape(latent.shape)
-            latent[differs] = on_grid.values(initial)[differs]
-        parametrize.register_parametrization(module, attr, on_grid)
-        attached[name] = (gguf_name, qtype, blocks)
+        for expert, name in enumerate(hf_names[gguf_name]):
+            own = importance[expert] if importance is not None and importance.ndim == 2 else importance
+            attached[name] = _attach(model, name, gguf_name, qtype, own, search)
     return attached
+
+
+def _attach(
+    model: student_lib.Decoder, name: str, gguf_name: str, qtype: str, importance: np.ndarray | None, search: str
+) -> tuple[str, str, np.ndarray]:
+    """One weight of attach_grids: quantized, its grid frozen and put in its forward pass."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    weight = getattr(module, attr).detach().numpy()
+    blocks = kernels.quantize(weight, qtype, importance=importance, search=search)
+    grid, codes = grids.grid(blocks, qtype, weight.shape)
+    on_grid = OnGrid(grid)
+    with torch.no_grad():
+        # The quantizer's codes are not always the nearest ones on the stored grid (its searches,
+        # the float16 rounding of the scales): a weight whose nearest code differs starts on the
+        # quantizer's grid point, so training starts from exactly the post-training model.
+        latent = getattr(module, attr)
+        initial = torch.from_numpy(codes.reshape(on_grid.step.shape[0], -1, grid.group).astype(np.float32))
+        differs = (on_grid.codes(latent) != initial).reshape(latent.shape)
+        latent[differs] = on_grid.values(initial)[differs]
+    parametrize.register_parametrization(module, attr, on_grid)
+    return gguf_name, qtype, blocks
 
 
 def final_blocks(model: student_lib.Decoder, attached: dict[str, tuple[str, str, np.ndarray]]) -> dict[str, np.ndarray]:
     """GGUF name -> the blocks holding the codes the last forward pass used, in llama.cpp's row order."""
-    out = {}
+    out: dict[str, np.ndarray] = {}
     for name, (gguf_name, qtype, blocks) in attached.items():
         module_name, _, attr = name.rpartition(".")
         on_grid, original = _attached_grid(model.get_submodule(module_name), attr)
         codes = on_grid.codes(original).reshape(original.shape).to(torch.int16).numpy()
-        out[gguf_name] = model.arch.to_gguf(gguf_name, grids.with_codes(blocks, qtype, codes))
+        trained = model.arch.to_gguf(gguf_name, grids.with_codes(blocks, qtype, codes))
+        # a stack of experts: each expert's blocks after the previous one's (attach_grids goes in expert order)
+        out[gguf_name] = np.concatenate([out[gguf_name], trained]) if gguf_name in out else trained
     return out
 
 

@@ -152,6 +152,50 @@ class MLP(nn.Module):
         return self.down_proj(gate * up)
 
 
+class Expert(nn.Module):
+    """One expert of a mixture: a SwiGLU FFN under the family's names (gate_proj or w1, ...)."""
+
+    def __init__(self, arch: models.DecoderArchitecture):
+        super().__init__()
+        self.roles = {}  # GGUF role (gate, up, down) -> the checkpoint's module name
+        for hf_name, gguf_name in arch.expert_tensors.items():
+            name, role = hf_name.removesuffix(".weight"), gguf_name.removeprefix("ffn_").partition("_exps")[0]
+            shape = (arch.hidden, arch.expert_ffn) if role == "down" else (arch.expert_ffn, arch.hidden)
+            self.add_module(name, nn.Linear(shape[1], shape[0], bias=False))
+            self.roles[role] = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = (self.get_submodule(self.roles[role]) for role in ("gate", "up", "down"))
+        return down(F.silu(gate(x)) * up(x))
+
+
+class MixtureOfExperts(nn.Module):
+    """The router (`gate`) and the experts: each token goes to the n_expert_used experts of highest
+    softmax probability, whose outputs are summed weighted by those probabilities renormalised to 1."""
+
+    def __init__(self, arch: models.DecoderArchitecture):
+        super().__init__()
+        self.gate = nn.Linear(arch.hidden, arch.n_expert, bias=False)
+        self.experts = nn.ModuleList(Expert(arch) for _ in range(arch.n_expert))
+        self.top_k = arch.n_expert_used
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token (rows of x): the chosen experts' weights and indices, (tokens, top_k) each."""
+        probabilities = torch.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        weights, chosen = probabilities.topk(self.top_k, dim=-1)
+        return weights / weights.sum(dim=-1, keepdim=True), chosen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        weights, chosen = self.route(rows)
+        out = torch.zeros_like(rows)
+        for e, expert in enumerate(self.experts):
+            tokens, slot = torch.where(chosen == e)
+            if len(tokens):
+                out.index_add_(0, tokens, expert(rows[tokens]) * weights[tokens, slot, None])
+        return out.reshape(x.shape)
+
+
 class Layer(nn.Module):
     """Attention then FFN, each with the norms the family has around it: before (llama.cpp's
     attn_norm, ffn_norm) and after (post_attention_norm, post_ffw_norm; Gemma, OLMo 2), under the
@@ -166,7 +210,9 @@ class Layer(nn.Module):
                 self.add_module(name, RMSNorm(arch.hidden, arch.rms_eps, arch.norm_offset))
                 self.norm_names[role] = name
         self.self_attn = Attention(arch, how)
-        self.mlp = MLP(arch)
+        # the FFN under the checkpoint's name: mlp, or the module that holds the experts and their router
+        self.ffn_name = arch.experts_module.rpartition(".")[0] if arch.n_expert else "mlp"
+        self.add_module(self.ffn_name, MixtureOfExperts(arch) if arch.n_expert else MLP(arch))
         self.residual_scale = arch.residual_scale
 
     def norm(self, role: str, x: torch.Tensor) -> torch.Tensor:
@@ -176,7 +222,8 @@ class Layer(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         attention = self.norm("post_attention_norm", self.self_attn(self.norm("attn_norm", x), rope))
         x = x + attention * self.residual_scale
-        return x + self.norm("post_ffw_norm", self.mlp(self.norm("ffn_norm", x))) * self.residual_scale
+        ffn = self.get_submodule(self.ffn_name)
+        return x + self.norm("post_ffw_norm", ffn(self.norm("ffn_norm", x))) * self.residual_scale
 
 
 class Body(nn.Module):
