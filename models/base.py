@@ -133,6 +133,7 @@ class DecoderArchitecture:
         self.n_expert = 0
         self.n_expert_used = 0
         self.expert_ffn = 0
+        self.shared_expert_ffn = 0  # the width of a shared expert every token runs through (Qwen2-MoE)
         asks_sliding = config.get("use_sliding_window") or "sliding_attention" in (config.get("layer_types") or ())
         if asks_sliding and not self.sliding_window:
             raise ArchitectureError(
@@ -372,9 +373,10 @@ class DecoderArchitecture:
 
 
 class MixtureOfExperts(DecoderArchitecture):
-    """A decoder whose FFN is a set of experts and a router (Qwen3-MoE, Mixtral): per token the
-    router's softmax picks the `n_expert_used` highest-scoring experts, whose outputs are summed
-    with those probabilities renormalised to 1 (llama.cpp's build_moe_ffn with norm_w).
+    """A decoder whose FFN is a set of experts and a router (Qwen3-MoE, Mixtral, Qwen2-MoE): per token
+    the router's softmax picks the `n_expert_used` highest-scoring experts, whose outputs are summed
+    weighted by those probabilities, renormalised to 1 where the family does (llama.cpp's
+    build_moe_ffn with norm_w); a family with a shared expert adds its output, gated per token.
 
     The checkpoint keeps each expert's matrices apart (model.layers.N.<experts_module>.E.<name>, as
     the hub's checkpoints and transformers' save_pretrained write them); llama.cpp stacks them into
@@ -382,6 +384,8 @@ class MixtureOfExperts(DecoderArchitecture):
     index E, and keeps the router (ffn_gate_inp) in F32.
     """
 
+    #: Whether the chosen experts' probabilities are renormalised to sum to 1 (llama.cpp's norm_w).
+    normalizes_top_k: ClassVar[bool] = True
     #: config.json's names for the expert count (the first is the one export writes; transformers 5
     #: renamed some), and for an expert's FFN width.
     expert_count_keys: ClassVar[tuple[str, ...]]

@@ -24,7 +24,7 @@ pytest.importorskip("transformers")
 from test_architectures import build_checkpoint  # noqa: E402  (needs torch and transformers)
 
 CTX, CHUNKS = 128, 3
-FAMILIES = ("qwen3_moe", "mixtral")
+FAMILIES = ("qwen3_moe", "mixtral", "qwen2_moe")
 
 
 @pytest.fixture(scope="module")

@@ -98,9 +98,19 @@ def type_names() -> list[str]:
 
 
 def stays_f32(name: str, shape: tuple[int, ...]) -> bool:
-    """Norms, biases, every 1-D tensor and the experts' router (ffn_gate_inp) are kept in F32 by
-    both of llama.cpp's tools."""
-    return len(shape) < 2 or name.endswith(("_norm.weight", "ffn_gate_inp.weight")) or not name.endswith(".weight")
+    """Norms, biases, every 1-D tensor and a mixture's routers (ffn_gate_inp, and a shared expert's
+    one-row gate ffn_gate_inp_shexp) are kept in F32 by both of llama.cpp's tools."""
+    routers = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
+    return len(shape) < 2 or name.endswith(("_norm.weight", *routers)) or not name.endswith(".weight")
+
+
+def ggml_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A (numpy-order) shape as llama-quantize writes it: ggml counts a tensor's dimensions without
+    its trailing ones (ggml_n_dims), so a single row (1, n) is written, and left unquantized, as 1-D."""
+    dims = list(shape)
+    while len(dims) > 1 and dims[0] == 1:
+        dims.pop(0)
+    return tuple(dims)
 
 
 def use_more_bits(i_layer: int, n_layer: int) -> bool:
@@ -203,7 +213,8 @@ def plan(
     types: dict[str, str] = {}
     for name in names:
         shape, category = shapes[name], _category(name)
-        if stays_f32(name, shape) or (given.leave_output_tensor and name == "output.weight"):
+        one_row = chosen.name not in FLOAT_MIXES and len(ggml_shape(shape)) < 2  # llama-quantize leaves it
+        if stays_f32(name, shape) or one_row or (given.leave_output_tensor and name == "output.weight"):
             types[name] = "F32"
         elif given.token_embedding_type and category == "token_embd":
             types[name] = _fitting(given.token_embedding_type, name, shape[-1], "--token-embedding-type")

@@ -150,7 +150,7 @@ def convert(
         for item in planned:
             writer.add_tensor_info(
                 item.gguf_name,
-                item.shape,
+                item.shape if chosen.name in mixes.FLOAT_MIXES else mixes.ggml_shape(item.shape),
                 np.dtype(np.float32),
                 item.nbytes,
                 raw_dtype=gguf.GGMLQuantizationType[item.qtype],

@@ -57,11 +57,11 @@ class PruneError(ValueError):
 
 def block_matrices(arch: models.DecoderArchitecture) -> tuple[str, ...]:
     """The matrices inside a block, by their Hugging Face suffix (the family's, fused ones included,
-    and every expert's; not a mixture's router): what unstructured pruning touches."""
+    and every expert's; not a mixture's routers): what unstructured pruning touches."""
     own = tuple(
         hf
         for hf, gguf_name in arch.layer_tensors.items()
-        if hf.endswith(".weight") and "norm" not in gguf_name and gguf_name != "ffn_gate_inp.weight"
+        if hf.endswith(".weight") and "norm" not in gguf_name and not gguf_name.startswith("ffn_gate_inp")
     )
     experts = tuple(f"{arch.experts_module}.{e}.{hf}" for e in range(arch.n_expert) for hf in arch.expert_tensors)
     return own + experts

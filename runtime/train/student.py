@@ -8,7 +8,8 @@ family's module in slim.models declares (Qwen2's q/k/v biases, Qwen3's Q/K norms
 without RoPE, Gemma's (1 + w) norms, scaled embeddings, norms around attention and the FFN, GELU gate,
 per-layer sliding windows, RoPE bases and attention scale, soft-capping, Phi-3's fused qkv_proj and
 gate_up_proj, partial rotary and LongRoPE, Granite's multipliers, OLMo 2's norms after attention and
-FFN). Tested against transformers on a random checkpoint of every family (tests/test_architectures.py).
+FFN, a mixture of experts' router, top-k routing and shared expert). Tested against transformers on a
+random checkpoint of every family (tests/test_architectures.py).
 
 torch is optional (`pip install 'slim-llm[train]'`): only the training modules import this one.
 """
@@ -133,14 +134,17 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, arch: models.DecoderArchitecture):
+    """The gated FFN; `width` other than the config's for a mixture's shared expert."""
+
+    def __init__(self, arch: models.DecoderArchitecture, width: int | None = None):
         super().__init__()
+        ffn = width or arch.ffn
         if "mlp.gate_up_proj.weight" in arch.layer_tensors:  # the gate's rows, then up's, in one matrix
-            self.gate_up_proj = nn.Linear(arch.hidden, 2 * arch.ffn, bias=False)
+            self.gate_up_proj = nn.Linear(arch.hidden, 2 * ffn, bias=False)
         else:
-            self.gate_proj = nn.Linear(arch.hidden, arch.ffn, bias=False)
-            self.up_proj = nn.Linear(arch.hidden, arch.ffn, bias=False)
-        self.down_proj = nn.Linear(arch.ffn, arch.hidden, bias=False)
+            self.gate_proj = nn.Linear(arch.hidden, ffn, bias=False)
+            self.up_proj = nn.Linear(arch.hidden, ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, arch.hidden, bias=False)
         self.activation = arch.ffn_activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -178,12 +182,16 @@ class MixtureOfExperts(nn.Module):
         self.gate = nn.Linear(arch.hidden, arch.n_expert, bias=False)
         self.experts = nn.ModuleList(Expert(arch) for _ in range(arch.n_expert))
         self.top_k = arch.n_expert_used
+        self.normalize = isinstance(arch, models.MixtureOfExperts) and arch.normalizes_top_k
+        if arch.shared_expert_ffn:  # Qwen2-MoE: every token also runs through one expert, gated by a sigmoid
+            self.shared_expert = MLP(arch, arch.shared_expert_ffn)
+            self.shared_expert_gate = nn.Linear(arch.hidden, 1, bias=False)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per token (rows of x): the chosen experts' weights and indices, (tokens, top_k) each."""
         probabilities = torch.softmax(self.gate(x), dim=-1, dtype=torch.float32)
         weights, chosen = probabilities.topk(self.top_k, dim=-1)
-        return weights / weights.sum(dim=-1, keepdim=True), chosen
+        return (weights / weights.sum(dim=-1, keepdim=True) if self.normalize else weights), chosen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
@@ -193,6 +201,8 @@ class MixtureOfExperts(nn.Module):
             tokens, slot = torch.where(chosen == e)
             if len(tokens):
                 out.index_add_(0, tokens, expert(rows[tokens]) * weights[tokens, slot, None])
+        if hasattr(self, "shared_expert"):
+            out = out + torch.sigmoid(self.shared_expert_gate(rows)) * self.shared_expert(rows)
         return out.reshape(x.shape)
 
 
