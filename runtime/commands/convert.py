@@ -76,6 +76,35 @@ from slim.runtime.formats import mixes
 @click.option("--token-embedding-type", metavar="TYPE", default=None, help="The token embeddings' type.")
 @click.option("--pure", is_flag=True, help="No per-tensor bumps: every quantized tensor gets the mix's base type.")
 @click.option("--leave-output-tensor", is_flag=True, help="Keep the output projection unquantized (F32).")
+@click.option(
+    "--target-size",
+    metavar="SIZE",
+    default=None,
+    help="Choose each tensor's type by measurement to the least output error within SIZE: bits per "
+    "weight (4.5bpw) or a file size (95MB, 1.2GB). Probes each tensor on --text; replaces --type.",
+)
+@click.option(
+    "--max-kld",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="KL",
+    help="Choose types by measurement for the smallest file whose KL divergence from the F16 on --text "
+    "stays under KL (nats per token, e.g. 0.02).",
+)
+@click.option(
+    "--text",
+    "text_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    metavar="FILE",
+    help="With --target-size/--max-kld: the text the tensors are measured on (and the importance matrix "
+    "computed from, without --imatrix)  [default: slim's Wikipedia calibration text].",
+)
+@click.option(
+    "--plan-only",
+    is_flag=True,
+    help="With --target-size/--max-kld: print each tensor's chosen type, the predicted size and KL, and write nothing.",
+)
 @click.option("--allow-pickle", is_flag=True, help="Read pickled *.bin weights (runs code from the file: trust it).")
 @force_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -94,6 +123,10 @@ def command(
     token_embedding_type: str | None,
     pure: bool,
     leave_output_tensor: bool,
+    target_size: str | None,
+    max_kld: float | None,
+    text_file: str | None,
+    plan_only: bool,
     allow_pickle: bool,
     force: bool,
     as_json: bool,
@@ -112,12 +145,45 @@ def command(
       slim convert ./SmolLM2-135M-Instruct --type Q8_0 --name smol-q8   # into the store
       slim convert ./SmolLM2-135M-Instruct -o smol.gguf --imatrix smol.imatrix.gguf --search thorough
       slim convert ./model -o m.gguf --type Q3_K_M --tensor-type 'attn_v=Q8_0' --output-tensor-type Q8_0
+      slim convert ./model -o m.gguf --target-size 4.5bpw --imatrix m.imatrix.gguf   # measured per-tensor types
+      slim convert ./model -o m.gguf --max-kld 0.02 --text my-chats.txt
+      slim convert ./model --target-size 95MB --plan-only --json                       # the plan, nothing written
+
+    With --target-size or --max-kld the measured quality (KL divergence and perplexity against the
+    F16, the text's name and sha256) is written into the file, where `slim show` and /v1/models read it.
     """
     from tqdm import tqdm
 
     from slim.runtime.pipeline.convert import convert
     from slim.runtime.store.hub import HubError, HubInputError
 
+    measured = target_size is not None or max_kld is not None
+    if not measured and (text_file or plan_only):
+        fail(f"{'--text' if text_file else '--plan-only'} goes with --target-size or --max-kld")
+    if measured:
+        ctx = click.get_current_context()
+        given = [
+            flag
+            for flag, value in (
+                ("--type", ctx.get_parameter_source("qtype") != click.core.ParameterSource.DEFAULT),
+                ("--tensor-type", bool(tensor_types)),
+                ("--output-tensor-type", output_tensor_type),
+                ("--token-embedding-type", token_embedding_type),
+                ("--pure", pure),
+                ("--leave-output-tensor", leave_output_tensor),
+                ("--search thorough", search != "reference"),
+            )
+            if value
+        ]
+        if given:
+            fail(f"{given[0]} does not go with --target-size/--max-kld, which choose every tensor's type themselves")
+        if target_size is not None and max_kld is not None:
+            fail("give --target-size or --max-kld, not both")
+        _convert_to_target(
+            source, output, name, target_size, max_kld, text_file, plan_only, imatrix, threads, allow_pickle, force,
+            as_json, quiet,
+        )  # fmt: skip
+        return
     try:
         mix = mixes.mix(qtype)
         tensor_overrides = mixes.overrides(
@@ -158,3 +224,70 @@ def command(
     click.echo(summary.to_json() if as_json else summary.line())
     if name is not None:
         add_to_store(name, target, f"convert:{source}", say=not as_json)
+
+
+def _convert_to_target(
+    source: str,
+    output: str | None,
+    name: str | None,
+    target_size: str | None,
+    max_kld: float | None,
+    text_file: str | None,
+    plan_only: bool,
+    imatrix: str | None,
+    threads: int | None,
+    allow_pickle: bool,
+    force: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """--target-size / --max-kld: measure, solve, write (slim.runtime.pipeline.target)."""
+    from pathlib import Path
+
+    from slim.runtime.commands.options import read_text_file
+    from slim.runtime.commands.progress import StageBars
+    from slim.runtime.pipeline.target import Target, convert_to_target, parse_size
+    from slim.runtime.store import assets
+    from slim.runtime.store.hub import HubError, HubInputError
+
+    try:
+        target = parse_size(target_size) if target_size is not None else Target(max_kl=max_kld)
+    except ValueError as exc:
+        fail(str(exc))
+    if imatrix is not None and not Path(imatrix).is_file():
+        fail(f"importance matrix {imatrix} does not exist; make one with `slim calibrate`")
+    if text_file is None:
+        text_path = assets.wiki_text("train")
+        text, text_name = text_path.read_text(encoding="utf-8"), "slim wiki-train"
+    else:
+        text, text_name = read_text_file(text_file), Path(text_file).name
+    label = target_size.replace(" ", "") if target_size else f"kl{max_kld:g}"
+    destination = None
+    if not plan_only:
+        check_store_name(name, force)
+        destination = gguf_output(output, name, f"{source_stem(source)}-{label}.gguf", force)
+    units = {"probing": "tensor", "calibrating": "chunk", "quantizing": "plan"}
+    try:
+        with StageBars(units, disable=quiet or as_json) as bars:
+            report = convert_to_target(
+                source, destination, target, text, text_name, imatrix=imatrix, threads=default_threads(threads),
+                allow_pickle=allow_pickle, progress=bars,
+            )  # fmt: skip
+    except HubInputError as exc:
+        fail(str(exc))
+    except HubError as exc:
+        fail(str(exc), 1)
+    except (ValueError, RuntimeError) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted; nothing was written", 130)
+    if as_json:
+        click.echo(report.to_json())
+    else:
+        if plan_only:
+            click.echo("\n".join(report.plan_lines()))
+        click.echo("\n".join(report.lines()))
+    if destination is not None and name is not None:
+        add_to_store(name, destination, f"convert:{source}", say=not as_json)
+    if report.notes and target.max_kl is not None:
+        sys.exit(1)  # the bound was not met: scripts must not take the file for one that meets it

@@ -47,6 +47,12 @@ from slim.runtime.commands.options import (
     default=None,
     help="Save the reference's log-probabilities here, to reuse with --reference-logits.",
 )
+@click.option(
+    "--write-metadata",
+    is_flag=True,
+    help="Record the measured quality (KL divergence, perplexity of both, the text's name and sha256) in "
+    "each MODEL's GGUF metadata, where `slim show`, `slim list` and /v1/models read it. Needs a reference.",
+)
 @threads_option
 @force_option
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
@@ -58,6 +64,7 @@ def command(
     reference: str | None,
     reference_logits: str | None,
     save_logits: str | None,
+    write_metadata: bool,
     threads: int | None,
     force: bool,
     as_json: bool,
@@ -72,14 +79,18 @@ def command(
     Examples:
       slim eval model-q4_k_m.gguf --text wiki.txt
       slim eval q4_k_m.gguf q5_k_m.gguf q8_0.gguf --text wiki.txt --reference f16.gguf
+      slim eval q4_k_m.gguf --text held-out.txt --reference f16.gguf --write-metadata
     """
     from tqdm import tqdm
 
     from slim.runtime import store
-    from slim.runtime.inference.evaluate import EvalReport, ReferenceLogits, evaluate, reports_json
+    from slim.runtime.formats.quality import write_quality
+    from slim.runtime.inference.evaluate import EvalReport, ReferenceLogits, evaluate, measured_quality, reports_json
 
     if reference and reference_logits:
         fail("give --reference or --reference-logits, not both")
+    if write_metadata and not (reference or reference_logits):
+        fail("--write-metadata records the KL divergence from a reference: give --reference MODEL.gguf")
     logits_file = output_file(save_logits, "reference-logits.npz", force) if save_logits else None
     text = read_text_file(text_file)
     try:
@@ -108,6 +119,14 @@ def command(
                     save_logits=logits_file if not reports else None,
                 )
             reports.append(report)
+            if write_metadata:
+                assert isinstance(ref, ReferenceLogits)
+                reference_name = Path(reference_logits).name if reference_logits else Path(str(reference)).name
+                quality = measured_quality(report, ref, text, Path(text_file).name, reference_name)
+                try:
+                    write_quality(path, path, quality)
+                except OSError as exc:
+                    fail(f"could not rewrite {path} with its quality: {exc.strerror or exc}")
     except (ValueError, RuntimeError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:

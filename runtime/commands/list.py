@@ -18,6 +18,9 @@ class _Row(TypedDict):
     size_bytes: int | None  # None when its file is missing
     source: str
     file: str
+    kl_mean: (
+        float | None
+    )  # the measured KL divergence the file records (slim convert --target-size, eval --write-metadata)
 
 
 @click.command(name="list")
@@ -30,6 +33,7 @@ def command(as_json: bool) -> None:
     """
     from slim.runtime import store
     from slim.runtime.formats.model_info import file_type_name
+    from slim.runtime.formats.quality import read_quality
 
     try:
         entries = store.entries()
@@ -42,6 +46,7 @@ def command(as_json: bool) -> None:
             type_name = file_type_name(entry.path) if present else None
         except ValueError:
             type_name = None
+        quality = read_quality(entry.path) if type_name else None
         rows.append(
             {
                 "name": entry.name,
@@ -49,6 +54,7 @@ def command(as_json: bool) -> None:
                 "size_bytes": entry.path.stat().st_size if present else None,
                 "source": entry.source,
                 "file": entry.file,
+                "kl_mean": quality.kl_mean if quality else None,
             }
         )
     available = [
@@ -62,10 +68,11 @@ def command(as_json: bool) -> None:
     else:
         width = max(len("NAME"), *(len(r["name"]) for r in rows))
         type_width = max(len("TYPE"), *(len(r["type"] or "-") for r in rows))
-        click.echo(f"{'NAME':<{width}}  {'TYPE':<{type_width}}  {'SIZE':>9}  SOURCE")
+        click.echo(f"{'NAME':<{width}}  {'TYPE':<{type_width}}  {'SIZE':>9}  {'KL':>7}  SOURCE")
         for r in rows:
             size_bytes = r["size_bytes"]
             size = size_text(size_bytes) if size_bytes is not None else "missing"
-            click.echo(f"{r['name']:<{width}}  {r['type'] or '-':<{type_width}}  {size:>9}  {r['source']}")
+            kl = f"{r['kl_mean']:.4f}" if r["kl_mean"] is not None else "-"
+            click.echo(f"{r['name']:<{width}}  {r['type'] or '-':<{type_width}}  {size:>9}  {kl:>7}  {r['source']}")
     for c in available:
         click.echo(f"available: {c['name']} - {c['description']} (`slim pull {c['name']}`)")

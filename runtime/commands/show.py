@@ -23,6 +23,7 @@ def command(model: str | None, template: bool, as_json: bool) -> None:
     from slim.runtime import store
     from slim.runtime.formats.gguf_file import read_header
     from slim.runtime.formats.model_info import describe
+    from slim.runtime.formats.quality import Quality
 
     try:
         path = store.resolve(model)
@@ -48,6 +49,8 @@ def command(model: str | None, template: bool, as_json: bool) -> None:
         *info.facts.items(),
         ("license", info.license or "unknown"),
     ]
+    if info.quality:
+        rows.append(("quality", Quality(**info.quality).line()))
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")

@@ -382,3 +382,17 @@ def tensor_array(tensor: gguf.ReaderTensor) -> np.ndarray:
             shape
         )
     return gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).astype(np.float32).reshape(shape)
+
+
+def add_metadata_value(writer: gguf.GGUFWriter, key: str, value: object) -> None:
+    """One architecture metadata value, written with the GGUF type llama.cpp reads it as."""
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, list):
+        writer.add_array(key, value)
+    else:
+        writer.add_string(key, str(value))

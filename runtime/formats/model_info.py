@@ -15,6 +15,7 @@ import gguf
 
 from slim import models
 from slim.runtime.formats.gguf_file import GGUFHeader, read_header
+from slim.runtime.formats.quality import from_metadata
 
 
 @dataclass
@@ -32,6 +33,7 @@ class ModelInfo:
     license: str | None
     family: str | None  # slim.models' name for the architecture; None for one slim does not convert
     facts: dict[str, str]  # family-specific: rope scaling, sliding window, head size, ...
+    quality: dict[str, Any] | None = None  # the measured quality the file records (formats.quality)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,6 +65,7 @@ def describe(path: Path) -> ModelInfo:
         license=meta.get(keys.General.LICENSE),
         family=facts.pop("family", None),
         facts=facts,
+        quality=asdict(quality) if (quality := from_metadata(meta)) else None,
     )
 
 

@@ -15,6 +15,7 @@ once (`save_logits`) and reused, so the reference model need not be loaded again
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from slim.runtime.files import atomic_open
+from slim.runtime.formats.quality import Quality
 
 
 class EvalError(ValueError):
@@ -93,6 +95,15 @@ class ReferenceLogits:
                 log_probs=np.stack(self.log_probs).astype(np.float16),
             )
 
+    def perplexity(self) -> float:
+        """The reference's own perplexity over the scored positions of its chunks."""
+        first, nll = self.n_ctx // 2, []
+        for index, log_p in enumerate(self.log_probs):
+            start = index * self.n_ctx
+            targets = np.array(self.tokens[start + first + 1 : start + self.n_ctx])
+            nll.append(-log_p[np.arange(len(targets)), targets])
+        return math.exp(float(np.concatenate(nll).mean()))
+
     @classmethod
     def load(cls, path: Path) -> ReferenceLogits:
         try:
@@ -111,9 +122,11 @@ def evaluate(
     reference: Path | ReferenceLogits | None = None,
     save_logits: Path | None = None,
     n_threads: int | None = None,
+    chunks: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[EvalReport, ReferenceLogits | None]:
     """Perplexity of a GGUF on `text`, and its divergence from `reference` (a GGUF or saved logits).
+    chunks: score only the first this many chunks (default all).
 
     Returns the report and, when a reference GGUF was evaluated, its logits (for reuse across
     several models). progress(done, total) is called after each chunk.
@@ -127,8 +140,8 @@ def evaluate(
     ref_model = None
     try:
         tokens = model.tokenize(text, add_special=True, parse_special=False)
-        chunks = chunk_tokens(tokens, n_ctx, model.prompt_bos)
-        if not chunks:
+        windows = chunk_tokens(tokens, n_ctx, model.prompt_bos)[:chunks]
+        if not windows:
             raise EvalError(
                 f"the text is {len(tokens)} tokens, shorter than one chunk of --ctx {n_ctx}; "
                 "give a longer text or a smaller --ctx"
@@ -143,13 +156,18 @@ def evaluate(
         if isinstance(reference, ReferenceLogits) and ref_model is None:
             if reference.tokens != tokens or reference.n_ctx != n_ctx:
                 raise EvalError("the saved reference logits were computed on another text or --ctx")
+            if len(reference.log_probs) < len(windows):
+                raise EvalError(
+                    f"the saved reference logits cover {len(reference.log_probs)} chunks, not {len(windows)}: "
+                    "save them again over as many chunks"
+                )
 
         first = n_ctx // 2
         nll: list[np.ndarray] = []
         kl: list[np.ndarray] = []
         same_top: list[np.ndarray] = []
         delta_p: list[np.ndarray] = []
-        for index, chunk in enumerate(chunks):
+        for index, chunk in enumerate(windows):
             targets = np.array(chunk[first + 1 :])
             rows = np.arange(len(targets))
             log_p = log_softmax(model.logits(chunk, first)[:-1])
@@ -165,7 +183,7 @@ def evaluate(
                 same_top.append(ref.argmax(-1) == log_p.argmax(-1))
                 delta_p.append(np.exp(log_p[rows, targets]) - p_ref[rows, targets])
             if progress:
-                progress(index + 1, len(chunks))
+                progress(index + 1, len(windows))
     finally:
         model.close()
         if ref_model is not None:
@@ -193,10 +211,35 @@ def evaluate(
             raise EvalError("--save-logits needs --reference MODEL.gguf: it saves the reference's logits")
         reference.save(Path(save_logits))
     report = EvalReport(
-        str(model_path), info.size_bytes, info.bits_per_weight, n_ctx, len(chunks), len(losses), ppl, error, divergence
+        str(model_path), info.size_bytes, info.bits_per_weight, n_ctx, len(windows), len(losses), ppl, error, divergence
     )
     return report, reference if isinstance(reference, ReferenceLogits) else None
 
 
 def reports_json(reports: list[EvalReport]) -> str:
     return json.dumps([r.to_dict() for r in reports], indent=2)
+
+
+def measured_quality(
+    report: EvalReport,
+    reference: ReferenceLogits,
+    text: str,
+    text_name: str,
+    reference_name: str,
+    predicted_kl: float | None = None,
+) -> Quality:
+    """What `report` (made against `reference` on `text`) says of the file, as its metadata records it."""
+    if report.divergence is None:
+        raise EvalError("the quality written into a file needs a reference: give --reference MODEL.gguf")
+    return Quality(
+        kl_mean=report.divergence.kl_mean,
+        kl_p99=report.divergence.kl_p99,
+        perplexity=report.perplexity,
+        reference_perplexity=reference.perplexity(),
+        reference=reference_name,
+        text=text_name,
+        text_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        ctx=report.n_ctx,
+        tokens=report.tokens_scored,
+        predicted_kl=predicted_kl,
+    )

@@ -27,6 +27,7 @@ from slim.kernels import QTYPES
 from slim.runtime.files import atomic_path
 from slim.runtime.formats import mixes
 from slim.runtime.formats.checkpoint import Checkpoint, CheckpointError, TensorRef, already_loaded
+from slim.runtime.formats.gguf_file import add_metadata_value
 
 if TYPE_CHECKING:
     from slim.runtime.pipeline.calibrate import Calibration
@@ -69,12 +70,18 @@ class ConvertSummary:
 
 
 @dataclass
-class _Planned:
+class PlannedTensor:
+    """One tensor of the GGUF to write: its name, shape and type, and how to read its float32 values."""
+
     gguf_name: str
     shape: tuple[int, ...]  # numpy order (rows, cols)
     qtype: str
     load: Callable[[], np.ndarray]
     importance: np.ndarray | None = None  # per input column (per expert and column), from the importance matrix
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
 
     @property
     def nbytes(self) -> int:
@@ -166,7 +173,7 @@ def convert(
                 progress(data.nbytes)
         writer.close()
 
-    n_params = sum(int(np.prod(item.shape, dtype=np.int64)) for item in planned)
+    n_params = sum(item.n_elements for item in planned)
     counts: dict[str, int] = {}
     for item in planned:
         counts[item.qtype] = counts.get(item.qtype, 0) + 1
@@ -207,15 +214,29 @@ def load_imatrix(path: str | os.PathLike[str]) -> Calibration:
     return Calibration.load(path)
 
 
+def planned_tensors(
+    source: str | os.PathLike[str],
+    quantization: mixes.Mix | mixes.TypePlan,
+    calibration: Calibration | None = None,
+    *,
+    allow_pickle: bool = False,
+) -> tuple[models.DecoderArchitecture, list[PlannedTensor]]:
+    """The tensors convert would write for this source, typed and with their importance, none read
+    yet: what slim's measured plans (pipeline/target.py) price and probe."""
+    checkpoint = Checkpoint(resolve_source(source), allow_pickle=allow_pickle)
+    arch = models.for_hf_config(checkpoint.config)
+    return arch, _plan(checkpoint, arch, quantization, calibration)
+
+
 def _plan(
     checkpoint: Checkpoint,
     arch: models.DecoderArchitecture,
     quantization: mixes.Mix | mixes.TypePlan,
     calibration: Calibration | None = None,
     tensor_overrides: mixes.Overrides | None = None,
-) -> list[_Planned]:
+) -> list[PlannedTensor]:
     """Every tensor the GGUF holds, with its type, in llama.cpp's order."""
-    found: dict[str, _Planned] = {}
+    found: dict[str, PlannedTensor] = {}
     experts: dict[str, dict[int, TensorRef]] = {}
     for ref in checkpoint:
         slot = arch.expert_slot(ref.name)
@@ -224,11 +245,11 @@ def _plan(
             continue
         name = arch.gguf_name(ref.name)
         if name is not None:
-            found[name] = _Planned(name, ref.shape, "", _transformed(arch, name, ref))
+            found[name] = PlannedTensor(name, ref.shape, "", _transformed(arch, name, ref))
     for name, refs in experts.items():
         found[name] = _stacked_experts(arch, name, refs)
     for name, array in arch.extra_tensors().items():
-        found[name] = _Planned(name, array.shape, "", already_loaded(array))
+        found[name] = PlannedTensor(name, array.shape, "", already_loaded(array))
     _check_complete(arch, found)
     if isinstance(quantization, mixes.TypePlan):
         plan = quantization
@@ -252,7 +273,7 @@ def _plan(
     return [found[name] for name in mixes.llama_order(list(found))]
 
 
-def _attach_importance(found: dict[str, _Planned], calibration: Calibration) -> None:
+def _attach_importance(found: dict[str, PlannedTensor], calibration: Calibration) -> None:
     """Give each weight the imatrix entry of the same name, as llama-quantize does (a stack of experts
     one row per expert). An entry whose length is not the weight's row length means the matrix was
     made for another model."""
@@ -284,7 +305,7 @@ def _transformed(arch: models.DecoderArchitecture, name: str, ref: TensorRef) ->
     return lambda: arch.to_gguf(name, ref.load())
 
 
-def _stacked_experts(arch: models.DecoderArchitecture, name: str, refs: dict[int, TensorRef]) -> _Planned:
+def _stacked_experts(arch: models.DecoderArchitecture, name: str, refs: dict[int, TensorRef]) -> PlannedTensor:
     """One layer's matrix of every expert as llama.cpp's 3-D tensor (experts, rows, columns), read
     only when it is quantized: memory holds one layer's experts of one matrix, not the model's."""
     missing = [e for e in range(arch.n_expert) if e not in refs]
@@ -304,10 +325,10 @@ def _stacked_experts(arch: models.DecoderArchitecture, name: str, refs: dict[int
             stack[e] = ref.load()
         return stack
 
-    return _Planned(name, (len(ordered), *ordered[0].shape), "", load)
+    return PlannedTensor(name, (len(ordered), *ordered[0].shape), "", load)
 
 
-def _check_complete(arch: models.DecoderArchitecture, found: dict[str, _Planned]) -> None:
+def _check_complete(arch: models.DecoderArchitecture, found: dict[str, PlannedTensor]) -> None:
     missing = [name for name in arch.required_tensors() if name not in found]
     if missing:
         raise CheckpointError(
@@ -319,7 +340,8 @@ def _check_complete(arch: models.DecoderArchitecture, found: dict[str, _Planned]
         raise CheckpointError(f"token embedding has {embd[0]} rows but config.json says vocab_size {arch.vocab_size}")
 
 
-def _quantize(item: _Planned, backend: str, search: str) -> np.ndarray:
+def quantize_tensor(item: PlannedTensor, backend: str = "auto", search: str = "reference") -> np.ndarray:
+    """The tensor's GGUF bytes in its planned type (flat uint8), with its importance where it has one."""
     array = np.asarray(item.load(), dtype=np.float32)
     if item.qtype == "F32" or array.ndim == 1:
         return np.ascontiguousarray(array, dtype=np.float32).reshape(-1).view(np.uint8)
@@ -334,29 +356,15 @@ def _quantize(item: _Planned, backend: str, search: str) -> np.ndarray:
     return kernels.quantize(rows, item.qtype, backend=backend, importance=item.importance, search=search).reshape(-1)
 
 
-def _quantized_in_order(planned: list[_Planned], backend: str, search: str, threads: int):
+def _quantized_in_order(planned: list[PlannedTensor], backend: str, search: str, threads: int):
     """Yield (item, bytes) in order while up to `threads` tensors are quantized ahead."""
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        pending: list[tuple[_Planned, Future[np.ndarray]]] = []
+        pending: list[tuple[PlannedTensor, Future[np.ndarray]]] = []
         queue = iter(planned)
         for item in queue:
-            pending.append((item, pool.submit(_quantize, item, backend, search)))
+            pending.append((item, pool.submit(quantize_tensor, item, backend, search)))
             if len(pending) > threads:
                 head, future = pending.pop(0)
                 yield head, future.result()
         for head, future in pending:
             yield head, future.result()
-
-
-def add_metadata_value(writer: gguf.GGUFWriter, key: str, value: object) -> None:
-    """One architecture metadata value, written with the GGUF type llama.cpp reads it as."""
-    if isinstance(value, bool):
-        writer.add_bool(key, value)
-    elif isinstance(value, int):
-        writer.add_uint32(key, value)
-    elif isinstance(value, float):
-        writer.add_float32(key, value)
-    elif isinstance(value, list):
-        writer.add_array(key, value)
-    else:
-        writer.add_string(key, str(value))

@@ -12,6 +12,7 @@ import struct
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
@@ -19,6 +20,7 @@ from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from slim.runtime.formats.quality import read_quality
 from slim.runtime.inference import Failed, Piece, SamplingParams, effort_enables
 from slim.runtime.serve.jobs import ClientGone, EventStream, Generation, failure, generations, json_answer, request_log
 from slim.runtime.serve.pool import ModelPool, ModelSpec
@@ -392,6 +394,7 @@ def model_entry(pool: ModelPool, spec: ModelSpec) -> dict[str, Any]:
         "owned_by": "slim",
         "state": pool.state(spec),
         "aliases": spec.names[1:],
+        "quality": asdict(quality) if (quality := read_quality(spec.path)) else None,
     }
 
 

@@ -559,8 +559,8 @@ def hf_tokens(model_dir: Path, text: str, seq_len: int) -> np.ndarray:
 
     from slim import models
     from slim.runtime.formats.checkpoint import Checkpoint
+    from slim.runtime.formats.gguf_file import add_metadata_value
     from slim.runtime.formats.tokenizer import read_hf_tokenizer, write_to_gguf
-    from slim.runtime.pipeline.convert import add_metadata_value
 
     arch = models.for_hf_config(Checkpoint(model_dir).config)
     with tempfile.TemporaryDirectory() as tmp:
