@@ -145,7 +145,8 @@ def main() -> None:
             )
 
         if args.cross_check:
-            _cross_check(work, f16, heldout, sizes["Q4_K_M"][1], work / "plan-Q4_K_M-size.gguf", args.threads)
+            plan = work / "plan-Q4_K_M-size.gguf"
+            _cross_check(work, f16, heldout, sizes["Q4_K_M"][1], plan, args.threads, args.eval_chunks)
 
     print("\nSmolLM2-135M-Instruct, KL(F16 || file) on held-out wiki-test, "
           f"{args.eval_chunks} chunks of 512 (second halves scored):")  # fmt: skip
@@ -161,7 +162,7 @@ def main() -> None:
         _plot(rows, args.plot)
 
 
-def _cross_check(work: Path, f16: Path, text: str, theirs: Path, ours: Path, threads: int) -> None:
+def _cross_check(work: Path, f16: Path, text: str, theirs: Path, ours: Path, threads: int, chunks: int) -> None:
     """llama-perplexity --kl-divergence on the same held-out text, for the two Q4_K_M-sized files."""
     from llama_cpp_source import build_tool
 
@@ -169,7 +170,7 @@ def _cross_check(work: Path, f16: Path, text: str, theirs: Path, ours: Path, thr
     text_file = work / "heldout.txt"
     text_file.write_text(text, encoding="utf-8")
     base = work / "f16.kld"
-    common = ["-f", str(text_file), "-c", "512", "-t", str(threads), "--chunks", "20"]
+    common = ["-f", str(text_file), "-c", "512", "-t", str(threads), "--chunks", str(chunks)]
     subprocess.run([tool, "-m", str(f16), "--kl-divergence-base", str(base), *common], capture_output=True, check=True)
     for label, path in (("llama-quantize Q4_K_M", theirs), ("slim plan", ours)):
         run = subprocess.run(
