@@ -84,7 +84,8 @@ def test_a_local_gguf_enters_the_store_by_name(home: Path, tiny_file: Path) -> N
     assert row["type"] == "F32" and row["source"] == f"file:{tiny_file.resolve()}"
     assert os.path.samefile(row["file"], tiny_file)  # hard-linked: no second copy of the bytes
     table = slim(home, "list").stdout.splitlines()
-    assert table[0].split() == ["NAME", "TYPE", "SIZE", "SOURCE"] and table[1].split()[:2] == ["smol-q8", "F32"]
+    assert table[0].split() == ["NAME", "TYPE", "SIZE", "KL", "SOURCE"]
+    assert table[1].split()[:2] == ["smol-q8", "F32"] and table[1].split()[4] == "-"  # no measured quality
 
     again = slim(home, "pull", str(tiny_file), "--name", "smol-q8")
     assert again.returncode == 0 and again.stdout.startswith("already in the store, nothing fetched: smol-q8: ")
