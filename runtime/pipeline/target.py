@@ -358,12 +358,11 @@ def _price(item: PlannedTensor, values: np.ndarray, probe: str, probe_kl: float)
         rows = np.unique(np.linspace(0, len(matrix) - 1, min(len(matrix), per_expert)).astype(np.int64))
         weight = importance[e] if importance is not None and importance.ndim == 2 else importance
         samples.append((np.ascontiguousarray(matrix[rows]), weight))
-    sampled = replace(item, shape=(sum(len(s) for s, _ in samples), cols))
 
     def error(qtype: str) -> float:
         total = 0.0
         for rows, weight in samples:
-            part = replace(sampled, shape=rows.shape, importance=weight)
+            part = replace(item, shape=rows.shape, importance=weight)
             diff = (_round_trip(part, rows, qtype) - rows).astype(np.float64) ** 2
             total += float((diff * weight).sum() if weight is not None else diff.sum())
         return total
